@@ -1,0 +1,124 @@
+"""Where video and text tokens sit in a DiT attention sequence.
+
+A `TokenLayout` is the one piece of model knowledge that methods (radial, neighborhood, ...) need:
+the video token grid (frames x height x width, in tokens, frame-major and raster-scanned inside a
+frame, as every diffusers video DiT orders them) and where the text tokens of joint attention sit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TextPosition = Literal["none", "before", "after"]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token geometry of one self-attention call.
+
+    Attributes:
+        batch: batch size of the attention call (CFG batches count twice).
+        frames: latent frames after temporal patching (1 for images).
+        height: tokens per column of a frame (latent height / patch size).
+        width: tokens per row of a frame (latent width / patch size).
+        text_tokens: number of text tokens inside the same sequence (joint attention), else 0.
+        text_position: "before" ([text, video]), "after" ([video, text]) or "none".
+    """
+
+    batch: int
+    frames: int
+    height: int
+    width: int
+    text_tokens: int = 0
+    text_position: TextPosition = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "frames", "height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TokenLayout.{name} must be a positive int, got {value!r}")
+        if self.text_position not in ("none", "before", "after"):
+            raise ValueError(
+                f"TokenLayout.text_position must be 'none', 'before' or 'after', got {self.text_position!r}"
+            )
+        if self.text_tokens < 0:
+            raise ValueError(f"TokenLayout.text_tokens must be >= 0, got {self.text_tokens}")
+        if (self.text_tokens > 0) != (self.text_position != "none"):
+            raise ValueError(
+                "TokenLayout: text_position must be 'none' exactly when text_tokens == 0, "
+                f"got text_tokens={self.text_tokens}, text_position={self.text_position!r}"
+            )
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.height * self.width
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def total_tokens(self) -> int:
+        return self.video_tokens + self.text_tokens
+
+    @property
+    def video_slice(self) -> slice:
+        start = self.text_tokens if self.text_position == "before" else 0
+        return slice(start, start + self.video_tokens)
+
+    @property
+    def text_slice(self) -> slice:
+        if self.text_position == "before":
+            return slice(0, self.text_tokens)
+        if self.text_position == "after":
+            return slice(self.video_tokens, self.total_tokens)
+        return slice(0, 0)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.frames, self.height, self.width)
+
+    def with_batch(self, batch: int) -> TokenLayout:
+        return TokenLayout(batch, self.frames, self.height, self.width, self.text_tokens, self.text_position)
+
+    def geometry_key(self) -> tuple[int, int, int, int, str]:
+        """What a sparsity plan depends on (batch excluded: plans are shared across the batch)."""
+        return (self.frames, self.height, self.width, self.text_tokens, self.text_position)
+
+    @classmethod
+    def from_latent(
+        cls,
+        latent_shape: tuple[int, ...],
+        patch_size: tuple[int, int, int] | tuple[int, int] | int,
+        *,
+        text_tokens: int = 0,
+        text_position: TextPosition = "none",
+    ) -> TokenLayout:
+        """Derive the layout from a latent of shape (B, C, F, H, W) (video) or (B, C, H, W) (image).
+
+        `patch_size` is (p_t, p_h, p_w), (p_h, p_w) or one int for all spatial dims (p_t = 1).
+        """
+        if isinstance(patch_size, int):
+            p_t, p_h, p_w = 1, patch_size, patch_size
+        elif len(patch_size) == 2:
+            p_t, (p_h, p_w) = 1, patch_size
+        elif len(patch_size) == 3:
+            p_t, p_h, p_w = patch_size
+        else:
+            raise ValueError(f"patch_size must be an int or a 2-/3-tuple, got {patch_size!r}")
+        if len(latent_shape) == 5:
+            batch, _, frames, height, width = latent_shape
+        elif len(latent_shape) == 4:
+            batch, _, height, width = latent_shape
+            frames = 1
+        else:
+            raise ValueError(f"latent_shape must be (B, C, F, H, W) or (B, C, H, W), got {tuple(latent_shape)}")
+        if frames % p_t or height % p_h or width % p_w:
+            raise ValueError(
+                f"latent (F, H, W)=({frames}, {height}, {width}) is not divisible by the patch size "
+                f"({p_t}, {p_h}, {p_w})"
+            )
+        return cls(
+            int(batch), int(frames // p_t), int(height // p_h), int(width // p_w), int(text_tokens), text_position
+        )

@@ -1,0 +1,181 @@
+"""Block-sparse attention layouts: for each query block, the sorted list of key blocks it attends to.
+
+Stored as CSR (offsets + indices) so that no (S x S) tensor ever exists: the largest object is the
+block list itself. A layout is either shared by all heads (`heads == 1`) or given per head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """CSR block layout.
+
+    Attributes:
+        offsets: int32 (L, num_q_blocks + 1); row r of head-group l lists
+            ``indices[l, offsets[l, r]:offsets[l, r + 1]]``. L is 1 (shared by all heads) or the head count.
+        indices: int32 (L, max_nnz) key-block ids, ascending within each row (padding after a row's end
+            is ignored).
+        block_m: query tokens per block.
+        block_n: key tokens per block.
+        num_q_blocks, num_k_blocks: grid size; the kernel requires ceil(Sq / block_m) and ceil(Sk / block_n).
+    """
+
+    offsets: torch.Tensor
+    indices: torch.Tensor
+    block_m: int
+    block_n: int
+    num_q_blocks: int
+    num_k_blocks: int
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.offsets.dim() != 2 or self.offsets.shape[1] != self.num_q_blocks + 1:
+            raise ValueError(
+                f"BlockLayout.offsets must have shape (L, num_q_blocks + 1) = (L, {self.num_q_blocks + 1}), "
+                f"got {tuple(self.offsets.shape)}"
+            )
+        if self.indices.dim() != 2 or self.indices.shape[0] != self.offsets.shape[0]:
+            raise ValueError(
+                f"BlockLayout.indices must have shape (L, max_nnz) with L = {self.offsets.shape[0]}, "
+                f"got {tuple(self.indices.shape)}"
+            )
+        if self.offsets.dtype != torch.int32 or self.indices.dtype != torch.int32:
+            raise TypeError(
+                f"BlockLayout offsets/indices must be int32, got {self.offsets.dtype}/{self.indices.dtype}"
+            )
+        if self.block_m < 1 or self.block_n < 1:
+            raise ValueError(f"block sizes must be positive, got ({self.block_m}, {self.block_n})")
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, block_m: int, block_n: int | None = None) -> BlockLayout:
+        """Build from a block-level boolean mask of shape (Mq, Nk) or (L, Mq, Nk)."""
+        if mask.dtype != torch.bool:
+            raise TypeError(f"block mask must be bool, got {mask.dtype}")
+        if mask.dim() == 2:
+            mask = mask.unsqueeze(0)
+        if mask.dim() != 3:
+            raise ValueError(f"block mask must be (Mq, Nk) or (L, Mq, Nk), got shape {tuple(mask.shape)}")
+        block_n = block_m if block_n is None else block_n
+        heads, mq, nk = mask.shape
+        counts = mask.sum(-1, dtype=torch.int32)
+        offsets = torch.zeros(heads, mq + 1, dtype=torch.int32, device=mask.device)
+        offsets[:, 1:] = torch.cumsum(counts, dim=-1, dtype=torch.int32)
+        max_nnz = max(int(offsets[:, -1].max().item()) if heads else 0, 1)
+        indices = torch.zeros(heads, max_nnz, dtype=torch.int32, device=mask.device)
+        head_id, _, col = mask.nonzero(as_tuple=True)  # row-major, so already sorted by (head, row, col)
+        if col.numel():
+            starts = torch.zeros(heads, dtype=torch.long, device=mask.device)
+            starts[1:] = torch.cumsum(offsets[:, -1].long(), 0)[:-1]
+            pos = torch.arange(col.numel(), device=mask.device) - starts[head_id]
+            indices[head_id, pos] = col.to(torch.int32)
+        return cls(offsets, indices, block_m, block_n, mq, nk)
+
+    @classmethod
+    def from_csr(
+        cls,
+        offsets: torch.Tensor,
+        indices: torch.Tensor,
+        block_m: int,
+        num_k_blocks: int,
+        block_n: int | None = None,
+    ) -> BlockLayout:
+        """Build from CSR arrays (1-D for a shared layout, 2-D for per-head); rows are sorted here."""
+        if offsets.dim() == 1:
+            offsets, indices = offsets.unsqueeze(0), indices.unsqueeze(0)
+        offsets = offsets.to(torch.int32)
+        indices = indices.to(torch.int32)
+        heads, mq = offsets.shape[0], offsets.shape[1] - 1
+        # Sort each row's indices: sort by (row, col) via a combined key.
+        max_nnz = indices.shape[1]
+        pos = torch.arange(max_nnz, device=indices.device).expand(heads, -1)
+        row = torch.searchsorted(offsets[:, 1:].contiguous(), pos.to(torch.int32), right=True)
+        valid = pos < offsets[:, -1:].long()
+        key = torch.where(valid, row.long() * (num_k_blocks + 1) + indices.long(), torch.iinfo(torch.long).max)
+        if indices.numel():
+            if bool(((indices < 0) | (indices >= num_k_blocks))[valid].any()):
+                raise ValueError(f"CSR indices must lie in [0, {num_k_blocks}), got values outside")
+            order = key.argsort(dim=-1)
+            indices = torch.gather(indices, 1, order)
+        return cls(offsets, indices.contiguous(), block_m, block_m if block_n is None else block_n, mq, num_k_blocks)
+
+    @classmethod
+    def dense(
+        cls, q_len: int, k_len: int, block_m: int, block_n: int | None = None, device: torch.device | str = "cpu"
+    ) -> BlockLayout:
+        block_n = block_m if block_n is None else block_n
+        mq, nk = _cdiv(q_len, block_m), _cdiv(k_len, block_n)
+        return cls.from_mask(torch.ones(mq, nk, dtype=torch.bool, device=device), block_m, block_n)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def heads(self) -> int:
+        """1 for a layout shared across heads, else the number of heads."""
+        return self.offsets.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.offsets.device
+
+    @property
+    def nnz(self) -> torch.Tensor:
+        """Computed tiles per head group, shape (L,)."""
+        return self.offsets[:, -1]
+
+    def density(self) -> float:
+        """Fraction of (query block, key block) tiles computed, averaged over heads."""
+        total = self.num_q_blocks * self.num_k_blocks * self.heads
+        return float(self.offsets[:, -1].sum().item()) / max(total, 1)
+
+    def to_mask(self) -> torch.Tensor:
+        """Block-level bool mask (L, num_q_blocks, num_k_blocks). Block granularity only."""
+        mask = torch.zeros(self.heads, self.num_q_blocks, self.num_k_blocks, dtype=torch.bool, device=self.device)
+        pos = torch.arange(self.indices.shape[1], device=self.device).expand(self.heads, -1)
+        valid = pos < self.offsets[:, -1:].long()
+        row = torch.searchsorted(self.offsets[:, 1:].contiguous(), pos.to(torch.int32), right=True)
+        head = torch.arange(self.heads, device=self.device)[:, None].expand_as(pos)
+        mask[head[valid], row[valid].long(), self.indices[valid].long()] = True
+        return mask
+
+    def to(self, device: torch.device | str) -> BlockLayout:
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        key = ("to", str(device))
+        if key not in self._cache:
+            self._cache[key] = BlockLayout(
+                self.offsets.to(device), self.indices.to(device), self.block_m, self.block_n,
+                self.num_q_blocks, self.num_k_blocks,
+            )
+        return self._cache[key]
+
+    def transpose(self) -> BlockLayout:
+        """The key-major (CSC) view: for each key block, its query blocks. Used by the backward pass."""
+        if "transpose" not in self._cache:
+            self._cache["transpose"] = BlockLayout.from_mask(
+                self.to_mask().transpose(1, 2).contiguous(), self.block_n, self.block_m
+            )
+        return self._cache["transpose"]
+
+    def max_row_nnz(self) -> int:
+        return int((self.offsets[:, 1:] - self.offsets[:, :-1]).max().item()) if self.num_q_blocks else 0
+
+    def check_shapes(self, q_len: int, k_len: int, heads: int) -> None:
+        """Raise ValueError unless this layout fits a (q_len, k_len, heads) attention call."""
+        if _cdiv(q_len, self.block_m) != self.num_q_blocks or _cdiv(k_len, self.block_n) != self.num_k_blocks:
+            raise ValueError(
+                f"layout grid ({self.num_q_blocks} x {self.num_k_blocks} blocks of {self.block_m}x{self.block_n}) "
+                f"does not fit Sq={q_len}, Sk={k_len}: needs ({_cdiv(q_len, self.block_m)} x "
+                f"{_cdiv(k_len, self.block_n)})"
+            )
+        if self.heads not in (1, heads):
+            raise ValueError(f"layout has {self.heads} head groups; expected 1 or {heads}")
