@@ -197,6 +197,372 @@ def wan():
     return _finish(pipe)
 
 
+def _wan_i2v_image_parts(image_size: int = 32):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(
+        hidden_size=8,
+        projection_dim=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        intermediate_size=16,
+        patch_size=8,
+    )
+    encoder = CLIPVisionModel(cfg).eval()
+    processor = CLIPImageProcessor(
+        crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
+        do_center_crop=True,
+        do_resize=True,
+    )
+    return encoder, processor
+
+
+@_seeded
+def wan_i2v():
+    """Tiny Wan 2.1 I2V ``WanImageToVideoPipeline`` (adds a CLIP vision encoder + image processor)."""
+    from diffusers import WanImageToVideoPipeline
+
+    encoder, processor = _wan_i2v_image_parts()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=_tokenizer(512),
+        text_encoder=_umt5(32),
+        vae=_wan_vae(),
+        scheduler=_wan_scheduler(),
+        image_processor=processor,
+        image_encoder=encoder,
+        # 16 noise channels + 16 image-latent channels + 4 mask channels; image tokens via added k/v.
+        transformer=_wan_transformer(in_channels=36, image_dim=8),
+    )
+    return _finish(pipe)
+
+
+@_seeded
+def wan22():
+    """Tiny Wan 2.2 A14B-style ``WanPipeline``: high-noise ``transformer`` + low-noise ``transformer_2``."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(
+        tokenizer=_tokenizer(512),
+        text_encoder=_umt5(32),
+        vae=_wan_vae(),
+        scheduler=_wan_scheduler(),
+        transformer=_wan_transformer(),
+        transformer_2=_wan_transformer(),
+        boundary_ratio=0.875,
+    )
+    return _finish(pipe)
+
+
+# --------------------------------------------------------------------------------------------------
+# HunyuanVideo
+# --------------------------------------------------------------------------------------------------
+
+
+def _clip_text(hidden_size: int = 8, projection_dim: int = 8, with_projection: bool = False, vocab_size: int = 64):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        projection_dim=projection_dim,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-05,
+        attention_dropout=0.0,
+        dropout=0.0,
+        pad_token_id=0,
+        eos_token_id=1,  # != 2: pooled output is taken at the first </s>, which our tokenizer appends
+        bos_token_id=3,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def _clip_tokenizer():
+    return _tokenizer(77, bos=True, eos=True)
+
+
+@_seeded
+def hunyuan_video():
+    """Tiny ``HunyuanVideoPipeline`` (Llama + CLIP text encoders, 2 double + 2 single stream blocks)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import LlamaConfig, LlamaModel
+
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    llama = LlamaModel(
+        LlamaConfig(
+            bos_token_id=3,
+            eos_token_id=1,
+            pad_token_id=0,
+            hidden_size=16,
+            intermediate_size=37,
+            max_position_embeddings=512,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=64,
+            attention_dropout=0.0,
+        )
+    ).eval()
+    pipe = HunyuanVideoPipeline(
+        text_encoder=llama,
+        tokenizer=_tokenizer(512, bos=True, eos=False),
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=_clip_text(8, 8),
+        tokenizer_2=_clip_tokenizer(),
+    )
+    return _finish(pipe)
+
+
+# --------------------------------------------------------------------------------------------------
+# CogVideoX
+# --------------------------------------------------------------------------------------------------
+
+# Latent size the CogVideoX transformer is "trained" at. With rotary embeddings (CogVideoX 1.0 / 5B
+# style) the pipeline builds RoPE from the grid with a crop region relative to sample_height/width //
+# patch_size, so generating at exactly this size gives the plain grid; the sincos/learned positional
+# embedding variants would recompute or reject other sizes.
+_COG_SAMPLE = (8, 8, 17)  # latent height, latent width, pixel frames
+
+
+@_seeded
+def cogvideox():
+    """Tiny ``CogVideoXPipeline`` (T5 encoder, 2-layer transformer with 3-D rotary embeddings)."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,  # rotary: t gets head_dim//4, h and w get head_dim//8*3 each
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_height=_COG_SAMPLE[0],
+        sample_width=_COG_SAMPLE[1],
+        sample_frames=_COG_SAMPLE[2],
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+        use_rotary_positional_embeddings=True,
+    )
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        snr_shift_scale=1.0,
+    )
+    pipe = CogVideoXPipeline(
+        tokenizer=_tokenizer(226),
+        text_encoder=_t5(32),
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    return _finish(pipe)
+
+
+# --------------------------------------------------------------------------------------------------
+# LTX-Video
+# --------------------------------------------------------------------------------------------------
+
+
+@_seeded
+def ltx():
+    """Tiny ``LTXPipeline`` (T5 encoder, 2-layer transformer, LTX VAE with 16x spatial / 4x temporal)."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=32,
+    )
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=4,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    pipe = LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_t5(32),
+        tokenizer=_tokenizer(128),
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
+# --------------------------------------------------------------------------------------------------
+# Flux / SD3 (images)
+# --------------------------------------------------------------------------------------------------
+
+
+def _image_vae(latent_channels: int, shift_factor: float, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),  # 8x spatial compression, like the real VAEs
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )
+
+
+@_seeded
+def flux():
+    """Tiny ``FluxPipeline`` (CLIP + T5 encoders, 2 double + 2 single stream blocks)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=8,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_image_vae(4, 0.0609, 1.5035),
+        text_encoder=_clip_text(8, 8),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_t5(32),
+        tokenizer_2=_tokenizer(512),
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
+@_seeded
+def sd3():
+    """Tiny ``StableDiffusion3Pipeline`` (2 CLIP-with-projection + T5 encoders, 2 joint blocks)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        caption_projection_dim=32,
+        joint_attention_dim=32,  # = T5 d_model (CLIP 16 + 16 is padded up to it)
+        pooled_projection_dim=32,  # = pooled CLIP 16 + 16
+        out_channels=4,
+        pos_embed_max_size=32,
+    )
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_image_vae(4, 0.0609, 1.5035),
+        text_encoder=_clip_text(16, 16, with_projection=True),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_clip_text(16, 16, with_projection=True),
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=_t5(32),
+        tokenizer_3=_tokenizer(512),
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
 # --------------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------------
@@ -223,20 +589,78 @@ def _register(spec: TinySpec) -> None:
     TINY_MODELS[spec.name] = spec
 
 
-_register(
+_VIDEO = dict(is_video=True, height=64, width=64, num_frames=17, num_inference_steps=2)
+_IMAGE = dict(is_video=False, height=128, width=128, num_frames=1, num_inference_steps=2, fps=1)
+
+for _spec in (
     TinySpec(
         name="tiny-wan",
         family="wan",
         build=wan,
-        is_video=True,
-        height=64,
-        width=64,
-        num_frames=17,
-        num_inference_steps=2,
         call_defaults={"max_sequence_length": 16, "guidance_scale": 5.0},
         fps=16,
-    )
-)
+        **_VIDEO,
+    ),
+    TinySpec(
+        name="tiny-wan-i2v",
+        family="wan",
+        build=wan_i2v,
+        call_defaults={"max_sequence_length": 16, "guidance_scale": 5.0},
+        fps=16,
+        **_VIDEO,
+    ),
+    TinySpec(
+        name="tiny-wan22",
+        family="wan",
+        build=wan22,
+        call_defaults={"max_sequence_length": 16, "guidance_scale": 4.0, "guidance_scale_2": 3.0},
+        fps=16,
+        **{**_VIDEO, "num_inference_steps": 4},  # 4 steps so both experts (boundary 0.875) run
+    ),
+    TinySpec(
+        name="tiny-hunyuan-video",
+        family="hunyuan_video",
+        build=hunyuan_video,
+        call_defaults={
+            "max_sequence_length": 16,
+            "guidance_scale": 6.0,  # embedded guidance: one transformer forward per step, no CFG batch
+            "prompt_template": {"template": "{}", "crop_start": 0},
+        },
+        fps=24,
+        **_VIDEO,
+    ),
+    TinySpec(
+        name="tiny-cogvideox",
+        family="cogvideox",
+        build=cogvideox,
+        call_defaults={"max_sequence_length": 16, "guidance_scale": 6.0},
+        fps=8,
+        **_VIDEO,
+    ),
+    TinySpec(
+        name="tiny-ltx",
+        family="ltx",
+        build=ltx,
+        call_defaults={"max_sequence_length": 16, "guidance_scale": 3.0},
+        fps=24,
+        **_VIDEO,
+    ),
+    TinySpec(
+        name="tiny-flux",
+        family="flux",
+        build=flux,
+        call_defaults={"max_sequence_length": 16, "guidance_scale": 3.5},
+        **_IMAGE,
+    ),
+    TinySpec(
+        name="tiny-sd3",
+        family="sd3",
+        build=sd3,
+        call_defaults={"max_sequence_length": 16, "guidance_scale": 5.0},
+        **_IMAGE,
+    ),
+):
+    _register(_spec)
 
 
 def build_tiny(name: str):
