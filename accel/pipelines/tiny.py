@@ -219,11 +219,24 @@ def _wan_i2v_image_parts(image_size: int = 32):
     return encoder, processor
 
 
+def _ftfy_shim() -> None:
+    """diffusers 0.42's ``pipeline_wan_i2v.basic_clean`` calls ``ftfy.fix_text`` even when ftfy is not
+    installed (``pipeline_wan.py`` guards it with ``is_ftfy_available()``). ftfy is not one of our
+    dependencies, so give that module the same no-op behaviour as the T2V pipeline has without ftfy."""
+    import types
+
+    from diffusers.pipelines.wan import pipeline_wan_i2v
+
+    if not hasattr(pipeline_wan_i2v, "ftfy"):
+        pipeline_wan_i2v.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+
+
 @_seeded
 def wan_i2v():
     """Tiny Wan 2.1 I2V ``WanImageToVideoPipeline`` (adds a CLIP vision encoder + image processor)."""
     from diffusers import WanImageToVideoPipeline
 
+    _ftfy_shim()
     encoder, processor = _wan_i2v_image_parts()
     pipe = WanImageToVideoPipeline(
         tokenizer=_tokenizer(512),
@@ -260,7 +273,7 @@ def wan22():
 # --------------------------------------------------------------------------------------------------
 
 
-def _clip_text(hidden_size: int = 8, projection_dim: int = 8, with_projection: bool = False, vocab_size: int = 64):
+def _clip_text(hidden_size: int = 8, projection_dim: int = 8, *, with_projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
@@ -268,7 +281,7 @@ def _clip_text(hidden_size: int = 8, projection_dim: int = 8, with_projection: b
         intermediate_size=37,
         num_attention_heads=2,
         num_hidden_layers=2,
-        vocab_size=vocab_size,
+        vocab_size=64,
         projection_dim=projection_dim,
         max_position_embeddings=77,
         hidden_act="gelu",
