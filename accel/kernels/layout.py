@@ -100,17 +100,20 @@ class BlockLayout:
         pos = torch.arange(max_nnz, device=indices.device).expand(heads, -1)
         row = torch.searchsorted(offsets[:, 1:].contiguous(), pos.to(torch.int32), right=True)
         valid = pos < offsets[:, -1:].long()
-        key = torch.where(valid, row.long() * (num_k_blocks + 1) + indices.long(), torch.iinfo(torch.long).max)
+        key = torch.where(
+            valid, row.long() * (num_k_blocks + 1) + indices.long(), torch.iinfo(torch.long).max)
         if indices.numel():
             if bool(((indices < 0) | (indices >= num_k_blocks))[valid].any()):
                 raise ValueError(f"CSR indices must lie in [0, {num_k_blocks}), got values outside")
             order = key.argsort(dim=-1)
             indices = torch.gather(indices, 1, order)
-        return cls(offsets, indices.contiguous(), block_m, block_m if block_n is None else block_n, mq, num_k_blocks)
+        block_n = block_m if block_n is None else block_n
+        return cls(offsets, indices.contiguous(), block_m, block_n, mq, num_k_blocks)
 
     @classmethod
     def dense(
-        cls, q_len: int, k_len: int, block_m: int, block_n: int | None = None, device: torch.device | str = "cpu"
+        cls, q_len: int, k_len: int, block_m: int, block_n: int | None = None,
+        device: torch.device | str = "cpu",
     ) -> BlockLayout:
         block_n = block_m if block_n is None else block_n
         mq, nk = _cdiv(q_len, block_m), _cdiv(k_len, block_n)
@@ -138,7 +141,8 @@ class BlockLayout:
 
     def to_mask(self) -> torch.Tensor:
         """Block-level bool mask (L, num_q_blocks, num_k_blocks). Block granularity only."""
-        mask = torch.zeros(self.heads, self.num_q_blocks, self.num_k_blocks, dtype=torch.bool, device=self.device)
+        mask = torch.zeros(
+            self.heads, self.num_q_blocks, self.num_k_blocks, dtype=torch.bool, device=self.device)
         pos = torch.arange(self.indices.shape[1], device=self.device).expand(self.heads, -1)
         valid = pos < self.offsets[:, -1:].long()
         row = torch.searchsorted(self.offsets[:, 1:].contiguous(), pos.to(torch.int32), right=True)
@@ -159,11 +163,26 @@ class BlockLayout:
         return self._cache[key]
 
     def transpose(self) -> BlockLayout:
-        """The key-major (CSC) view: for each key block, its query blocks. Used by the backward pass."""
+        """The key-major (CSC) view: for each key block, its query blocks. Used by the backward pass.
+
+        Sort-based and on the layout's device: the largest temporary is (L, max_nnz), never the
+        (L, num_q_blocks, num_k_blocks) block mask.
+        """
         if "transpose" not in self._cache:
-            self._cache["transpose"] = BlockLayout.from_mask(
-                self.to_mask().transpose(1, 2).contiguous(), self.block_n, self.block_m
-            )
+            heads, nq, nk = self.heads, self.num_q_blocks, self.num_k_blocks
+            dev = self.device
+            max_nnz = self.indices.shape[1]
+            pos = torch.arange(max_nnz, device=dev, dtype=torch.int32).expand(heads, -1)
+            valid = pos < self.offsets[:, -1:]
+            row = torch.searchsorted(self.offsets[:, 1:].contiguous(), pos.contiguous(), right=True).long()
+            key = torch.where(valid, self.indices.long() * nq + row, torch.iinfo(torch.long).max)
+            key = key.sort(dim=-1).values
+            bounds = (torch.arange(nk + 1, device=dev, dtype=torch.long) * nq).expand(heads, -1).contiguous()
+            offsets = torch.searchsorted(key, bounds).to(torch.int32)
+            indices = torch.where(key == torch.iinfo(torch.long).max, 0, key % max(nq, 1)).to(torch.int32)
+            t = BlockLayout(offsets, indices.contiguous(), self.block_n, self.block_m, nk, nq)
+            t._cache["transpose"] = self
+            self._cache["transpose"] = t
         return self._cache["transpose"]
 
     def max_row_nnz(self) -> int:
@@ -173,7 +192,8 @@ class BlockLayout:
         """Raise ValueError unless this layout fits a (q_len, k_len, heads) attention call."""
         if _cdiv(q_len, self.block_m) != self.num_q_blocks or _cdiv(k_len, self.block_n) != self.num_k_blocks:
             raise ValueError(
-                f"layout grid ({self.num_q_blocks} x {self.num_k_blocks} blocks of {self.block_m}x{self.block_n}) "
+                f"layout grid ({self.num_q_blocks} x {self.num_k_blocks} blocks of "
+                f"{self.block_m}x{self.block_n}) "
                 f"does not fit Sq={q_len}, Sk={k_len}: needs ({_cdiv(q_len, self.block_m)} x "
                 f"{_cdiv(k_len, self.block_n)})"
             )

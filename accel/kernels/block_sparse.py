@@ -1,0 +1,850 @@
+"""Block-sparse flash attention (forward and backward) over a :class:`BlockLayout`, in Triton.
+
+FlashAttention-2 online softmax (Dao, 2023) restricted to the (query block, key block) tiles a CSR
+layout lists, plus optional "extra" keys (text tokens) that every query sees inside the same softmax.
+Tensors use diffusers' (batch, tokens, heads, head_dim) layout with arbitrary strides: callers pass
+slices of bigger buffers and nothing is transposed or copied.
+
+File order: kernels -> launchers -> autograd Function -> public function.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import BlockLayout
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, n_valid, d_mask, qk_scale,
+    MASK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (BLOCK_M x BLOCK_N) online-softmax step. n_valid: (BLOCK_N,) key visibility if MASK_N."""
+    if MASK_N:
+        k = tl.load(k_ptrs, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+    if MASK_N:
+        qk = tl.where(n_valid[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A tile whose keys are all hidden must not turn -inf - -inf into NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASK_N:
+        v = tl.load(v_ptrs, mask=n_valid[:, None] & d_mask[None, :], other=0.0)
+    elif EVEN_D:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, EK, EV, EMask, Out, Lse, Offsets, Indices,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ekb, stride_ekn, stride_ekh, stride_ekd,
+    stride_evb, stride_evn, stride_evh, stride_evd,
+    stride_emb,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh,
+    stride_offl, stride_idxl,
+    H, Sq, Sk, T, num_k_blocks, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAYOUT_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_MASK: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    SUB_M: tl.constexpr = BLOCK_Q // BLOCK_M
+    SUB_N: tl.constexpr = BLOCK_K // BLOCK_N
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    qb = pid_m // SUB_M
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < Sq
+
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+    k_base = (K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn
+              + offs_d[:, None] * stride_kd)
+    v_base = (V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn
+              + offs_d[None, :] * stride_vd)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    if LAYOUT_PER_HEAD:
+        layout_off = off_h
+    else:
+        layout_off = 0
+    row_offsets = Offsets + layout_off * stride_offl + qb
+    row_idx = Indices + layout_off * stride_idxl
+    lo = tl.load(row_offsets)
+    hi = tl.load(row_offsets + 1)
+    # Only the last key block can be a partial one (indices are sorted): it alone is masked.
+    n_full = hi
+    if hi > lo:
+        last = tl.load(row_idx + hi - 1)
+        if (last + 1) * BLOCK_K > Sk:
+            n_full = hi - 1
+    all_n = offs_n < BLOCK_N
+    for it in range(lo * SUB_N, n_full * SUB_N):
+        kb = tl.load(row_idx + it // SUB_N)
+        start_n = (kb * BLOCK_K + (it % SUB_N) * BLOCK_N).to(tl.int64)
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_base + start_n * stride_kn, v_base + start_n * stride_vn, all_n, d_mask,
+            qk_scale, False, EVEN_D, DOT_PRECISION,
+        )
+    for it in range(n_full * SUB_N, hi * SUB_N):
+        kb = tl.load(row_idx + it // SUB_N)
+        start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_base + start_n.to(tl.int64) * stride_kn,
+            v_base + start_n.to(tl.int64) * stride_vn, start_n + offs_n < Sk, d_mask,
+            qk_scale, True, EVEN_D, DOT_PRECISION,
+        )
+    if HAS_EXTRA:
+        ek_base = (EK + off_b * stride_ekb + off_h * stride_ekh
+                   + offs_n[None, :] * stride_ekn + offs_d[:, None] * stride_ekd)
+        ev_base = (EV + off_b * stride_evb + off_h * stride_evh
+                   + offs_n[:, None] * stride_evn + offs_d[None, :] * stride_evd)
+        for start_n in range(0, T, BLOCK_N):
+            n_valid = start_n + offs_n < T
+            if HAS_EXTRA_MASK:
+                vis = tl.load(EMask + off_b * stride_emb + start_n + offs_n, mask=n_valid, other=0)
+                n_valid = n_valid & (vis != 0)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, ek_base + start_n * stride_ekn, ev_base + start_n * stride_evn, n_valid,
+                d_mask, qk_scale, True, EVEN_D, DOT_PRECISION,
+            )
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+        tl.store(Lse + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def _bwd_preprocess(
+    Out, DO, DLse, Delta,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_lb, stride_lh,
+    H, Sq,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """Delta = rowsum(dO * O) - dLse (the LSE gradient folds into Delta: dS = P * (dP - Delta))."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    l_off = off_b * stride_lb + off_h * stride_lh + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLse + l_off, mask=offs_m < Sq, other=0.0)
+    tl.store(Delta + l_off, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _bwd_dkdv_tile(
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_valid, n_valid, d_mask, qk_scale,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate one query tile into dK, dV of a key tile (key-major: everything transposed)."""
+    if MASK_M:
+        qT = tl.load(q_ptrs, mask=m_valid[None, :] & d_mask[:, None], other=0.0)
+        # +inf LSE makes P = 0 for rows past Sq and rows that see nothing (LSE = -inf).
+        lse = tl.load(lse_ptrs, mask=m_valid, other=float("inf"))
+        do = tl.load(do_ptrs, mask=m_valid[:, None] & d_mask[None, :], other=0.0)
+        delta = tl.load(delta_ptrs, mask=m_valid, other=0.0)
+    else:
+        if EVEN_D:
+            qT = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        else:
+            qT = tl.load(q_ptrs, mask=d_mask[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=d_mask[None, :], other=0.0)
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
+    pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+    if MASK_N:
+        pT = tl.where(n_valid[:, None], pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, EK, EV, EMask, DO, Lse, Delta, DK, DV, DEK, DEV, TOffsets, TIndices,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ekb, stride_ekn, stride_ekh, stride_ekd,
+    stride_evb, stride_evn, stride_evh, stride_evd,
+    stride_emb,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_dekb, stride_dekn, stride_dekh, stride_dekd,
+    stride_devb, stride_devn, stride_devh, stride_devd,
+    stride_lb, stride_lh,
+    stride_offl, stride_idxl,
+    H, Sq, Sk, T, num_extra_tiles, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAYOUT_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    SUB_M: tl.constexpr = BLOCK_Q // BLOCK_M
+    SUB_N: tl.constexpr = BLOCK_K // BLOCK_N
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+
+    qT_base = (Q + off_b * stride_qb + off_h * stride_qh + offs_m[None, :] * stride_qm
+               + offs_d[:, None] * stride_qd)
+    do_base = (DO + off_b * stride_dob + off_h * stride_doh
+               + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+    lse_base = Lse + off_b * stride_lb + off_h * stride_lh + offs_m
+    delta_base = Delta + off_b * stride_lb + off_h * stride_lh + offs_m
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    all_m = offs_m < BLOCK_M
+    # Extra-key tiles come first in the grid: they visit every query, so they are the longest programs.
+    if pid_n < num_extra_tiles:
+        start_n = pid_n * BLOCK_N
+        n_valid = start_n + offs_n < T
+        if HAS_EXTRA_MASK:
+            vis = tl.load(EMask + off_b * stride_emb + start_n + offs_n, mask=n_valid, other=0)
+            n_valid = n_valid & (vis != 0)
+        kv_mask = (start_n + offs_n < T)[:, None] & d_mask[None, :]
+        k = tl.load(EK + off_b * stride_ekb + off_h * stride_ekh + (start_n + offs_n)[:, None] * stride_ekn
+                    + offs_d[None, :] * stride_ekd, mask=kv_mask, other=0.0)
+        v = tl.load(EV + off_b * stride_evb + off_h * stride_evh + (start_n + offs_n)[:, None] * stride_evn
+                    + offs_d[None, :] * stride_evd, mask=kv_mask, other=0.0)
+        q_ptrs = qT_base
+        do_ptrs = do_base
+        for start_m in range(0, Sq, BLOCK_M):
+            dk, dv = _bwd_dkdv_tile(
+                dk, dv, k, v, q_ptrs, do_ptrs, lse_base + start_m,
+                delta_base + start_m, start_m + offs_m < Sq, n_valid, d_mask, qk_scale,
+                True, True, EVEN_D, DOT_PRECISION,
+            )
+            # Advance pointers instead of multiplying: start_m * stride can pass 2**31.
+            q_ptrs += BLOCK_M * stride_qm
+            do_ptrs += BLOCK_M * stride_dom
+        dk *= sm_scale
+        rows = (start_n + offs_n)[:, None]
+        tl.store(DEK + off_b * stride_dekb + off_h * stride_dekh + rows * stride_dekn
+                 + offs_d[None, :] * stride_dekd, dk.to(DEK.dtype.element_ty), mask=kv_mask)
+        tl.store(DEV + off_b * stride_devb + off_h * stride_devh + rows * stride_devn
+                 + offs_d[None, :] * stride_devd, dv.to(DEV.dtype.element_ty), mask=kv_mask)
+    else:
+        pid_k = pid_n - num_extra_tiles
+        kb = pid_k // SUB_N
+        start_n = pid_k * BLOCK_N
+        n_valid = start_n + offs_n < Sk
+        kv_mask = n_valid[:, None] & d_mask[None, :]
+        rows = (start_n + offs_n)[:, None].to(tl.int64)
+        k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows * stride_kn
+                    + offs_d[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows * stride_vn
+                    + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)
+        if LAYOUT_PER_HEAD:
+            layout_off = off_h
+        else:
+            layout_off = 0
+        col_offsets = TOffsets + layout_off * stride_offl + kb
+        col_idx = TIndices + layout_off * stride_idxl
+        lo = tl.load(col_offsets)
+        hi = tl.load(col_offsets + 1)
+        n_full = hi
+        if hi > lo:
+            last = tl.load(col_idx + hi - 1)
+            if (last + 1) * BLOCK_Q > Sq:
+                n_full = hi - 1
+        for it in range(lo * SUB_M, n_full * SUB_M):
+            qb = tl.load(col_idx + it // SUB_M)
+            start_m = qb * BLOCK_Q + (it % SUB_M) * BLOCK_M
+            sm = start_m.to(tl.int64)
+            dk, dv = _bwd_dkdv_tile(
+                dk, dv, k, v, qT_base + sm * stride_qm, do_base + sm * stride_dom, lse_base + start_m,
+                delta_base + start_m, all_m, n_valid, d_mask, qk_scale,
+                False, True, EVEN_D, DOT_PRECISION,
+            )
+        for it in range(n_full * SUB_M, hi * SUB_M):
+            qb = tl.load(col_idx + it // SUB_M)
+            start_m = qb * BLOCK_Q + (it % SUB_M) * BLOCK_M
+            sm = start_m.to(tl.int64)
+            dk, dv = _bwd_dkdv_tile(
+                dk, dv, k, v, qT_base + sm * stride_qm, do_base + sm * stride_dom, lse_base + start_m,
+                delta_base + start_m, start_m + offs_m < Sq, n_valid, d_mask, qk_scale,
+                True, True, EVEN_D, DOT_PRECISION,
+            )
+        dk *= sm_scale
+        tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows * stride_dkn
+                 + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows * stride_dvn
+                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_tile(
+    dq, q, do, lse, delta, k_ptrs, v_ptrs, n_valid, d_mask, qk_scale,
+    MASK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    if MASK_N:
+        kT = tl.load(k_ptrs, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
+        vT = tl.load(v_ptrs, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
+    elif EVEN_D:
+        kT = tl.load(k_ptrs)
+        vT = tl.load(v_ptrs)
+    else:
+        kT = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+        vT = tl.load(v_ptrs, mask=d_mask[:, None], other=0.0)
+    qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+    p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    if MASK_N:
+        p = tl.where(n_valid[None, :], p, 0.0)
+    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, EK, EV, EMask, DO, Lse, Delta, DQ, Offsets, Indices,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ekb, stride_ekn, stride_ekh, stride_ekd,
+    stride_evb, stride_evn, stride_evh, stride_evd,
+    stride_emb,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_lb, stride_lh,
+    stride_offl, stride_idxl,
+    H, Sq, Sk, T, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAYOUT_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    SUB_M: tl.constexpr = BLOCK_Q // BLOCK_M
+    SUB_N: tl.constexpr = BLOCK_K // BLOCK_N
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    qb = pid_m // SUB_M
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < Sq
+    qd_mask = m_mask[:, None] & d_mask[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
+                mask=qd_mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom
+                 + offs_d[None, :] * stride_dod,
+                 mask=qd_mask, other=0.0)
+    l_off = off_b * stride_lb + off_h * stride_lh + offs_m
+    lse = tl.load(Lse + l_off, mask=m_mask, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + l_off, mask=m_mask, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    kT_base = (K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn
+               + offs_d[:, None] * stride_kd)
+    vT_base = (V + off_b * stride_vb + off_h * stride_vh + offs_n[None, :] * stride_vn
+               + offs_d[:, None] * stride_vd)
+    if LAYOUT_PER_HEAD:
+        layout_off = off_h
+    else:
+        layout_off = 0
+    row_offsets = Offsets + layout_off * stride_offl + qb
+    row_idx = Indices + layout_off * stride_idxl
+    lo = tl.load(row_offsets)
+    hi = tl.load(row_offsets + 1)
+    n_full = hi
+    if hi > lo:
+        last = tl.load(row_idx + hi - 1)
+        if (last + 1) * BLOCK_K > Sk:
+            n_full = hi - 1
+    all_n = offs_n < BLOCK_N
+    for it in range(lo * SUB_N, n_full * SUB_N):
+        kb = tl.load(row_idx + it // SUB_N)
+        start_n = (kb * BLOCK_K + (it % SUB_N) * BLOCK_N).to(tl.int64)
+        dq = _bwd_dq_tile(dq, q, do, lse, delta, kT_base + start_n * stride_kn, vT_base + start_n * stride_vn,
+                          all_n, d_mask, qk_scale, False, EVEN_D, DOT_PRECISION)
+    for it in range(n_full * SUB_N, hi * SUB_N):
+        kb = tl.load(row_idx + it // SUB_N)
+        start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
+        dq = _bwd_dq_tile(dq, q, do, lse, delta, kT_base + start_n.to(tl.int64) * stride_kn,
+                          vT_base + start_n.to(tl.int64) * stride_vn, start_n + offs_n < Sk, d_mask, qk_scale,
+                          True, EVEN_D, DOT_PRECISION)
+    if HAS_EXTRA:
+        ekT_base = (EK + off_b * stride_ekb + off_h * stride_ekh
+                    + offs_n[None, :] * stride_ekn + offs_d[:, None] * stride_ekd)
+        evT_base = (EV + off_b * stride_evb + off_h * stride_evh
+                    + offs_n[None, :] * stride_evn + offs_d[:, None] * stride_evd)
+        for start_n in range(0, T, BLOCK_N):
+            n_valid = start_n + offs_n < T
+            if HAS_EXTRA_MASK:
+                vis = tl.load(EMask + off_b * stride_emb + start_n + offs_n, mask=n_valid, other=0)
+                n_valid = n_valid & (vis != 0)
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, ekT_base + start_n * stride_ekn,
+                              evT_base + start_n * stride_evn, n_valid, d_mask, qk_scale, True, EVEN_D,
+                              DOT_PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# --------------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class KernelConfig:
+    """Compute tile (BLOCK_M x BLOCK_N, each dividing the layout's logical block) and launch knobs."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Forward, keyed by (compute capability major, head_dim_pad). Measured on H100 (benchmarks/NOTES.md):
+# 128 query rows per program keep the tensor cores fed; 64-key tiles hold the fp32 score tile in
+# registers at D=128 without spills, and 3 stages hide the indirect K/V loads.
+_FWD_CONFIGS: dict[tuple[int, int], KernelConfig] = {
+    (9, 64): KernelConfig(128, 128, 8, 3),
+    (9, 128): KernelConfig(128, 128, 8, 3),
+    (8, 64): KernelConfig(128, 64, 4, 3),
+    (8, 128): KernelConfig(128, 64, 8, 3),
+}
+# Backward (dK/dV key-major, dQ query-major). FA2's split: narrow query tiles for dK/dV and narrow key
+# tiles for dQ, so the two fp32 accumulators plus the transposed score tile fit in registers.
+_BWD_DKDV_CONFIGS: dict[tuple[int, int], KernelConfig] = {
+    (9, 64): KernelConfig(64, 128, 8, 3),
+    (9, 128): KernelConfig(64, 128, 8, 3),
+}
+_BWD_DQ_CONFIGS: dict[tuple[int, int], KernelConfig] = {
+    (9, 64): KernelConfig(128, 64, 8, 3),
+    (9, 128): KernelConfig(128, 64, 8, 3),
+}
+_DEFAULT_GPU_FWD = KernelConfig(64, 64, 4, 2)
+_DEFAULT_GPU_BWD = KernelConfig(64, 64, 4, 2)
+
+# Test/benchmark hook: when set, these replace the tables above (tuple: fwd, dkdv, dq).
+_CONFIG_OVERRIDE: list[KernelConfig | None] = [None, None, None]
+
+
+def default_block_size(device: torch.device | str | None = None) -> int:
+    """Logical layout block size that runs fastest on ``device``: 128 on Ampere/Hopper and newer, else 64."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability(device)
+        return 128 if major >= 8 else 64
+    return 64
+
+
+def _fit(cfg: KernelConfig, block_q: int, block_k: int, head_dim_pad: int, is_cuda: bool) -> KernelConfig:
+    bm, bn = min(cfg.block_m, block_q), min(cfg.block_n, block_k)
+    if is_cuda and head_dim_pad >= 256:  # register pressure: halve the tiles
+        bm, bn = min(bm, 64), min(bn, 64)
+    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages)
+
+
+def _pick(kind: int, table: dict, default: KernelConfig, block_q: int, block_k: int, hdp: int,
+          device: torch.device) -> KernelConfig:
+    if _CONFIG_OVERRIDE[kind] is not None:
+        return _fit(_CONFIG_OVERRIDE[kind], block_q, block_k, hdp, device.type == "cuda")
+    if device.type != "cuda":  # interpreter: one tile per logical block
+        return KernelConfig(block_q, block_k, 1, 1)
+    major, _ = torch.cuda.get_device_capability(device)
+    cfg = table.get((min(major, 9), hdp), default)
+    return _fit(cfg, block_q, block_k, hdp, True)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs promise fp32 accuracy: no silent tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _head_dim_pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    T = ek.shape[1] if ek is not None else 0
+    hdp = _head_dim_pad(D)
+    cfg = _pick(0, _FWD_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device)
+    lse_t = lse if lse is not None else out  # dummy pointer when not written
+    grid = (triton.cdiv(Sq, cfg.block_m), B * H)
+    _fwd_kernel[grid](
+        q, k, v, ek if ek is not None else q, ev if ev is not None else q, emask if emask is not None else q,
+        out, lse_t, layout.offsets, layout.indices,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(ek), *_strides4(ev),
+        emask.stride(0) if emask is not None else 0,
+        *out.stride(),
+        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+        layout.offsets.stride(0), layout.indices.stride(0),
+        H, Sq, Sk, T, layout.num_k_blocks, scale * LOG2E,
+        HEAD_DIM=D, HEAD_DIM_PAD=hdp, BLOCK_Q=layout.block_m, BLOCK_K=layout.block_n,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        LAYOUT_PER_HEAD=layout.heads > 1, HAS_EXTRA=T > 0, HAS_EXTRA_MASK=emask is not None,
+        WRITE_LSE=lse is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    T = ek.shape[1] if ek is not None else 0
+    hdp = _head_dim_pad(D)
+    dev = q.device
+    delta = torch.empty_like(lse)
+    pre_bm = 64 if hdp <= 128 else 32
+    _bwd_preprocess[(triton.cdiv(Sq, pre_bm), B * H)](
+        out, do, dlse if dlse is not None else lse, delta, *out.stride(), *do.stride(),
+        lse.stride(0), lse.stride(1), H, Sq,
+        HEAD_DIM=D, HEAD_DIM_PAD=hdp, BLOCK_M=pre_bm, HAS_DLSE=dlse is not None,
+    )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    dek = torch.empty(ek.shape, dtype=ek.dtype, device=dev) if ek is not None else None
+    dev_ = torch.empty(ev.shape, dtype=ev.dtype, device=dev) if ev is not None else None
+    common = dict(HEAD_DIM=D, HEAD_DIM_PAD=hdp, BLOCK_Q=layout.block_m, BLOCK_K=layout.block_n,
+                  LAYOUT_PER_HEAD=layout.heads > 1, HAS_EXTRA=T > 0, HAS_EXTRA_MASK=emask is not None,
+                  DOT_PRECISION=_dot_precision(q.dtype))
+    ekp = ek if ek is not None else q
+    evp = ev if ev is not None else q
+    emp = emask if emask is not None else q
+    em_stride = emask.stride(0) if emask is not None else 0
+
+    t = layout.transpose()
+    cfg = _pick(1, _BWD_DKDV_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev)
+    n_extra = triton.cdiv(T, cfg.block_n) if T else 0
+    grid = (n_extra + triton.cdiv(Sk, cfg.block_n), B * H)
+    _bwd_dkdv_kernel[grid](
+        q, k, v, ekp, evp, emp, do, lse, delta, dk, dv, dek if dek is not None else dk,
+        dev_ if dev_ is not None else dv, t.offsets, t.indices,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(ek), *_strides4(ev), em_stride,
+        *do.stride(), *dk.stride(), *dv.stride(), *_strides4(dek), *_strides4(dev_),
+        lse.stride(0), lse.stride(1), t.offsets.stride(0), t.indices.stride(0),
+        H, Sq, Sk, T, n_extra, scale, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **common,
+    )
+    cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev)
+    _bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
+        q, k, v, ekp, evp, emp, do, lse, delta, dq, layout.offsets, layout.indices,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(ek), *_strides4(ev), em_stride,
+        *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
+        layout.offsets.stride(0), layout.indices.stride(0),
+        H, Sq, Sk, T, scale, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **common,
+    )
+    return dq, dk, dv, dek, dev_
+
+
+# -------------------------------------------------------------------------------------- autograd Function
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ek, ev, emask, layout, scale):
+        B, Sq, H, D = q.shape
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse)
+        ctx.save_for_backward(q, k, v, ek, ev, emask, out, lse)
+        ctx.layout = layout
+        ctx.scale = scale
+        ctx.mark_non_differentiable(emask) if emask is not None else None
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, ek, ev, emask, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dek, dev_ = _bwd(dout, q, k, v, out, lse, ctx.layout, ek, ev, emask, ctx.scale, dlse)
+        return dq, dk, dv, dek, dev_, None, None, None
+
+
+# ------------------------------------------------------------------------------------- torch backend
+def _torch_attention(q, k, v, layout, ek, ev, emask, scale):
+    """Chunked pure-PyTorch path: one query block at a time, gathering only its key blocks.
+
+    Peak extra memory is (B, H, block_m, keys of one row); autograd works through it.
+    """
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    bm, bn = layout.block_m, layout.block_n
+    offsets = layout.offsets.cpu()
+    indices = layout.indices.cpu()
+    arange_n = torch.arange(bn, device=q.device)
+    out_rows, lse_rows = [], []
+    head_groups = [slice(None)] if layout.heads == 1 else [slice(h, h + 1) for h in range(H)]
+    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    for qb in range(layout.num_q_blocks):
+        q_blk = q[:, qb * bm:(qb + 1) * bm].to(cdtype).transpose(1, 2)  # (B, H, m, D)
+        outs, lses = [], []
+        for l, hs in enumerate(head_groups):
+            blocks = indices[l, offsets[l, qb]:offsets[l, qb + 1]].to(q.device).long()
+            tok = (blocks[:, None] * bn + arange_n[None, :]).reshape(-1)
+            tok = tok[tok < Sk]
+            kk = k[:, tok, hs].to(cdtype)
+            vv = v[:, tok, hs].to(cdtype)
+            vis = torch.ones(B, tok.numel(), dtype=torch.bool, device=q.device)
+            if ek is not None:
+                kk = torch.cat([kk, ek[:, :, hs].to(cdtype)], 1)
+                vv = torch.cat([vv, ev[:, :, hs].to(cdtype)], 1)
+                em = emask if emask is not None else torch.ones(
+                    B, ek.shape[1], dtype=torch.bool, device=q.device)
+                vis = torch.cat([vis, em], 1)
+            qh = q_blk[:, hs]
+            s = torch.matmul(qh, kk.permute(0, 2, 3, 1)) * scale  # (B, h, m, n)
+            s = s.masked_fill(~vis[:, None, None, :], float("-inf"))
+            lse = torch.logsumexp(s, -1) if s.shape[-1] else s.new_full(s.shape[:-1], float("-inf"))
+            finite = torch.isfinite(lse) | torch.isnan(lse)
+            p = torch.exp(s - torch.where(finite, lse, 0.0)[..., None])
+            o = torch.matmul(p, vv.transpose(1, 2))
+            outs.append(torch.where(lse[..., None] == float("-inf"), 0.0, o))
+            lses.append(lse)
+        out_rows.append(torch.cat(outs, 1))
+        lse_rows.append(torch.cat(lses, 1))
+    out = torch.cat(out_rows, 2).transpose(1, 2).to(q.dtype) if out_rows else q.new_zeros(q.shape)
+    lse = torch.cat(lse_rows, 2).float() if lse_rows else q.new_zeros(B, H, 0, dtype=torch.float32)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------- validation
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def can_run_triton(q: torch.Tensor, layout: BlockLayout, raise_error: bool = False) -> bool:
+    """Whether the Triton backend can run on these inputs (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    reason = None
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        reason = f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device={q.device}"
+    elif q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reason = f"supports float16/bfloat16/float32, got dtype={q.dtype}"
+    elif q.is_cuda and q.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        reason = "bfloat16 needs compute capability >= 8.0"
+    elif layout.block_m not in (16, 32, 64, 128, 256) or layout.block_n not in (16, 32, 64, 128, 256):
+        reason = (f"layout blocks must be powers of two in [16, 256], got block_m={layout.block_m}, "
+                  f"block_n={layout.block_n}")
+    if reason and raise_error:
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    return reason is None
+
+
+def can_run_torch(q: torch.Tensor, layout: BlockLayout, raise_error: bool = False) -> bool:
+    """The PyTorch backend runs anywhere (slowly on GPUs)."""
+    return True
+
+
+def _check_inputs(q, k, v, layout, extra_k, extra_v, extra_mask, out):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, S, H, D), got q.shape={tuple(q.shape)}, "
+                         f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}")
+    B, Sq, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
+        raise ValueError(f"k and v must be (B, Sk, H, D) matching q's B, H, D, got q.shape={tuple(q.shape)}, "
+                         f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q must be a floating-point tensor, got dtype={q.dtype}")
+    if D > 256:
+        raise NotImplementedError(f"head_dim must be <= 256, got D={D}")
+    if D < 1:
+        raise ValueError(f"head_dim must be >= 1, got D={D}")
+    layout.check_shapes(Sq, k.shape[1], H)
+    if (extra_k is None) != (extra_v is None):
+        raise ValueError("extra_k and extra_v must be given together, got only one of them")
+    if extra_mask is not None and extra_k is None:
+        raise ValueError("extra_mask needs extra_k/extra_v, got extra_mask alone")
+    if extra_k is not None:
+        for name, t in (("extra_k", extra_k), ("extra_v", extra_v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4 or t.shape[0] != B or t.shape[2:] != (H, D):
+                raise ValueError(
+                    f"{name} must be (B, T, H, D) = ({B}, T, {H}, {D}), got {name}.shape={tuple(t.shape)}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{name} must match q's dtype/device ({q.dtype}, {q.device}), "
+                                 f"got ({t.dtype}, {t.device})")
+        if extra_k.shape != extra_v.shape:
+            raise ValueError(f"extra_k and extra_v shapes differ, got {tuple(extra_k.shape)} and "
+                             f"{tuple(extra_v.shape)}")
+        if extra_mask is not None:
+            if not isinstance(extra_mask, torch.Tensor):
+                raise TypeError(f"extra_mask must be a torch.Tensor, got {type(extra_mask).__name__}")
+            if extra_mask.dtype != torch.bool or extra_mask.shape != (B, extra_k.shape[1]):
+                raise ValueError(f"extra_mask must be bool (B, T) = ({B}, {extra_k.shape[1]}), "
+                                 f"got dtype={extra_mask.dtype}, shape={tuple(extra_mask.shape)}")
+            if extra_mask.device != q.device:
+                raise ValueError(f"extra_mask must be on {q.device}, got {extra_mask.device}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}), "
+                             f"got shape {tuple(out.shape)}, {out.dtype}, {out.device}")
+
+
+# ---------------------------------------------------------------------------------------- public API
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    extra_k: torch.Tensor | None = None,
+    extra_v: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse softmax attention (FlashAttention-2 algorithm) over a CSR block layout.
+
+    Query block ``i`` (tokens ``[i*block_m, (i+1)*block_m)``) attends to the key blocks the layout
+    lists for it, plus every extra key, in one softmax.
+
+    Args:
+        q: (B, Sq, H, D) queries; k, v: (B, Sk, H, D). Any strides (views of bigger buffers are read in
+            place). float16/bfloat16 (fast) or float32 (exact, no tf32). D <= 256.
+        layout: :class:`BlockLayout` with ``num_q_blocks == ceil(Sq / block_m)``,
+            ``num_k_blocks == ceil(Sk / block_n)``, shared (L=1) or per head (L=H). Blocks 16..256
+            (powers of two) for the Triton backend; :func:`default_block_size` gives the fastest.
+        extra_k, extra_v: optional (B, T, H, D) keys/values seen by every query (e.g. text tokens).
+        extra_mask: optional (B, T) bool, True = visible (key padding).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return the log-sum-exp (B, H, Sq) float32 (natural log) for merging partial
+            results; differentiable.
+        out: optional preallocated (B, Sq, H, D) output (may be a strided view); not allowed when
+            autograd records the call.
+        backend: "triton", "torch" (chunked PyTorch, no S x S memory) or "auto" (Triton on CUDA or
+            under TRITON_INTERPRET=1, else torch). An explicit backend that cannot run raises.
+
+    Returns:
+        out (B, Sq, H, D), or (out, lse). A query row with no visible key gets zeros and LSE = -inf.
+        NaN/inf in the inputs propagate to the rows that see them.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    _check_inputs(q, k, v, layout, extra_k, extra_v, extra_mask, out)
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    layout = layout.to(q.device)
+    if backend == "auto":
+        backend = "triton" if can_run_triton(q, layout) else "torch"
+    elif backend == "triton":
+        can_run_triton(q, layout, raise_error=True)
+
+    if extra_k is not None and extra_k.shape[1] == 0:
+        extra_k = extra_v = extra_mask = None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, extra_k, extra_v))
+    if out is not None and needs_grad:
+        raise ValueError("out= is for inference only: got inputs that require grad with grad mode on")
+
+    if backend == "torch":
+        o, lse = _torch_attention(q, k, v, layout, extra_k, extra_v, extra_mask, scale)
+        if out is not None:
+            out.copy_(o)
+            o = out
+        return (o, lse) if return_lse else o
+
+    emask = extra_mask.to(torch.int8).contiguous() if extra_mask is not None else None
+    if needs_grad:
+        o, lse = _BlockSparseAttention.apply(q, k, v, extra_k, extra_v, emask, layout, scale)
+        return (o, lse) if return_lse else o
+    B, Sq, H, _ = q.shape
+    o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device) if return_lse else None
+    _fwd(q, k, v, layout, extra_k, extra_v, emask, scale, o, lse)
+    return (o, lse) if return_lse else o
