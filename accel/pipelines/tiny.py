@@ -33,6 +33,7 @@ __all__ = [
     "TinySpec",
     "TINY_MODELS",
     "build_tiny",
+    "example_image",
     "valid_size",
     "size_rules",
     "wan",
@@ -593,6 +594,7 @@ class TinySpec:
     num_inference_steps: int
     call_defaults: dict = field(default_factory=dict)
     fps: int = 8
+    needs_image: bool = False  # image-to-video: pass ``image=`` (e.g. :func:`example_image`)
 
 
 TINY_MODELS: dict[str, TinySpec] = {}
@@ -618,6 +620,7 @@ for _spec in (
         name="tiny-wan-i2v",
         family="wan",
         build=wan_i2v,
+        needs_image=True,
         call_defaults={"max_sequence_length": 16, "guidance_scale": 5.0},
         fps=16,
         **_VIDEO,
@@ -676,6 +679,18 @@ for _spec in (
     _register(_spec)
 
 
+def example_image(height: int, width: int, seed: int = 0):
+    """A deterministic RGB ``PIL.Image`` (smooth colour gradient + noise) to condition I2V models."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), 0.5 + 0.0 * x], axis=-1)
+    img = np.clip(base * 0.8 + rng.rand(height, width, 3) * 0.2, 0.0, 1.0)
+    return Image.fromarray((img * 255).astype(np.uint8))
+
+
 def build_tiny(name: str):
     """Build the tiny pipeline registered under ``name`` (e.g. ``"tiny-wan"``)."""
     spec = TINY_MODELS.get(name)
@@ -690,21 +705,47 @@ def build_tiny(name: str):
 
 
 def size_rules(pipe) -> tuple[int, int | None, int]:
-    """Size constraints of a pipeline instance (tiny or real).
+    """Size constraints of a pipeline instance (tiny or real hub model).
 
-    Returns ``(spatial_multiple, temporal_multiple, temporal_offset)``: height and width must be multiples
-    of ``spatial_multiple``; for video pipelines ``num_frames % temporal_multiple == temporal_offset``
-    (``temporal_multiple`` is ``None`` for image pipelines).
+    Returns ``(spatial_multiple, temporal_multiple, temporal_offset)``: height and width must be positive
+    multiples of ``spatial_multiple``; for video pipelines ``num_frames % temporal_multiple ==
+    temporal_offset`` (``temporal_multiple`` is ``None`` for image pipelines, offset 0). The rules are the
+    ones the pipeline classes enforce (``check_inputs``) or silently round to, combined with the VAE
+    stride times the transformer patch size so that the latent grid divides into whole patches.
     """
     name = type(pipe).__name__
-    tr = getattr(pipe, "transformer", None)
-    tcfg = tr.config if tr is not None else None
+    tr = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
+    if tr is None:
+        raise ValueError(f"size_rules: {name} has no transformer")
+    cfg = tr.config
+
+    def _p(v):  # spatial patch size from an int or a (t, h, w) tuple
+        return int(v[-1]) if isinstance(v, (tuple, list)) else int(v)
+
     if name.startswith("Wan"):
-        patch = tuple(tcfg.patch_size)
-        spatial = pipe.vae_scale_factor_spatial * max(patch[1], patch[2])
-        spatial = _lcm(spatial, 16)  # WanPipeline.check_inputs: height/width divisible by 16
-        return spatial, pipe.vae_scale_factor_temporal, 1
-    raise ValueError(f"size_rules: unsupported pipeline class {name}")
+        # check_inputs: height/width % 16; __call__ rounds to vae_spatial * patch and frames to 4k+1.
+        spatial = _lcm(16, pipe.vae_scale_factor_spatial * _p(cfg.patch_size))
+        return spatial, int(pipe.vae_scale_factor_temporal), 1
+    if name.startswith("HunyuanVideo"):
+        spatial = _lcm(16, pipe.vae_scale_factor_spatial * _p(cfg.patch_size))
+        return spatial, int(pipe.vae_scale_factor_temporal) * int(cfg.patch_size_t or 1), 1
+    if name.startswith("CogVideoX"):
+        # check_inputs: % 8; latent grid must divide by patch_size. CogVideoX 1.5 (patch_size_t) pads latent
+        # frames itself, so the pixel-frame rule stays 4k+1.
+        spatial = _lcm(8, pipe.vae_scale_factor_spatial * _p(cfg.patch_size))
+        return spatial, int(pipe.vae_scale_factor_temporal), 1
+    if name.startswith("LTX"):
+        spatial = _lcm(32, pipe.vae_spatial_compression_ratio * pipe.transformer_spatial_patch_size)
+        return spatial, int(pipe.vae_temporal_compression_ratio), 1
+    if name.startswith("Flux"):
+        # latents are packed in 2x2 patches (the pipeline resizes with a warning otherwise)
+        return pipe.vae_scale_factor * 2 * _p(getattr(cfg, "patch_size", 1)), None, 0
+    if name.startswith("StableDiffusion3"):
+        return pipe.vae_scale_factor * pipe.patch_size, None, 0
+    raise ValueError(
+        f"size_rules: unsupported pipeline class {name} "
+        "(known: Wan*, HunyuanVideo*, CogVideoX*, LTX*, Flux*, StableDiffusion3*)"
+    )
 
 
 def _lcm(a: int, b: int) -> int:
@@ -725,6 +766,11 @@ def valid_size(name: str, height: int, width: int, num_frames: int) -> None:
 # Per-family rules of the tiny configs (equal to size_rules(build_tiny(name)) without building).
 _TINY_RULES: dict[str, tuple[int, int | None, int]] = {
     "wan": (16, 4, 1),
+    "hunyuan_video": (16, 4, 1),
+    "cogvideox": (16, 4, 1),
+    "ltx": (32, 4, 1),
+    "flux": (16, None, 0),
+    "sd3": (16, None, 0),
 }
 
 
