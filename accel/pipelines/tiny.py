@@ -136,10 +136,11 @@ def _t5(d_model: int = 32, vocab_size: int = 64):
 
 def _finish(pipe):
     # Modules are created in fp32 on CPU already; avoid ``pipe.to(dtype)`` (diffusers warns about it).
+    # eval() like ``from_pretrained`` does (dropout would make runs non-deterministic); parameters keep
+    # requires_grad as loaded hub models do, so LoRA/fine-tuning code sees the same thing.
     for comp in pipe.components.values():
         if isinstance(comp, torch.nn.Module):
             comp.eval()
-            comp.requires_grad_(False)
     return pipe
 
 
@@ -163,7 +164,7 @@ def _wan_transformer(**overrides):
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
+        rope_max_seq_len=64,  # >= every latent grid axis we generate (diffusers' test config has 32)
     )
     kw.update(overrides)
     return WanTransformer3DModel(**kw)
@@ -298,6 +299,8 @@ def _clip_text(hidden_size: int = 8, projection_dim: int = 8, *, with_projection
 
 
 def _clip_tokenizer():
+    # CLIP slots must say model_max_length=77: the pipelines pad/truncate to it, and CLIPTextModel raises
+    # "Sequence length must be less than max_position_embeddings" beyond 77.
     return _tokenizer(77, bos=True, eos=True)
 
 
@@ -584,6 +587,14 @@ def sd3():
 
 @dataclass(frozen=True)
 class TinySpec:
+    """One registered tiny model: how to build it and the call arguments that work for it.
+
+    ``height``/``width``/``num_frames`` are defaults that satisfy :func:`valid_size` and give enough
+    tokens for sparse-attention tests (video: 5 latent frames x 4x4 tokens = 80; image: 8x8 = 64).
+    ``call_defaults`` holds extra pipeline kwargs the tiny configs need (short ``max_sequence_length``
+    matching the tiny text encoders, guidance, Hunyuan's prompt template).
+    """
+
     name: str
     family: str
     build: Callable[[], Any]
