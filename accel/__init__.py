@@ -1,0 +1,36 @@
+"""dit-accel: sparse attention, schedules and length-extension LoRA for diffusers video/image DiTs.
+
+Subpackages: `accel.kernels` (Triton kernels, no diffusers), `accel.methods` (attention methods),
+`accel.pipelines` (diffusers adapters, patching, tiny offline pipelines), `accel.lora`, `accel.ui`.
+"""
+
+from accel.geometry import TokenLayout
+from accel.methods.base import AttentionMethod
+from accel.methods.dense import Dense
+from accel.schedule import Schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionMethod",
+    "Dense",
+    "Radial",
+    "Schedule",
+    "TokenLayout",
+    "patch",
+    "unpatch",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # Lazy: importing `accel` must stay cheap and must not import diffusers (or triton) until needed.
+    if name in ("patch", "unpatch", "patch_handle"):
+        from accel.pipelines import patching
+
+        return getattr(patching, name)
+    if name in ("Radial", "RADIAL_PRESETS", "radial_preset"):
+        from accel.methods import radial
+
+        return getattr(radial, name)
+    raise AttributeError(f"module 'accel' has no attribute {name!r}")

@@ -1,0 +1,154 @@
+"""The per-family adapter contract and the registry that maps transformer classes to adapters.
+
+An adapter knows three things about one model family: which attention modules are self-attention
+(and their layer index), how to read the video token grid off the transformer's forward inputs,
+and which processor to install. Everything else (schedules, plans, fallbacks) is shared.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from accel.pipelines.runtime import AttentionRuntime, TransformerState
+
+
+@dataclass(frozen=True)
+class SelfAttentionSite:
+    """One self-attention module of a transformer."""
+
+    name: str
+    module: torch.nn.Module
+    layer: int
+
+
+class AccelProcessor:
+    """Base of our processors: it knows its runtime, its transformer's state and its layer index."""
+
+    def __init__(self, runtime: AttentionRuntime, state: TransformerState, layer: int, original: Any) -> None:
+        self.runtime = runtime
+        self.state = state
+        self.layer = layer
+        self.original = original
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        text_tokens: int = 0,
+        text_position: str = "none",
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.runtime.attend(
+            self.state, self.layer, q, k, v,
+            text_tokens=text_tokens, text_position=text_position, key_padding_mask=key_padding_mask,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer}, method={self.runtime.method!r})"
+
+
+class FamilyAdapter:
+    """Subclass per model family; register with `register_adapter`."""
+
+    family: ClassVar[str]
+    transformer_classes: ClassVar[tuple[str, ...]]
+    # fnmatch patterns of self-attention module paths, in layer order.
+    self_attention_patterns: ClassVar[tuple[str, ...]]
+    processor_class: ClassVar[type[AccelProcessor]]
+
+    def self_attention_sites(self, transformer: torch.nn.Module) -> list[SelfAttentionSite]:
+        names = dict(transformer.named_modules())
+        sites: list[SelfAttentionSite] = []
+        for pattern in self.self_attention_patterns:
+            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern) and hasattr(names[n], "processor")]
+            matched.sort(key=_natural_key)
+            for name in matched:
+                sites.append(SelfAttentionSite(name, names[name], len(sites)))
+        return sites
+
+    def grid(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+        """(frames, height, width) in tokens of this forward call, or None if it cannot be told."""
+        raise NotImplementedError
+
+    def make_processor(
+        self, runtime: AttentionRuntime, state: TransformerState, site: SelfAttentionSite
+    ) -> AccelProcessor:
+        return self.processor_class(runtime, state, site.layer, site.module.processor)
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
+
+
+def forward_arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    """A forward argument given by keyword or position."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+def as_tuple3(patch: Any) -> tuple[int, int, int]:
+    if isinstance(patch, int):
+        return (1, patch, patch)
+    patch = tuple(int(p) for p in patch)
+    return patch if len(patch) == 3 else (1, *patch)
+
+
+def project_qkv(attn: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v projections of a self-attention module, fused or not (as diffusers computes them)."""
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
+        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+
+
+def project_added_qkv(attn: torch.nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Text-stream q, k, v projections of a joint-attention module, fused or not."""
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
+        return attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+    return (
+        attn.add_q_proj(encoder_hidden_states),
+        attn.add_k_proj(encoder_hidden_states),
+        attn.add_v_proj(encoder_hidden_states),
+    )
+
+
+def key_padding_from_mask(mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+    """Turn a diffusers key-padding mask ((B, S), (B, 1, 1, S) bool or additive) into (B, S) bool."""
+    if mask is None:
+        return None
+    if mask.numel() != batch * seq:
+        raise NotImplementedError(
+            f"only key-padding attention masks are supported, got a mask of shape {tuple(mask.shape)} "
+            f"for batch {batch} and {seq} tokens"
+        )
+    mask = mask.reshape(batch, seq)
+    return mask if mask.dtype == torch.bool else mask > -1.0  # additive masks: 0 keep, -inf/-large drop
+
+
+_ADAPTERS: dict[str, FamilyAdapter] = {}
+
+
+def register_adapter(adapter_cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Class decorator: make an adapter findable by its family name and transformer class names."""
+    _ADAPTERS[adapter_cls.family] = adapter_cls()
+    return adapter_cls
+
+
+def adapters() -> dict[str, FamilyAdapter]:
+    from accel.pipelines import families  # noqa: F401  (registers the built-in adapters)
+
+    return dict(_ADAPTERS)
+
+
+def adapter_for(transformer: torch.nn.Module) -> FamilyAdapter | None:
+    names = {cls.__name__ for cls in type(transformer).__mro__}
+    for adapter in adapters().values():
+        if names.intersection(adapter.transformer_classes):
+            return adapter
+    return None

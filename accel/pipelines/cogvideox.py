@@ -1,0 +1,54 @@
+"""CogVideoX: joint attention over [text, video] in `transformer_blocks.<i>.attn1`."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, forward_arg, project_qkv, register_adapter
+
+
+class CogVideoXJointAttnProcessor(AccelProcessor):
+    """As diffusers' CogVideoXAttnProcessor2_0, but in (B, S, H, D) and through our attention."""
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if attention_mask is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        text = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in project_qkv(attn, hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = torch.cat([query[:, :text], apply_rotary_emb(query[:, text:], image_rotary_emb, sequence_dim=1)], 1)
+            key = torch.cat([key[:, :text], apply_rotary_emb(key[:, text:], image_rotary_emb, sequence_dim=1)], 1)
+        hidden_states = self.attend(query, key, value, text_tokens=text, text_position="before").flatten(2, 3)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states, hidden_states = hidden_states.split([text, hidden_states.size(1) - text], dim=1)
+        return hidden_states, encoder_hidden_states
+
+
+@register_adapter
+class CogVideoXAdapter(FamilyAdapter):
+    family = "cogvideox"
+    transformer_classes = ("CogVideoXTransformer3DModel",)
+    self_attention_patterns = ("transformer_blocks.*.attn1",)
+    processor_class = CogVideoXJointAttnProcessor
+
+    def grid(self, transformer, args, kwargs):
+        latents = forward_arg(args, kwargs, "hidden_states", 0)  # (B, F, C, H, W)
+        if latents is None or latents.dim() != 5:
+            return None
+        p = transformer.config.patch_size
+        p_t = transformer.config.patch_size_t or 1
+        _, frames, _, height, width = latents.shape
+        return (-(-frames // p_t), height // p, width // p)

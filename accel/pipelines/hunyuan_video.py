@@ -1,0 +1,91 @@
+"""HunyuanVideo: joint attention over [video, text] in the dual- and single-stream blocks.
+
+Layer indices follow the reference: dual-stream blocks 0..N-1, single-stream blocks N..N+M-1.
+The token refiner's attention is text-only and stays untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from accel.pipelines.adapter import (
+    AccelProcessor,
+    FamilyAdapter,
+    forward_arg,
+    key_padding_from_mask,
+    project_added_qkv,
+    project_qkv,
+    register_adapter,
+)
+
+
+class HunyuanVideoJointAttnProcessor(AccelProcessor):
+    """Joint attention with video first and text last, as diffusers' HunyuanVideoAttnProcessor2_0."""
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        dual_stream = attn.add_q_proj is not None
+        text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        if not dual_stream and text:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in project_qkv(attn, hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            video = query.shape[1] - (0 if dual_stream else text)
+            query = torch.cat([apply_rotary_emb(query[:, :video], image_rotary_emb, sequence_dim=1),
+                               query[:, video:]], dim=1)
+            key = torch.cat([apply_rotary_emb(key[:, :video], image_rotary_emb, sequence_dim=1),
+                             key[:, video:]], dim=1)
+        if dual_stream and text:
+            enc_q, enc_k, enc_v = (
+                t.unflatten(2, (attn.heads, -1)) for t in project_added_qkv(attn, encoder_hidden_states)
+            )
+            if attn.norm_added_q is not None:
+                enc_q = attn.norm_added_q(enc_q)
+            if attn.norm_added_k is not None:
+                enc_k = attn.norm_added_k(enc_k)
+            query = torch.cat([query, enc_q], dim=1)
+            key = torch.cat([key, enc_k], dim=1)
+            value = torch.cat([value, enc_v], dim=1)
+
+        batch, seq = query.shape[:2]
+        hidden_states = self.attend(
+            query, key, value, text_tokens=text, text_position="after",
+            key_padding_mask=key_padding_from_mask(attention_mask, batch, seq),
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states, encoder_hidden_states
+        hidden_states, encoder_hidden_states = hidden_states[:, :-text], hidden_states[:, -text:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+@register_adapter
+class HunyuanVideoAdapter(FamilyAdapter):
+    family = "hunyuan_video"
+    transformer_classes = ("HunyuanVideoTransformer3DModel",)
+    self_attention_patterns = ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn")
+    processor_class = HunyuanVideoJointAttnProcessor
+
+    def grid(self, transformer, args, kwargs):
+        latents = forward_arg(args, kwargs, "hidden_states", 0)
+        if latents is None or latents.dim() != 5:
+            return None
+        p = transformer.config.patch_size
+        p_t = transformer.config.patch_size_t
+        _, _, frames, height, width = latents.shape
+        return (frames // p_t, height // p, width // p)

@@ -1,0 +1,55 @@
+"""LTX-Video: self-attention is `transformer_blocks.<i>.attn1`, video tokens only (text via attn2)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, forward_arg, project_qkv, register_adapter
+
+
+class LTXSelfAttnProcessor(AccelProcessor):
+    """As diffusers' LTXVideoAttnProcessor for self-attention, through our attention."""
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value = project_qkv(attn, hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        hidden_states = self.attend(query, key, value).flatten(2, 3).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+@register_adapter
+class LTXAdapter(FamilyAdapter):
+    family = "ltx"
+    transformer_classes = ("LTXVideoTransformer3DModel",)
+    self_attention_patterns = ("transformer_blocks.*.attn1",)
+    processor_class = LTXSelfAttnProcessor
+
+    def grid(self, transformer, args, kwargs):
+        frames = kwargs.get("num_frames")
+        height = kwargs.get("height")
+        width = kwargs.get("width")
+        if None in (frames, height, width):
+            return None
+        p = transformer.config.patch_size
+        p_t = transformer.config.patch_size_t
+        latents = forward_arg(args, kwargs, "hidden_states", 0)
+        grid = (int(frames) // p_t, int(height) // p, int(width) // p)
+        if latents is not None and latents.shape[1] != grid[0] * grid[1] * grid[2]:
+            return None
+        return grid
