@@ -1,0 +1,177 @@
+"""`accel` command line: generate videos with sparse attention and inspect attention masks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+ATTENTION_CHOICES = ("dense", "radial")
+
+
+def _add_attention_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("attention")
+    group.add_argument("--attention", choices=ATTENTION_CHOICES, default="dense", help="self-attention method")
+    group.add_argument("--preset", help="radial preset (e.g. wan2.1-14b, hunyuan-video); sets method and schedule")
+    group.add_argument("--decay", type=float, help="radial: window decay factor (reference default 1.0)")
+    group.add_argument("--block-size", type=int, help="radial: block size in tokens (default: per GPU)")
+    group.add_argument("--sink", dest="sink", action="store_true", default=None, help="radial: frame-0 sink")
+    group.add_argument("--no-sink", dest="sink", action="store_false", help="radial: no frame-0 sink")
+    group.add_argument("--spatial", choices=("band", "disk"), help="radial: 1-D raster band or 2-D disk window")
+    group.add_argument("--decay-near", action="store_true", default=None, help="radial: also decay adjacent frames")
+    sched = parser.add_argument_group("schedule")
+    sched.add_argument("--dense-steps", type=int, help="first N denoising steps run dense")
+    sched.add_argument("--dense-last-steps", type=int, help="last M denoising steps run dense")
+    sched.add_argument("--dense-layers", type=int, help="first N transformer layers run dense")
+    parser.add_argument(
+        "--on-unsupported", choices=("error", "dense"), default="error",
+        help="what to do where the method cannot run: stop with an error, or log and run dense",
+    )
+
+
+def method_and_schedule(args: argparse.Namespace):
+    """Build the method config and schedule the CLI options describe (options override a preset)."""
+    import dataclasses
+
+    from accel.methods.dense import Dense
+    from accel.schedule import Schedule
+
+    schedule = Schedule()
+    if args.attention == "dense":
+        if args.preset:
+            raise SystemExit("error: --preset applies to sparse methods; add --attention radial")
+        method = Dense()
+    else:
+        from accel.methods.radial import Radial, radial_preset
+
+        method, schedule = radial_preset(args.preset) if args.preset else (Radial(), Schedule())
+        overrides = {
+            name: value
+            for name, value in (
+                ("decay", args.decay), ("block_size", args.block_size), ("sink", args.sink),
+                ("spatial", args.spatial), ("decay_near", args.decay_near),
+            )
+            if value is not None
+        }
+        method = dataclasses.replace(method, **overrides)
+    sched_overrides = {
+        name: value
+        for name, value in (
+            ("dense_steps", args.dense_steps), ("dense_last_steps", args.dense_last_steps),
+            ("dense_layers", args.dense_layers),
+        )
+        if value is not None
+    }
+    return method, dataclasses.replace(schedule, **sched_overrides)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from accel.pipelines.generate import (
+        GenerationRequest,
+        check_output_path,
+        load_lora,
+        load_pipeline,
+        run_generation,
+        write_video,
+    )
+
+    out = check_output_path(args.out)
+    method, schedule = method_and_schedule(args)
+    request = GenerationRequest(
+        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
+        height=args.height, width=args.width, steps=args.steps, seed=args.seed,
+        guidance_scale=args.guidance_scale, lora=args.lora, lora_scale=args.lora_scale,
+    )
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    if args.lora:
+        load_lora(pipe, args.lora, args.lora_scale)
+    bar = tqdm(total=None, desc=f"{args.attention} denoising", unit="step")
+
+    def on_step(i: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        result = run_generation(
+            pipe, request, method=method, schedule=schedule, on_unsupported=args.on_unsupported, on_step=on_step
+        )
+    finally:
+        bar.close()
+    write_video(result.frames, out, result.fps)
+    print(result.summary())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    import torch
+
+    from accel.methods.radial import Radial
+    from accel.pipelines.models import layout_for_model
+
+    args.attention = "radial"
+    method, _ = method_and_schedule(args)
+    assert isinstance(method, Radial)
+    layout = layout_for_model(args.model, args.frames, args.height, args.width)
+    plan = method.build_plan(layout, 1, torch.device("cpu"))
+    out = Path(args.out)
+    method.visualize(plan, out)
+    print(
+        f"{args.model}: {layout.frames} latent frames x {layout.height}x{layout.width} tokens "
+        f"({layout.video_tokens} video tokens), radial {method}: tile density {method.plan_density(plan):.1%}"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="accel", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a video (or image) and write an mp4")
+    gen.add_argument("--model", default="tiny-wan", help="tiny-* built-in model, local diffusers folder or Hub id")
+    gen.add_argument("--prompt", default="a dog running on the beach at sunset")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--frames", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--lora", help="diffusers-format LoRA (.safetensors file or folder)")
+    gen.add_argument("--lora-scale", type=float, default=1.0)
+    gen.add_argument("--out", default="outputs/video.mp4", help="output .mp4 path")
+    _add_attention_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    mask = sub.add_parser("mask", help="render a radial block mask as a PNG and print its density")
+    mask.add_argument("--model", required=True, help="model id or family (wan, hunyuan_video, ...)")
+    mask.add_argument("--frames", type=int, required=True)
+    mask.add_argument("--height", type=int, required=True)
+    mask.add_argument("--width", type=int, required=True)
+    mask.add_argument("--out", default="mask.png")
+    _add_attention_args(mask)
+    mask.set_defaults(func=cmd_mask)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, NotImplementedError) as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Load a pipeline, patch it, generate, and write the video: what `accel generate` and the UI share."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from accel.methods.base import AttentionMethod
+from accel.pipelines.patching import patch, unpatch
+from accel.pipelines.runtime import AttentionStats
+from accel.pipelines.tiny import TINY_MODELS, build_tiny, size_rules
+from accel.pipelines.tiny import _check as _check_size
+from accel.schedule import Schedule
+
+logger = logging.getLogger("accel")
+
+DEFAULT_MODEL = "tiny-wan"
+
+
+class ModelLoadError(ValueError):
+    """The model id or path could not be turned into a pipeline."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one generation needs; None means the model's default."""
+
+    model: str = DEFAULT_MODEL
+    prompt: str = "a dog running on the beach at sunset"
+    negative_prompt: str | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    guidance_scale: float | None = None
+    lora: str | None = None
+    lora_scale: float = 1.0
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    fps: int
+    seconds: float
+    peak_memory_bytes: int | None
+    stats: AttentionStats
+    settings: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        memory = (
+            f"peak GPU memory {self.peak_memory_bytes / 2**30:.2f} GiB"
+            if self.peak_memory_bytes is not None
+            else "peak memory n/a (CPU)"
+        )
+        return f"generated {self.frames.shape[0]} frames {self.frames.shape[2]}x{self.frames.shape[1]} in " \
+               f"{self.seconds:.2f} s; {memory}; {self.stats.summary()}"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(model: str, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """A tiny built-in model by name (`tiny-wan`, ...), a local diffusers folder, or a Hub id."""
+    device = device or default_device()
+    if model in TINY_MODELS:
+        pipe = build_tiny(model)
+        return pipe.to(device)
+    from diffusers import DiffusionPipeline
+
+    local = Path(model).expanduser()
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not local.exists()
+    if not local.is_dir() and not looks_like_hub_id:
+        raise ModelLoadError(
+            f"unknown model {model!r}: not a built-in tiny model ({', '.join(sorted(TINY_MODELS))}), "
+            "not a local diffusers folder, and not a Hub id of the form 'org/name'"
+        )
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(local) if local.is_dir() else model, torch_dtype=dtype)
+    except Exception as err:  # diffusers/hub raise many kinds; one clear message for the user
+        raise ModelLoadError(f"could not load model {model!r}: {type(err).__name__}: {err}") from err
+    return pipe.to(device)
+
+
+def resolve_settings(pipe: Any, model: str, request: GenerationRequest) -> dict:
+    """Fill a request's None fields from the model's defaults and validate sizes against the model."""
+    spec = TINY_MODELS.get(model)
+    is_video = spec.is_video if spec else _is_video_pipeline(pipe)
+    settings: dict[str, Any] = {
+        "height": request.height or (spec.height if spec else 480),
+        "width": request.width or (spec.width if spec else 832),
+        "num_inference_steps": request.steps or (spec.num_inference_steps if spec else 50),
+    }
+    frames = request.frames or (spec.num_frames if spec else (81 if is_video else 1))
+    spatial, tmul, toff = size_rules(pipe)
+    _check_size(model, spatial, tmul, toff, settings["height"], settings["width"], frames, is_video)
+    if is_video:
+        settings["num_frames"] = frames
+    extra = dict(spec.call_defaults) if spec else {}
+    if request.guidance_scale is not None:
+        extra["guidance_scale"] = request.guidance_scale
+    if request.negative_prompt is not None:
+        extra["negative_prompt"] = request.negative_prompt
+    if spec is not None and spec.needs_image:
+        from accel.pipelines.tiny import example_image
+
+        extra["image"] = example_image()
+    settings.update(extra)
+    return settings
+
+
+def _is_video_pipeline(pipe: Any) -> bool:
+    return any(k in type(pipe).__name__ for k in ("Wan", "HunyuanVideo", "CogVideoX", "LTX", "Mochi"))
+
+
+def load_lora(pipe: Any, path: str, scale: float) -> None:
+    """Load a diffusers-format LoRA (.safetensors file or folder) into the pipeline."""
+    lora = Path(path).expanduser()
+    if not lora.exists():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    if lora.is_file() and lora.suffix != ".safetensors":
+        raise ValueError(f"LoRA files must be .safetensors (pickled weights are not loaded), got {lora.name}")
+    if not hasattr(pipe, "load_lora_weights"):
+        raise NotImplementedError(f"{type(pipe).__name__} cannot load LoRA weights")
+    kwargs = {"weight_name": lora.name} if lora.is_file() else {}
+    source = str(lora.parent if lora.is_file() else lora)
+    try:
+        pipe.load_lora_weights(source, adapter_name="accel", **kwargs)
+    except Exception as err:
+        raise ValueError(f"could not load LoRA {path}: {type(err).__name__}: {err}") from err
+    pipe.set_adapters(["accel"], [scale])
+
+
+def run_generation(
+    pipe: Any,
+    request: GenerationRequest,
+    *,
+    method: AttentionMethod | None = None,
+    schedule: Schedule | None = None,
+    on_unsupported: str = "error",
+    on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """Patch `pipe` with `method`, generate once, unpatch; return frames and measurements."""
+    settings = resolve_settings(pipe, request.model, request)
+    device = getattr(pipe, "device", torch.device("cpu"))
+    generator = torch.Generator(device="cpu").manual_seed(request.seed)
+    total = settings["num_inference_steps"]
+
+    def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
+        if on_step is not None:
+            on_step(i + 1, total)
+        if should_stop is not None and should_stop():
+            p._interrupt = True
+        return kwargs
+
+    handle = patch(pipe, method, schedule=schedule, on_unsupported=on_unsupported)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        output = pipe(
+            prompt=request.prompt, generator=generator, output_type="np", callback_on_step_end=on_step_end, **settings
+        )
+    finally:
+        unpatch(pipe)
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    frames = output.frames[0] if hasattr(output, "frames") else np.stack(output.images[:1])
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+    spec = TINY_MODELS.get(request.model)
+    return GenerationResult(
+        frames=frames,
+        fps=spec.fps if spec else 16,
+        seconds=seconds,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+        stats=handle.stats,
+        settings={k: v for k, v in settings.items() if isinstance(v, (int, float, str))},
+    )
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail early, with a clear message, when the video cannot be written there."""
+    out = Path(path).expanduser()
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"output must be an .mp4 file, got {out}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermissionError(f"cannot create output folder {parent}: {err.strerror}") from err
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise PermissionError(f"output path is not writable: {out}")
+    return out
+
+
+def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
+    """Write (F, H, W, 3) uint8 frames as an H.264 mp4 through imageio-ffmpeg."""
+    import imageio.v2 as imageio
+
+    out = check_output_path(path)
+    # macro_block_size=1 keeps tiny sizes exact (ffmpeg would otherwise pad to multiples of 16).
+    with imageio.get_writer(out, fps=fps, codec="libx264", macro_block_size=1, quality=8) as writer:
+        for frame in frames:
+            writer.append_data(frame)
+    return out
