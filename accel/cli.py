@@ -40,7 +40,7 @@ def method_and_schedule(args: argparse.Namespace):
     schedule = Schedule()
     if args.attention == "dense":
         if args.preset:
-            raise SystemExit("error: --preset applies to sparse methods; add --attention radial")
+            raise ValueError("--preset applies to sparse methods; add --attention radial")
         method = Dense()
     else:
         from accel.methods.radial import Radial, radial_preset

@@ -114,7 +114,7 @@ def resolve_settings(pipe: Any, model: str, request: GenerationRequest) -> dict:
     if spec is not None and spec.needs_image:
         from accel.pipelines.tiny import example_image
 
-        extra["image"] = example_image()
+        extra["image"] = example_image(settings["height"], settings["width"])
     settings.update(extra)
     return settings
 
@@ -201,6 +201,8 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if out.suffix.lower() != ".mp4":
         raise ValueError(f"output must be an .mp4 file, got {out}")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise PermissionError(f"cannot create output folder {parent}: a file of that name exists")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)

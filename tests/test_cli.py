@@ -1,0 +1,52 @@
+"""`accel generate` end to end on the embedded model, and its error messages."""
+
+from __future__ import annotations
+
+import imageio.v3 as iio
+import pytest
+
+from accel.cli import main
+
+
+def test_generate_writes_a_readable_mp4(tmp_path, capsys) -> None:
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", "--frames", "9", "--height", "48", "--width", "80", "--steps", "2", "--out", str(out)]) == 0
+    video = iio.imread(out)
+    assert video.shape == (9, 48, 80, 3)
+    printed = capsys.readouterr().out
+    assert "generated 9 frames" in printed and "self-attention calls" in printed
+
+
+def test_generate_image_model(tmp_path) -> None:
+    out = tmp_path / "image.mp4"
+    assert main(["generate", "--model", "tiny-flux", "--out", str(out)]) == 0
+    assert iio.imread(out).shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "./missing/folder"], "unknown model"),
+        (["--frames", "16"], "num_frames=16 must satisfy num_frames % 4 == 1"),
+        (["--height", "50"], "height=50 must be a positive multiple of 16"),
+        (["--model", "tiny-flux", "--frames", "5"], "must be 1 for an image model"),
+        (["--lora", "missing.safetensors"], "LoRA file not found"),
+        (["--preset", "wan2.1-14b"], "--preset applies to sparse methods"),
+    ],
+)
+def test_generate_bad_input_gives_one_clear_error(tmp_path, capsys, argv, message) -> None:
+    code = main(["generate", "--out", str(tmp_path / "x.mp4"), *argv])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_generate_unwritable_output(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["generate", "--out", str(blocker / "x.mp4")]) == 2
+    assert "cannot create output folder" in capsys.readouterr().err
+    assert main(["generate", "--out", str(tmp_path / "x.gif")]) == 2
+    assert "must be an .mp4" in capsys.readouterr().err
