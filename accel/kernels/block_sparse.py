@@ -26,17 +26,8 @@ LN2 = 0.6931471805599453
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _fwd_tile(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, n_valid, d_mask, qk_scale,
-    MASK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One (BLOCK_M x BLOCK_N) online-softmax step. n_valid: (BLOCK_N,) key visibility if MASK_N."""
-    if MASK_N:
-        k = tl.load(k_ptrs, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
-    elif EVEN_D:
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+def _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One (BLOCK_M x BLOCK_N) online-softmax step; k is (HEAD_DIM_PAD, BLOCK_N). n_valid used if MASK_N."""
     qk = tl.dot(q, k, input_precision=DOT_PRECISION)
     if MASK_N:
         qk = tl.where(n_valid[None, :], qk * qk_scale, float("-inf"))
@@ -51,14 +42,23 @@ def _fwd_tile(
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASK_N:
-        v = tl.load(v_ptrs, mask=n_valid[:, None] & d_mask[None, :], other=0.0)
-    elif EVEN_D:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _load_kv(k_ptrs, v_ptrs, n_valid, d_mask, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """K tile transposed (HEAD_DIM_PAD, BLOCK_N) and V tile (BLOCK_N, HEAD_DIM_PAD) through pointers."""
+    if MASK_N:
+        k = tl.load(k_ptrs, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=n_valid[:, None] & d_mask[None, :], other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LAYOUT_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_MASK: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     SUB_M: tl.constexpr = BLOCK_Q // BLOCK_M
     SUB_N: tl.constexpr = BLOCK_K // BLOCK_N
@@ -123,21 +123,29 @@ def _fwd_kernel(
         if (last + 1) * BLOCK_K > Sk:
             n_full = hi - 1
     all_n = offs_n < BLOCK_N
+    if USE_TMA:
+        # Hopper bulk copies; rows past Sk and columns past HEAD_DIM arrive as zeros.
+        k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk, HEAD_DIM],
+                                           strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+        v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk, HEAD_DIM],
+                                           strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
     for it in range(lo * SUB_N, n_full * SUB_N):
         kb = tl.load(row_idx + it // SUB_N)
-        start_n = (kb * BLOCK_K + (it % SUB_N) * BLOCK_N).to(tl.int64)
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base + start_n * stride_kn, v_base + start_n * stride_vn, all_n, d_mask,
-            qk_scale, False, EVEN_D, DOT_PRECISION,
-        )
+        start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
+        if USE_TMA:
+            k = k_desc.load([start_n, 0]).T
+            v = v_desc.load([start_n, 0])
+        else:
+            k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
+                            all_n, d_mask, False, EVEN_D)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, all_n, qk_scale, False, DOT_PRECISION)
     for it in range(n_full * SUB_N, hi * SUB_N):
         kb = tl.load(row_idx + it // SUB_N)
         start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base + start_n.to(tl.int64) * stride_kn,
-            v_base + start_n.to(tl.int64) * stride_vn, start_n + offs_n < Sk, d_mask,
-            qk_scale, True, EVEN_D, DOT_PRECISION,
-        )
+        n_valid = start_n + offs_n < Sk
+        k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
+                        n_valid, d_mask, True, EVEN_D)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, True, DOT_PRECISION)
     if HAS_EXTRA:
         ek_base = (EK + off_b * stride_ekb + off_h * stride_ekh
                    + offs_n[None, :] * stride_ekn + offs_d[:, None] * stride_ekd)
@@ -148,10 +156,9 @@ def _fwd_kernel(
             if HAS_EXTRA_MASK:
                 vis = tl.load(EMask + off_b * stride_emb + start_n + offs_n, mask=n_valid, other=0)
                 n_valid = n_valid & (vis != 0)
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, ek_base + start_n * stride_ekn, ev_base + start_n * stride_evn, n_valid,
-                d_mask, qk_scale, True, EVEN_D, DOT_PRECISION,
-            )
+            k, v = _load_kv(ek_base + start_n * stride_ekn, ev_base + start_n * stride_evn, n_valid, d_mask,
+                            True, EVEN_D)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, True, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -292,10 +299,10 @@ def _bwd_dkdv_kernel(
             q_ptrs += BLOCK_M * stride_qm
             do_ptrs += BLOCK_M * stride_dom
         dk *= sm_scale
-        rows = (start_n + offs_n)[:, None]
-        tl.store(DEK + off_b * stride_dekb + off_h * stride_dekh + rows * stride_dekn
+        e_rows = (start_n + offs_n)[:, None]
+        tl.store(DEK + off_b * stride_dekb + off_h * stride_dekh + e_rows * stride_dekn
                  + offs_d[None, :] * stride_dekd, dk.to(DEK.dtype.element_ty), mask=kv_mask)
-        tl.store(DEV + off_b * stride_devb + off_h * stride_devh + rows * stride_devn
+        tl.store(DEV + off_b * stride_devb + off_h * stride_devh + e_rows * stride_devn
                  + offs_d[None, :] * stride_devd, dv.to(DEV.dtype.element_ty), mask=kv_mask)
     else:
         pid_k = pid_n - num_extra_tiles
@@ -330,7 +337,7 @@ def _bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_tile(
                 dk, dv, k, v, qT_base + sm * stride_qm, do_base + sm * stride_dom, lse_base + start_m,
                 delta_base + start_m, all_m, n_valid, d_mask, qk_scale,
-                False, True, EVEN_D, DOT_PRECISION,
+                False, False, EVEN_D, DOT_PRECISION,
             )
         for it in range(n_full * SUB_M, hi * SUB_M):
             qb = tl.load(col_idx + it // SUB_M)
@@ -339,7 +346,7 @@ def _bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_tile(
                 dk, dv, k, v, qT_base + sm * stride_qm, do_base + sm * stride_dom, lse_base + start_m,
                 delta_base + start_m, start_m + offs_m < Sq, n_valid, d_mask, qk_scale,
-                True, True, EVEN_D, DOT_PRECISION,
+                True, False, EVEN_D, DOT_PRECISION,
             )
         dk *= sm_scale
         tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows * stride_dkn
@@ -474,6 +481,7 @@ class KernelConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False  # forward only: K/V through Hopper tensor descriptors
 
 
 # Forward, keyed by (compute capability major, head_dim_pad). Measured on H100 (benchmarks/NOTES.md):
@@ -515,7 +523,7 @@ def _fit(cfg: KernelConfig, block_q: int, block_k: int, head_dim_pad: int, is_cu
     bm, bn = min(cfg.block_m, block_q), min(cfg.block_n, block_k)
     if is_cuda and head_dim_pad >= 256:  # register pressure: halve the tiles
         bm, bn = min(bm, 64), min(bn, 64)
-    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages)
+    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.tma)
 
 
 def _pick(kind: int, table: dict, default: KernelConfig, block_q: int, block_k: int, hdp: int,
@@ -543,6 +551,31 @@ def _head_dim_pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Tensor descriptors need Hopper+, 16-bit data, unit last stride and 16-byte aligned rows/heads."""
+    if not (t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and t.stride(-1) == 1):
+        return False
+    if torch.cuda.get_device_capability(t.device)[0] < 9 or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1])
+
+
+def _torch_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side descriptors need scratch memory: install a torch allocator unless one is set."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except Exception:  # layout of triton's private module changed: just set ours
+        pass
+    triton.set_allocator(_torch_alloc)
+
+
 def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -550,6 +583,9 @@ def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
     hdp = _head_dim_pad(D)
     cfg = _pick(0, _FWD_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device)
     lse_t = lse if lse is not None else out  # dummy pointer when not written
+    use_tma = cfg.tma and _tma_ok(k) and _tma_ok(v)
+    if use_tma:
+        _ensure_allocator()
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
     _fwd_kernel[grid](
         q, k, v, ek if ek is not None else q, ev if ev is not None else q, emask if emask is not None else q,
@@ -563,7 +599,7 @@ def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
         HEAD_DIM=D, HEAD_DIM_PAD=hdp, BLOCK_Q=layout.block_m, BLOCK_K=layout.block_n,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         LAYOUT_PER_HEAD=layout.heads > 1, HAS_EXTRA=T > 0, HAS_EXTRA_MASK=emask is not None,
-        WRITE_LSE=lse is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        WRITE_LSE=lse is not None, DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
