@@ -254,3 +254,273 @@ def test_300k_tokens_without_quadratic_memory():
     assert lay.indices.numel() == int(lay.offsets[0, -1]) < 0.2 * nb * nb
     assert abs(100 * lay.density() - 12.3) <= 1.0
     assert lay.indices.element_size() * lay.indices.numel() < 4 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------ the method
+from accel.geometry import TokenLayout  # noqa: E402
+from accel.methods import RADIAL_PRESETS, Radial, RadialPlan, radial_preset  # noqa: E402
+from accel.schedule import Schedule  # noqa: E402
+
+CPU = torch.device("cpu")
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _expected_attention(q, k, v, layout, method, key_padding_mask=None, scale=None):
+    """Masked softmax attention in float64 over the token mask the plan stands for: the block mask of
+    the rule (token reference + tile rule), repeated to tokens, text rows and columns dense."""
+    f, h, w = layout.grid
+    block = method.resolve_block_size(CPU)
+    blocks = reference_shrink(
+        reference_token_mask(
+            f, h, w, block_size=block, decay=method.decay, sink=method.sink,
+            spatial=method.spatial, decay_near=method.decay_near,
+        ),
+        block,
+    )
+    nv = layout.video_tokens
+    video = blocks.repeat_interleave(block, 0).repeat_interleave(block, 1)[:nv, :nv]
+    s = layout.total_tokens
+    mask = torch.ones(s, s, dtype=torch.bool)
+    vs = layout.video_slice
+    mask[vs, vs] = video
+    mask = mask[None].expand(q.shape[0], s, s)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, :]
+    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (qd @ kd.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~mask[:, None], float("-inf"))
+    return (logits.softmax(-1) @ vd).transpose(1, 2)
+
+
+def _rel_l2(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _qkv(layout, heads, dim, dtype, requires_grad=False):
+    shape = (layout.batch, layout.total_tokens, heads, dim)
+    return [torch.randn(shape, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+ATTEND_CASES = [
+    # batch, frames, height, width, text, position, block, dtype, padding
+    (1, 3, 5, 7, 0, "none", 16, torch.float32, False),
+    (2, 3, 5, 7, 9, "before", 16, torch.float32, True),
+    (2, 4, 3, 11, 6, "after", 16, torch.float32, True),
+    (2, 3, 5, 7, 9, "after", 32, torch.float16, True),
+    (1, 5, 4, 4, 3, "before", 16, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize("case", ATTEND_CASES)
+def test_attend_matches_masked_sdpa(case):
+    batch, f, h, w, text, pos, block, dtype, padding = case
+    layout = TokenLayout(batch, f, h, w, text, pos)
+    method = Radial(decay=0.5, block_size=block, sink=True)
+    plan = method.build_plan(layout, 2, CPU)
+    q, k, v = _qkv(layout, 2, 24, dtype)
+    kpm = None
+    if padding:
+        kpm = torch.ones(batch, layout.total_tokens, dtype=torch.bool)
+        kpm[-1, layout.text_slice.stop - 2:layout.text_slice.stop] = False  # last two text tokens padded
+    out = method.attend(q, k, v, layout, plan, key_padding_mask=kpm)
+    ref = _expected_attention(q, k, v, layout, method, kpm)
+    err = _rel_l2(out, ref)
+    print(f"{case}: density {plan.density:.3f}, rel L2 {err:.2e}")
+    assert out.shape == q.shape and out.dtype == dtype
+    assert err < TOLERANCE[dtype]
+    again = method.attend(q, k, v, layout, plan, key_padding_mask=kpm)
+    assert torch.equal(out, again)
+
+
+def test_attend_disk_and_decay_near():
+    layout = TokenLayout(1, 4, 6, 6, 4, "after")
+    method = Radial(decay=0.3, block_size=16, spatial="disk", decay_near=True, sink=False)
+    plan = method.build_plan(layout, 1, CPU)
+    assert plan.density < 1.0
+    q, k, v = _qkv(layout, 1, 16, torch.float32)
+    out = method.attend(q, k, v, layout, plan, scale=0.3)
+    ref = _expected_attention(q, k, v, layout, method, scale=0.3)
+    assert _rel_l2(out, ref) < 1e-5
+
+
+def test_attend_text_is_dense_both_ways():
+    # Zero queries give uniform weights over the visible keys: a text query averages every value, a
+    # video query the values of its visible video blocks plus every text token.
+    layout = TokenLayout(1, 6, 4, 8, 5, "before")
+    method = Radial(decay=0.2, block_size=16, sink=False)
+    plan = method.build_plan(layout, 1, CPU)
+    assert plan.density < 0.7
+    s = layout.total_tokens
+    q = torch.zeros(1, s, 1, 16)
+    k = torch.zeros(1, s, 1, 16)
+    v = torch.randn(1, s, 1, 16)
+    out = method.attend(q, k, v, layout, plan)
+    text = out[0, layout.text_slice, 0]
+    assert torch.allclose(text, v[0, :, 0].mean(0).expand_as(text), atol=1e-5)
+    video_first = out[0, layout.video_slice.start, 0]
+    vis = torch.zeros(s, dtype=torch.bool)
+    vis[layout.text_slice] = True
+    row = plan.block_layout.to_mask()[0, 0].repeat_interleave(16)[: layout.video_tokens]
+    vis[layout.video_slice] = row
+    assert torch.allclose(video_first, v[0, vis, 0].mean(0), atol=1e-5)
+
+
+def test_attend_is_differentiable():
+    layout = TokenLayout(1, 3, 4, 5, 4, "after")
+    method = Radial(decay=0.5, block_size=16)
+    plan = method.build_plan(layout, 1, CPU)
+    q, k, v = _qkv(layout, 1, 16, torch.float32, requires_grad=True)
+    out = method.attend(q, k, v, layout, plan)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _expected_attention(q2, k2, v2, layout, method)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q2, k2, v2))
+    assert _rel_l2(out.detach(), ref.detach()) < 1e-5
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert _rel_l2(g, r) < 1e-4
+
+
+def test_attend_refuses_masked_video_keys():
+    layout = TokenLayout(1, 2, 4, 4, 3, "after")
+    method = Radial(block_size=16)
+    plan = method.build_plan(layout, 1, CPU)
+    q, k, v = _qkv(layout, 1, 16, torch.float32)
+    kpm = torch.ones(1, layout.total_tokens, dtype=torch.bool)
+    kpm[0, 5] = False
+    with pytest.raises(NotImplementedError, match="video keys"):
+        method.attend(q, k, v, layout, plan, key_padding_mask=kpm)
+    with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+        method.attend(q, k, v, layout, plan, key_padding_mask=kpm.float())
+
+
+def test_attend_checks_plan_and_shapes():
+    layout = TokenLayout(1, 2, 4, 4)
+    method = Radial(block_size=16)
+    plan = method.build_plan(TokenLayout(1, 2, 4, 8), 1, CPU)
+    q, k, v = _qkv(layout, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="plan was built for grid"):
+        method.attend(q, k, v, layout, plan)
+    with pytest.raises(TypeError, match="RadialPlan"):
+        method.attend(q, k, v, layout, None)
+    with pytest.raises(ValueError, match="sequence length"):
+        method.attend(q[:, :-1], k[:, :-1], v[:, :-1], layout, method.build_plan(layout, 1, CPU))
+
+
+def test_plan_is_small_and_shared():
+    layout = TokenLayout(2, 4, 8, 16, 7, "after")
+    method = Radial(decay=1.0, block_size=16, sink=False)
+    plan = method.build_plan(layout, 12, CPU)
+    assert isinstance(plan, RadialPlan)
+    assert plan.block_layout.heads == 1 and plan.block_size == 16 and plan.grid == (4, 8, 16)
+    assert method.plan_density(plan) == plan.density == plan.block_layout.density()
+    assert torch.equal(plan.block_layout.to_mask()[0], _expected_small(4, None, 4, sink=False))
+    # Plans depend on geometry only: the batch size does not matter.
+    other = method.build_plan(layout.with_batch(5), 12, CPU)
+    assert torch.equal(other.block_layout.indices, plan.block_layout.indices)
+    assert hash(method) == hash(Radial(decay=1, block_size=16, sink=False))
+
+
+def test_default_block_size_follows_the_kernel():
+    from accel.kernels import default_block_size
+
+    method = Radial()
+    assert method.resolve_block_size(CPU) == default_block_size(CPU)
+    assert method.build_plan(TokenLayout(1, 2, 8, 8), 1, CPU).block_size == default_block_size(CPU)
+
+
+def test_can_run():
+    method = Radial()
+    layout = TokenLayout(1, 2, 4, 4)
+    assert method.can_run(layout, 2, 128, torch.bfloat16, CPU)
+    assert not method.can_run(layout, 2, 512, torch.float16, CPU)
+    with pytest.raises(NotImplementedError, match="head_dim <= 256"):
+        method.can_run(layout, 2, 512, torch.float16, CPU, raise_error=True)
+    with pytest.raises(NotImplementedError, match="float16/bfloat16/float32"):
+        method.can_run(layout, 2, 64, torch.float64, CPU, raise_error=True)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        method.can_run(layout, 2, 0, torch.float16, CPU, raise_error=True)
+    with pytest.raises(TypeError, match="TokenLayout"):
+        method.can_run((1, 2, 4, 4), 2, 64, torch.float16, CPU, raise_error=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(decay=0.0), ValueError, "decay must be a finite number > 0"),
+        (dict(decay=float("nan")), ValueError, "decay"),
+        (dict(decay="1"), TypeError, "decay must be a number"),
+        (dict(decay=True), TypeError, "decay must be a number"),
+        (dict(block_size=48), ValueError, "block_size must be one of"),
+        (dict(block_size=256), ValueError, "block_size must be one of"),
+        (dict(block_size=64.0), TypeError, "block_size must be an int"),
+        (dict(sink=1), TypeError, "sink must be a bool"),
+        (dict(decay_near="yes"), TypeError, "decay_near must be a bool"),
+        (dict(spatial="circle"), ValueError, "spatial must be 'band' or 'disk'"),
+    ],
+)
+def test_config_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Radial(**kwargs)
+
+
+def test_config_defaults():
+    m = Radial()
+    assert (m.decay, m.block_size, m.sink, m.spatial, m.decay_near) == (1.0, None, True, "band", False)
+    assert m.name == "radial" and m.reference_compatible
+    assert not Radial(spatial="disk").reference_compatible and not Radial(decay_near=True).reference_compatible
+    assert isinstance(Radial(decay=1).decay, float)
+
+
+# ------------------------------------------------------------------------------------------ presets
+def test_presets_match_the_reference_scripts():
+    expected = {
+        "wan2.1-14b": (0.2, 128, True, 1, 12),
+        "wan2.1-1.3b": (0.2, 128, True, 1, 12),
+        "wan2.1-14b-lightx2v": (0.2, 128, True, 1, 1),
+        "wan2.1-14b-fusionx": (0.2, 128, True, 1, 2),
+        "wan2.1-2x": (0.2, 128, True, 2, 2),
+        "wan2.1-4x": (0.2, 128, True, 2, 2),
+        "wan2.2": (0.8, 64, True, 1, 11),
+        "hunyuan-video": (0.95, 128, False, 0, 12),
+        "hunyuan-video-4x": (0.95, 128, False, 2, 2),
+    }
+    assert set(RADIAL_PRESETS) == set(expected)
+    for name, (decay, block, sink, layers, steps) in expected.items():
+        method, schedule = radial_preset(name)
+        assert isinstance(method, Radial) and isinstance(schedule, Schedule)
+        assert (method.decay, method.block_size, method.sink) == (decay, block, sink), name
+        assert method.reference_compatible
+        assert (schedule.dense_layers, schedule.dense_steps, schedule.dense_last_steps) == (layers, steps, 0), name
+
+
+def test_unknown_preset_lists_names():
+    with pytest.raises(ValueError, match="known presets: .*hunyuan-video.*wan2.1-14b"):
+        radial_preset("wan3")
+    with pytest.raises(TypeError):
+        radial_preset(None)
+
+
+# ------------------------------------------------------------------------------------------ visualize
+def test_visualize_writes_png_and_returns_image(tmp_path):
+    method = Radial(decay=0.5, block_size=16)
+    plan = method.build_plan(TokenLayout(1, 6, 8, 16), 1, CPU)
+    path = method.visualize(plan, tmp_path / "mask.png")
+    assert path == tmp_path / "mask.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = method.visualize(plan)
+    assert img.ndim == 3 and img.shape[2] == 3 and img.dtype.name == "uint8"
+
+
+def test_visualize_pools_big_masks():
+    from accel.methods.radial import pooled_block_mask
+
+    method = Radial(decay=0.2, block_size=16)
+    plan = method.build_plan(TokenLayout(1, 10, 8, 16), 1, CPU)  # 80 x 80 blocks
+    pooled, factor = pooled_block_mask(plan, max_pixels=32)
+    assert factor == 3 and pooled.shape == (27, 27)
+    full = plan.block_layout.to_mask()[0]
+    padded = torch.zeros(81, 81, dtype=torch.bool)
+    padded[:80, :80] = full
+    assert torch.equal(pooled, padded.view(27, 3, 27, 3).any(3).any(1))
+    img = method.visualize(plan, max_pixels=32)
+    assert img.shape[2] == 3

@@ -1,0 +1,360 @@
+"""Radial Attention: a static O(n log n) spatiotemporal block mask for video DiTs.
+
+Li, Li, Cai, Xi, Yang, Lin, Zhang, Yang, Hu, Peng, Agrawala, Stoica, Keutzer, Han, "Radial Attention:
+O(n log n) Sparse Attention with Energy Decay for Long Video Generation", arXiv 2506.19852 (NeurIPS
+2025); reference code mit-han-lab/radial-attention. The mask rule and its differences from the
+reference are in `accel.methods.radial_mask`.
+
+Video queries run one block-sparse kernel call over the video keys (the radial layout) with the text
+keys as always-visible extra keys in the same softmax; text queries attend densely to every key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+
+from accel.geometry import TokenLayout
+from accel.methods.base import AttentionMethod, check_qkv
+from accel.methods.dense import sdpa_bshd
+from accel.methods.radial_mask import radial_block_layout
+from accel.schedule import Schedule
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from accel.kernels.layout import BlockLayout
+
+BLOCK_SIZES = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class RadialPlan:
+    """What `Radial.attend` needs for one geometry; shared by every head and batch element.
+
+    Attributes:
+        block_layout: video x video `BlockLayout` (heads == 1) in video-token order.
+        block_size: tokens per query and key block.
+        density: fraction of video x video tiles computed.
+        grid: (frames, height, width) of the video tokens.
+        text_tokens, text_position: where the text sits in the joint sequence (handled densely).
+    """
+
+    block_layout: BlockLayout
+    block_size: int
+    density: float
+    grid: tuple[int, int, int]
+    text_tokens: int = 0
+    text_position: str = "none"
+
+    @property
+    def video_tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+@dataclass(frozen=True)
+class Radial(AttentionMethod):
+    """Radial Attention (arXiv 2506.19852): static, input-independent block-sparse self-attention.
+
+    Query token (frame i, raster index p) sees key token (frame j, raster index q) when j == 0 and
+    ``sink``; or d = |i - j| <= 1 (d == 0 only with ``decay_near``); or the pair survives temporal
+    thinning and lies within the spatial window w(d) = max(block_size, decay * P / 2^bit_length(d)),
+    P = 2^bit_length(tokens per frame). Tiles are kept by the reference's 60 % / one-third rule.
+    Text tokens (joint attention) are dense both ways.
+
+    Attributes:
+        decay: window decay factor (> 0). Reference default 1.0; shipped presets use 0.2 (Wan2.1),
+            0.8 (Wan2.2) and 0.95 (HunyuanVideo). At 768x1280 any decay below about 0.22 gives the
+            same mask as 0.2 (the window is floored at one block).
+        block_size: kernel block in tokens (16, 32, 64 or 128); None picks the kernel's fastest for
+            the device (`accel.kernels.default_block_size`).
+        sink: every frame attends fully to latent frame 0 (Wan: True; HunyuanVideo: False).
+        spatial: "band" (reference: |p - q| <= w(d) on raster indices) or "disk" (a 2-D disk in
+            (h, w) with the band's token count, r(d)^2 = (2 w(d) + 1) / pi).
+        decay_near: also apply the window to adjacent frames (d == 1). The reference keeps them dense,
+            which caps sparsity (about 71 % at 768x1280, 69 frames).
+
+    Tensor layout: q, k, v are (B, S, H, D), diffusers' order; head_dim <= 256; fp16, bf16 or fp32.
+    Reference-compatible masks: ``spatial="band", decay_near=False`` with the reference's block size.
+    """
+
+    name: ClassVar[str] = "radial"
+
+    decay: float = 1.0
+    block_size: int | None = None
+    sink: bool = True
+    spatial: Literal["band", "disk"] = "band"
+    decay_near: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)):
+            raise TypeError(f"Radial.decay must be a number, got {type(self.decay).__name__}")
+        if not (math.isfinite(self.decay) and self.decay > 0):
+            raise ValueError(f"Radial.decay must be a finite number > 0, got {self.decay!r}")
+        object.__setattr__(self, "decay", float(self.decay))
+        if self.block_size is not None:
+            if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+                raise TypeError(f"Radial.block_size must be an int or None, got {type(self.block_size).__name__}")
+            if self.block_size not in BLOCK_SIZES:
+                raise ValueError(f"Radial.block_size must be one of {BLOCK_SIZES} or None, got {self.block_size}")
+        for flag in ("sink", "decay_near"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"Radial.{flag} must be a bool, got {getattr(self, flag)!r}")
+        if not isinstance(self.spatial, str):
+            raise TypeError(f"Radial.spatial must be a str, got {type(self.spatial).__name__}")
+        if self.spatial not in ("band", "disk"):
+            raise ValueError(f"Radial.spatial must be 'band' or 'disk', got {self.spatial!r}")
+
+    @property
+    def reference_compatible(self) -> bool:
+        """True when the mask follows mit-han-lab/radial-attention's rule (1-D band, dense d <= 1)."""
+        return self.spatial == "band" and not self.decay_near
+
+    def resolve_block_size(self, device: torch.device | str) -> int:
+        if self.block_size is not None:
+            return self.block_size
+        try:
+            from accel.kernels import default_block_size
+        except ImportError:
+            return 128
+        return int(default_block_size(device))
+
+    # ------------------------------------------------------------------ contract
+    def can_run(
+        self,
+        layout: TokenLayout,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        raise_error: bool = False,
+    ) -> bool:
+        error: Exception | None = None
+        if not isinstance(layout, TokenLayout):
+            error = TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+        elif layout.frames < 1 or layout.video_tokens < 1:
+            error = ValueError(f"radial attention needs a video token grid, got grid={layout.grid}")
+        elif head_dim < 1 or heads < 1:
+            error = ValueError(f"heads and head_dim must be >= 1, got heads={heads}, head_dim={head_dim}")
+        elif head_dim > 256:
+            error = NotImplementedError(f"radial attention supports head_dim <= 256, got head_dim={head_dim}")
+        elif dtype not in _DTYPES:
+            error = NotImplementedError(f"radial attention supports float16/bfloat16/float32, got dtype={dtype}")
+        if error is not None and raise_error:
+            raise error
+        return error is None
+
+    def build_plan(self, layout: TokenLayout, heads: int, device: torch.device) -> RadialPlan:
+        """Block layout of the video x video mask for `layout` (pure; callers cache it per geometry)."""
+        block = self.resolve_block_size(device)
+        frames, height, width = layout.grid
+        block_layout = radial_block_layout(
+            frames, height, width, block_size=block, decay=self.decay, sink=self.sink,
+            spatial=self.spatial, decay_near=self.decay_near, device=device,
+        )
+        return RadialPlan(
+            block_layout, block, block_layout.density(), layout.grid, layout.text_tokens, layout.text_position
+        )
+
+    def plan_density(self, plan: RadialPlan) -> float:
+        """Fraction of video x video tiles computed (text rows and columns, always dense, excluded)."""
+        return plan.density
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: TokenLayout,
+        plan: RadialPlan,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Radial attention over a joint (B, S, H, D) sequence in `layout` order.
+
+        Video queries: one block-sparse call over the video keys plus every (unpadded) text key. Text
+        queries: dense over all keys. `key_padding_mask` (B, S) bool, True = visible, may hide text
+        keys only; hiding a video key raises NotImplementedError (callers fall back to dense).
+        """
+        check_qkv(q, k, v, layout)
+        if not isinstance(plan, RadialPlan):
+            raise TypeError(f"plan must be a RadialPlan from Radial.build_plan, got {type(plan).__name__}")
+        if plan.grid != layout.grid:
+            raise ValueError(f"plan was built for grid {plan.grid}, got a layout with grid {layout.grid}")
+        vs, ts = layout.video_slice, layout.text_slice
+        has_text = layout.text_tokens > 0
+        text_mask = None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (q.shape[0], q.shape[1]):
+                raise ValueError(
+                    f"key_padding_mask must be bool (B, S) = ({q.shape[0]}, {q.shape[1]}), "
+                    f"got dtype={key_padding_mask.dtype}, shape={tuple(key_padding_mask.shape)}"
+                )
+            if not bool(key_padding_mask[:, vs].all()):
+                raise NotImplementedError("radial attention cannot mask video keys (key_padding_mask hides some)")
+            if has_text:
+                text_mask = key_padding_mask[:, ts]
+
+        from accel.kernels import block_sparse_attention
+
+        extra = dict(
+            extra_k=k[:, ts] if has_text else None,
+            extra_v=v[:, ts] if has_text else None,
+            extra_mask=text_mask,
+            scale=scale,
+        )
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if needs_grad:
+            video = block_sparse_attention(q[:, vs], k[:, vs], v[:, vs], plan.block_layout, **extra)
+            if not has_text:
+                return video
+            text = sdpa_bshd(q[:, ts], k, v, key_padding_mask=key_padding_mask, scale=scale)
+            return torch.cat([text, video] if layout.text_position == "before" else [video, text], 1)
+        out = torch.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype, device=q.device)
+        block_sparse_attention(q[:, vs], k[:, vs], v[:, vs], plan.block_layout, out=out[:, vs], **extra)
+        if has_text:
+            out[:, ts] = sdpa_bshd(q[:, ts], k, v, key_padding_mask=key_padding_mask, scale=scale)
+        return out
+
+    def visualize(
+        self, plan: RadialPlan, path: str | Path | None = None, max_pixels: int = 1024
+    ) -> Path | np.ndarray:
+        """Render the video x video block mask; see `visualize_plan`."""
+        return visualize_plan(plan, path, max_pixels=max_pixels, title=str(self))
+
+
+# ---------------------------------------------------------------------------------------- visualizer
+def pooled_block_mask(plan: RadialPlan, max_pixels: int = 1024) -> tuple[torch.Tensor, int]:
+    """OR-pooled (n, n) bool block mask with n <= max_pixels, and the pooling factor. Built from the CSR
+    lists, so no (blocks x blocks) tensor exists for big plans."""
+    lay = plan.block_layout
+    nb = lay.num_q_blocks
+    factor = max(1, math.ceil(nb / max(1, max_pixels)))
+    n = math.ceil(nb / factor)
+    offsets = lay.offsets[0].long().cpu()
+    nnz = int(offsets[-1])
+    rows = torch.repeat_interleave(torch.arange(nb), offsets[1:] - offsets[:-1], output_size=nnz)
+    cols = lay.indices[0, :nnz].long().cpu()
+    img = torch.zeros(n * n, dtype=torch.bool)
+    img[(rows // factor) * n + cols // factor] = True
+    return img.view(n, n), factor
+
+
+def visualize_plan(
+    plan: RadialPlan, path: str | Path | None = None, *, max_pixels: int = 1024, title: str | None = None
+) -> Path | np.ndarray:
+    """PNG of the block mask (white = computed) with its density in the title.
+
+    Masks wider than ``max_pixels`` blocks are OR-pooled. Writes ``path`` and returns it, or returns the
+    rendered RGB image as a (H, W, 3) uint8 numpy array when ``path`` is None. Needs matplotlib.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - matplotlib is a core dependency
+        raise ImportError("visualize needs matplotlib: pip install matplotlib") from err
+    import numpy as np
+
+    img, factor = pooled_block_mask(plan, max_pixels)
+    frames, height, width = plan.grid
+    fig = Figure(figsize=(7, 7.4), dpi=150)
+    ax = fig.add_subplot(1, 1, 1)
+    nb = plan.block_layout.num_q_blocks
+    extent = (0, nb, nb, 0)
+    ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", extent=extent)
+    tpf = height * width
+    if frames <= 64:
+        for f in range(1, frames):
+            pos = f * tpf / plan.block_size
+            ax.axhline(pos, color="tab:red", lw=0.3, alpha=0.5)
+            ax.axvline(pos, color="tab:red", lw=0.3, alpha=0.5)
+    pooled = f", {factor}x{factor} OR-pooled" if factor > 1 else ""
+    head = f"{title}\n" if title else ""
+    ax.set_title(
+        f"{head}{frames}x{height}x{width} tokens, block {plan.block_size}{pooled}: "
+        f"density {plan.density:.1%}",
+        fontsize=8,
+    )
+    ax.set_xlabel("key block")
+    ax.set_ylabel("query block")
+    fig.tight_layout()
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return path
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+# ---------------------------------------------------------------------------------------- presets
+# Settings shipped in mit-han-lab/radial-attention `scripts/*.sh` (shared/reference/radial.md §3.4).
+# The block size is the reference's (128 for Wan2.1 and HunyuanVideo, 64 for Wan2.2) so that the masks
+# and densities match the paper's code; use dataclasses.replace(method, block_size=None) for the
+# kernel's fastest block instead.
+RADIAL_PRESETS: dict[str, tuple[Radial, Schedule]] = {
+    # wan_t2v_inference.sh (768x1280, 69 frames, 50 steps) and its quantized variant.
+    "wan2.1-14b": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=12, dense_layers=1)),
+    # Our choice: the reference ships no 1.3B script (only --model_id), so the 14B rule is reused.
+    "wan2.1-1.3b": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=12, dense_layers=1)),
+    # wan_t2v_inference_lightx2v.sh: 4 steps with the Lightx2v step-distillation LoRA.
+    "wan2.1-14b-lightx2v": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=1, dense_layers=1)),
+    # wan_t2v_inference_fusionx.sh: 8 steps with the FusionX LoRA.
+    "wan2.1-14b-fusionx": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=2, dense_layers=1)),
+    # Commented long-video settings in wan_t2v_inference.sh (2x: 720x1280, 161 frames; meant for a
+    # length-extension LoRA the reference does not release).
+    "wan2.1-2x": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=2, dense_layers=2)),
+    "wan2.1-4x": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=2, dense_layers=2)),
+    # wan_22_t2v_inference.sh (768x1280, 77 frames, 40 steps); Wan22SparseAttnProcessor uses block 64.
+    "wan2.2": (Radial(decay=0.8, block_size=64), Schedule(dense_steps=11, dense_layers=1)),
+    # hunyuan_t2v_inference.sh (768x1280, 117 frames): no sink since commit 2f61c30.
+    "hunyuan-video": (Radial(decay=0.95, block_size=128, sink=False), Schedule(dense_steps=12, dense_layers=0)),
+    # Commented 4x preset in hunyuan_t2v_inference.sh (720x1280, 509 frames, with a length-extension LoRA).
+    "hunyuan-video-4x": (Radial(decay=0.95, block_size=128, sink=False), Schedule(dense_steps=2, dense_layers=2)),
+}
+
+
+def radial_preset(name: str) -> tuple[Radial, Schedule]:
+    """The (Radial, Schedule) of a shipped reference setting, e.g. ``radial_preset("wan2.1-14b")``."""
+    if not isinstance(name, str):
+        raise TypeError(f"preset name must be a str, got {type(name).__name__}")
+    if name not in RADIAL_PRESETS:
+        raise ValueError(f"unknown radial preset {name!r}; known presets: {', '.join(sorted(RADIAL_PRESETS))}")
+    return RADIAL_PRESETS[name]
+
+
+def expand_plan_mask(plan: RadialPlan, layout: TokenLayout) -> torch.Tensor:
+    """(S, S) bool token mask that `Radial.attend` implements for `layout` (text dense both ways).
+
+    The specification `attend` is tested against; small sizes only.
+    """
+    from accel.kernels.reference import token_mask
+
+    s, nv = layout.total_tokens, layout.video_tokens
+    video = token_mask(plan.block_layout.to("cpu"), nv, nv)[0]
+    mask = torch.ones(s, s, dtype=torch.bool)
+    vs = layout.video_slice
+    mask[vs, vs] = video
+    return mask
+
+
+__all__ = [
+    "RADIAL_PRESETS",
+    "Radial",
+    "RadialPlan",
+    "expand_plan_mask",
+    "pooled_block_mask",
+    "radial_preset",
+    "visualize_plan",
+]
