@@ -484,24 +484,25 @@ class KernelConfig:
     tma: bool = False  # forward only: K/V through Hopper tensor descriptors
 
 
-# Forward, keyed by (compute capability major, head_dim_pad). Measured on H100 (benchmarks/NOTES.md):
-# 128 query rows per program keep the tensor cores fed; 64-key tiles hold the fp32 score tile in
-# registers at D=128 without spills, and 3 stages hide the indirect K/V loads.
+# Forward, keyed by (compute capability major, head_dim_pad). Winners of the H100 sweep in
+# benchmarks/NOTES.md (bf16, S=32k, 25% tiles): 128 query rows x 8 warps keep the tensor cores fed;
+# TMA descriptors for K/V gave +3% at D=128 (3.41 vs 3.52 ms) and +3% at D=64 (4.03 vs 4.14 ms);
+# D=64 prefers 64-key tiles (4.0 vs 5.1 ms with 128). sm80 entries are untuned guesses.
 _FWD_CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(128, 128, 8, 3),
-    (9, 128): KernelConfig(128, 128, 8, 3),
+    (9, 64): KernelConfig(128, 64, 8, 3, tma=True),
+    (9, 128): KernelConfig(128, 128, 8, 3, tma=True),
     (8, 64): KernelConfig(128, 64, 4, 3),
     (8, 128): KernelConfig(128, 64, 8, 3),
 }
-# Backward (dK/dV key-major, dQ query-major). FA2's split: narrow query tiles for dK/dV and narrow key
-# tiles for dQ, so the two fp32 accumulators plus the transposed score tile fit in registers.
+# Backward: dK/dV key-major with narrow query tiles, dQ query-major, as in FA2. Small 4-warp tiles won
+# dK/dV on H100 (fwd+bwd 15.5 ms vs 16.0-21.3 for the other tiles at D=128).
 _BWD_DKDV_CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(64, 128, 8, 3),
-    (9, 128): KernelConfig(64, 128, 8, 3),
+    (9, 64): KernelConfig(64, 64, 4, 3),
+    (9, 128): KernelConfig(32, 64, 4, 3),
 }
 _BWD_DQ_CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(128, 64, 8, 3),
-    (9, 128): KernelConfig(128, 64, 8, 3),
+    (9, 64): KernelConfig(64, 64, 4, 3),
+    (9, 128): KernelConfig(128, 64, 8, 2),
 }
 _DEFAULT_GPU_FWD = KernelConfig(64, 64, 4, 2)
 _DEFAULT_GPU_BWD = KernelConfig(64, 64, 4, 2)
