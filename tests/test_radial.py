@@ -524,3 +524,27 @@ def test_visualize_pools_big_masks():
     assert torch.equal(pooled, padded.view(27, 3, 27, 3).any(3).any(1))
     img = method.visualize(plan, max_pixels=32)
     assert img.shape[2] == 3
+
+
+# ------------------------------------------------------------------------------------------ GPU
+from conftest import requires_cuda  # noqa: E402
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attend_on_cuda(dtype):
+    cuda = torch.device("cuda")
+    layout = TokenLayout(2, 5, 9, 15, 13, "before")
+    method = Radial(decay=0.5, block_size=32)
+    plan = method.build_plan(layout, 3, cuda)
+    assert plan.block_layout.device.type == "cuda"
+    cpu_plan = method.build_plan(layout, 3, CPU)
+    assert torch.equal(plan.block_layout.indices.cpu(), cpu_plan.block_layout.indices)
+    q, k, v = (t.to(cuda) for t in _qkv(layout, 3, 64, dtype))
+    kpm = torch.ones(2, layout.total_tokens, dtype=torch.bool, device=cuda)
+    kpm[0, :4] = False
+    out = method.attend(q, k, v, layout, plan, key_padding_mask=kpm)
+    ref = _expected_attention(q.cpu(), k.cpu(), v.cpu(), layout, method, kpm.cpu())
+    err = _rel_l2(out.cpu(), ref)
+    print(f"{dtype}: rel L2 {err:.2e}")
+    assert err < TOLERANCE[dtype]

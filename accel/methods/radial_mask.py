@@ -326,20 +326,22 @@ def radial_block_layout(
     spatial: Spatial = "band",
     decay_near: bool = False,
     device: torch.device | str = "cpu",
-    max_chunk_elements: int = 1 << 24,
+    max_chunk_elements: int = 1 << 20,
 ) -> BlockLayout:
     """Video x video `BlockLayout` (shared by all heads) of the radial mask; see the module docstring.
 
     Built directly at block granularity: candidate tiles come from per (query block, key frame)
     reach ranges, tiles are grouped by signature, and the tile rule is evaluated once per group on
-    (group, column, query segment) tensors of at most ``max_chunk_elements`` entries.
+    (group, column, query segment) tensors of at most ``max_chunk_elements`` entries. Peak memory is
+    O(candidate tiles), a few hundred MB at 300k-500k tokens.
     """
     from accel.kernels.layout import BlockLayout
 
     device = torch.device(device)
     g = _Geometry(frames, height, width, block_size, decay, sink, spatial, decay_near, device)
     rows, cols = g.candidates()
-    sig = g.signatures(rows, cols)
+    rstep = max(1, max_chunk_elements // (4 * g.nseg))
+    sig = torch.cat([g.signatures(rows[a:a + rstep], cols[a:a + rstep]) for a in range(0, rows.numel(), rstep)])
     if sig.dim() == 1:
         uniq, inverse = torch.unique(sig, return_inverse=True)
     else:
