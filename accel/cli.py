@@ -66,7 +66,29 @@ def method_and_schedule(args: argparse.Namespace):
     return method, dataclasses.replace(schedule, **sched_overrides)
 
 
+def torchrun_command(gpus: int, argv: list[str]) -> list[str]:
+    """The command that reruns `accel <argv>` as `gpus` processes under torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+            "-m", "accel.cli", *argv]
+
+
+def _distributed_setup(gpus: int):
+    """Inside torchrun: one GPU per process, NCCL, and the rank (0 writes the video)."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < gpus:
+        raise ValueError(f"--gpus {gpus} needs {gpus} CUDA GPUs, found {torch.cuda.device_count()}")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl")
+    return torch.distributed.get_rank(), torch.device("cuda", local_rank)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    import os
+
     from tqdm import tqdm
 
     from accel.pipelines.generate import (
@@ -78,18 +100,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write_video,
     )
 
+    if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
+        os.execv(sys.executable, torchrun_command(args.gpus, sys.argv[1:]))
     out = check_output_path(args.out)
     method, schedule = method_and_schedule(args)
+    rank, device = (0, None) if args.gpus <= 1 else _distributed_setup(args.gpus)
     request = GenerationRequest(
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
         height=args.height, width=args.width, steps=args.steps, seed=args.seed,
         guidance_scale=args.guidance_scale, lora=args.lora, lora_scale=args.lora_scale,
     )
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=device)
     pipe.set_progress_bar_config(disable=True)
+    if args.gpus > 1:
+        from accel.pipelines.generate import enable_ulysses
+
+        enable_ulysses(pipe, args.gpus)
     if args.lora:
         load_lora(pipe, args.lora, args.lora_scale)
-    bar = tqdm(total=None, desc=f"{args.attention} denoising", unit="step")
+    bar = tqdm(total=None, desc=f"{args.attention} denoising", unit="step", disable=rank != 0)
 
     def on_step(i: int, total: int) -> None:
         bar.total = total
@@ -101,9 +130,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    write_video(result.frames, out, result.fps)
-    print(result.summary())
-    print(f"wrote {out}")
+    if rank == 0:
+        write_video(result.frames, out, result.fps)
+        print(result.summary())
+        print(f"wrote {out}")
     return 0
 
 
@@ -146,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", help="diffusers-format LoRA (.safetensors file or folder)")
     gen.add_argument("--lora-scale", type=float, default=1.0)
     gen.add_argument("--out", default="outputs/video.mp4", help="output .mp4 path")
+    gen.add_argument("--gpus", type=int, default=1,
+                     help="GPUs for one generation (Ulysses context parallelism via torchrun)")
     _add_attention_args(gen)
     gen.set_defaults(func=cmd_generate)
 

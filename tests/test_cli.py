@@ -50,3 +50,11 @@ def test_generate_unwritable_output(tmp_path, capsys) -> None:
     assert "cannot create output folder" in capsys.readouterr().err
     assert main(["generate", "--out", str(tmp_path / "x.gif")]) == 2
     assert "must be an .mp4" in capsys.readouterr().err
+
+
+def test_multi_gpu_generation_runs_under_torchrun() -> None:
+    from accel.cli import torchrun_command
+
+    cmd = torchrun_command(2, ["generate", "--gpus", "2", "--attention", "radial"])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[-4:] == ["generate", "--gpus", "2", "--attention", "radial"][-4:]

@@ -26,7 +26,16 @@ class SelfAttentionSite:
 
 
 class AccelProcessor:
-    """Base of our processors: it knows its runtime, its transformer's state and its layer index."""
+    """Base of our processors: it knows its runtime, its transformer's state and its layer index.
+
+    `_parallel_config` is set by diffusers' `model.enable_parallelism(...)`. Under Ulysses context
+    parallelism each rank receives a slice of the sequence; `attend` then runs diffusers' Ulysses
+    all-to-all so that our method sees the whole sequence for this rank's heads (the sparse plan is the
+    same for every head slice). Ring attention would split the keys and break global block masks, so it
+    is refused.
+    """
+
+    _parallel_config: Any = None
 
     def __init__(self, runtime: AttentionRuntime, state: TransformerState, layer: int, original: Any) -> None:
         self.runtime = runtime
@@ -44,10 +53,13 @@ class AccelProcessor:
         text_position: str = "none",
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.runtime.attend(
-            self.state, self.layer, q, k, v,
-            text_tokens=text_tokens, text_position=text_position, key_padding_mask=key_padding_mask,
-        )
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp is None:
+            return self.runtime.attend(
+                self.state, self.layer, q, k, v,
+                text_tokens=text_tokens, text_position=text_position, key_padding_mask=key_padding_mask,
+            )
+        return ulysses_attend(self, cp, q, k, v, text_tokens, text_position, key_padding_mask)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer}, method={self.runtime.method!r})"
@@ -80,6 +92,47 @@ class FamilyAdapter:
         self, runtime: AttentionRuntime, state: TransformerState, site: SelfAttentionSite
     ) -> AccelProcessor:
         return self.processor_class(runtime, state, site.layer, site.module.processor)
+
+
+def ulysses_attend(
+    processor: AccelProcessor,
+    cp: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_tokens: int,
+    text_position: str,
+    key_padding_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of a rank's sequence slice through diffusers' Ulysses all-to-all (whole sequence, H/N heads)."""
+    if cp.ring_degree > 1:
+        raise NotImplementedError(
+            "ring context parallelism splits the keys across GPUs and breaks accel's global block masks; "
+            "use ContextParallelConfig(ulysses_degree=N) instead"
+        )
+    from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
+
+    world = cp.ulysses_degree
+    if q.shape[2] % world:
+        raise ValueError(f"Ulysses needs the head count ({q.shape[2]}) to be divisible by ulysses_degree={world}")
+    # Each rank's chunk holds its share of video and text, so after the all-to-all a joint sequence is
+    # rank-interleaved ([text_0, video_0, text_1, video_1, ...]); only video-only sequences keep the order
+    # a spatiotemporal plan needs. Dense attention does not care about token order.
+    interleaved = text_tokens > 0
+
+    def forward_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                   _save_ctx=True, _parallel_config=None):
+        if return_lse:
+            raise NotImplementedError("accel's Ulysses path does not return LSE")
+        return processor.runtime.attend(
+            processor.state, processor.layer, query, key, value,
+            text_tokens=text_tokens * world, text_position=text_position, key_padding_mask=attn_mask,
+            unsupported=("a joint text+video sequence is rank-interleaved under Ulysses" if interleaved else None),
+        )
+
+    return TemplatedUlyssesAttention.apply(
+        q, k, v, key_padding_mask, 0.0, False, None, False, False, forward_op, None, processor._parallel_config
+    )
 
 
 def _natural_key(name: str) -> tuple:

@@ -92,6 +92,25 @@ def load_pipeline(model: str, *, device: torch.device | None = None, dtype: torc
     return pipe.to(device)
 
 
+def enable_ulysses(pipe: Any, world_size: int) -> None:
+    """Spread each transformer over `world_size` GPUs with diffusers' Ulysses context parallelism.
+
+    Call inside a torchrun process group, before `accel.patch` (patch carries the config over).
+    """
+    from diffusers import ContextParallelConfig
+
+    for name in ("transformer", "transformer_2"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        if getattr(module, "_cp_plan", None) is None:
+            raise NotImplementedError(
+                f"{type(module).__name__} has no context-parallel plan in diffusers; multi-GPU generation "
+                "supports Wan, LTX and Flux transformers (xDiT serves the others)"
+            )
+        module.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
+
+
 def resolve_settings(pipe: Any, model: str, request: GenerationRequest) -> dict:
     """Fill a request's None fields from the model's defaults and validate sizes against the model."""
     spec = TINY_MODELS.get(model)

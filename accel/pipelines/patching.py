@@ -158,6 +158,8 @@ def patch(
                 raise UnsupportedModelError(f"found no self-attention modules in {type(transformer).__name__}")
             for site in sites:
                 processor = adapter.make_processor(runtime, state, site)
+                # Context parallelism enabled before patching (diffusers' enable_parallelism) carries over.
+                processor._parallel_config = getattr(site.module.processor, "_parallel_config", None)
                 handle.originals.append((site.module, site.module.processor))
                 site.module.set_processor(processor)
             handle.hooks.append(

@@ -157,13 +157,19 @@ class AttentionRuntime:
         text_position: str,
         key_padding_mask: torch.Tensor | None = None,
         scale: float | None = None,
+        unsupported: str | None = None,
     ) -> torch.Tensor:
-        """Self-attention of one layer on (B, S, H, D) tensors; returns (B, S, H, D)."""
+        """Self-attention of one layer on (B, S, H, D) tensors; returns (B, S, H, D).
+
+        `unsupported` names a reason the caller already knows the method cannot run (dense fallback or error).
+        """
         dense_here = isinstance(self.method, Dense) or self.schedule.is_dense(
             state.step, state.total_steps, layer
         )
         if not dense_here:
             try:
+                if unsupported is not None:
+                    raise UnsupportedInput(unsupported)
                 layout = self.layout_for(state, q, text_tokens, text_position)
                 check_qkv(q, k, v, layout)
                 plan = self.plan_for(layout, q.shape[2], q.shape[3], q)
