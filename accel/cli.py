@@ -101,6 +101,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
 
     if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
+        import torch
+
+        if torch.cuda.device_count() < args.gpus:
+            raise ValueError(f"--gpus {args.gpus} needs {args.gpus} CUDA GPUs, found {torch.cuda.device_count()}")
         os.execv(sys.executable, torchrun_command(args.gpus, sys.argv[1:]))
     out = check_output_path(args.out)
     method, schedule = method_and_schedule(args)
