@@ -207,8 +207,9 @@ def build_app(
                 with gr.Row():
                     steps = gr.Number(value=spec.num_inference_steps, precision=0, label="Steps", minimum=0)
                     guidance = gr.Number(value=spec.call_defaults.get("guidance_scale"), label="Guidance scale")
-                    seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-                    seed_btn = gr.Button("🎲 Random seed", size="sm", scale=0, min_width=120)
+                    with gr.Column(min_width=160):
+                        seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+                        seed_btn = gr.Button("Random seed", size="sm")
                 gr.Markdown("<small>0 or empty = the model's default size, frames, steps or guidance.</small>")
                 with gr.Accordion("Attention", open=True):
                     attention = gr.Radio(list(ATTENTION_METHODS), value="dense", label="Self-attention method")
@@ -248,11 +249,20 @@ def build_app(
                     generate_btn = gr.Button("Generate", variant="primary")
                     cancel_btn = gr.Button("Cancel", variant="stop")
             with gr.Column(scale=4):
-                video = gr.Video(label="Result", format="mp4", autoplay=True, loop=True, interactive=False)
-                stats = gr.Markdown("Statistics appear here after a run.", label="Statistics")
-                mask = gr.Image(label="Attention mask (radial runs)", type="filepath", interactive=False, format="png")
+                video = gr.Video(
+                    label="Result", format="mp4", autoplay=True, loop=True, interactive=False, elem_id="result-video"
+                )
+                stats = gr.Markdown("Statistics appear here after a run.", label="Statistics", elem_id="stats")
+                gr.Markdown("**Attention mask** (radial runs): key blocks each query block computes, in white")
+                mask = gr.Image(
+                    label="Attention mask", show_label=False, type="filepath", interactive=False, format="png",
+                    height=440, elem_id="mask",
+                )
         history = gr.State([])
-        gallery = gr.Gallery(label="This session's outputs", columns=4, height="auto", interactive=False)
+        gallery = gr.Gallery(
+            label="This session's outputs", columns=5, height=280, object_fit="contain", fit_columns=False,
+            interactive=False, elem_id="gallery",
+        )
 
         model.change(model_defaults, model, [height, width, frames, steps, guidance], queue=False,
                      api_visibility="private")
@@ -271,7 +281,10 @@ def build_app(
             [video, stats, mask, gallery, history],
             api_name="generate",
         )
-        cancel_btn.click(controller.cancel, None, None, cancels=[run], queue=False, api_visibility="private")
+        # Gradio lets a running function finish; the flag stops the pipeline after its current step.
+        cancel_btn.click(
+            controller.cancel, None, None, cancels=[run], queue=False, api_name="cancel", api_visibility="undocumented"
+        )
     demo.queue(default_concurrency_limit=1)
     return demo
 

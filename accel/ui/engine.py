@@ -286,6 +286,8 @@ class Job:
                 if progress:
                     progress(i, total, f"{label} denoising")
 
+            if self.stop.is_set():
+                raise Cancelled("cancelled before the first step")
             result = run_generation(
                 pipe, req, method=method, schedule=schedule, on_unsupported=on_unsupported,
                 on_step=on_step, should_stop=self.stop.is_set,
@@ -367,6 +369,8 @@ def stats_markdown(
         ("dense fallbacks", ", ".join(f"{k} (x{v})" for k, v in stats.fallbacks.items()) or "none"),
         ("plan build time", f"{stats.plan_seconds * 1000:.1f} ms"),
     ]
+    if not isinstance(method, Dense) and stats.calls and not stats.sparse_calls:
+        rows.append(("note", "no call ran sparse: the schedule keeps every step or layer dense"))
     if result.peak_memory_bytes is not None:
         rows.append(("peak GPU memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"))
     if dense_seconds is not None:
@@ -375,8 +379,7 @@ def stats_markdown(
         rows.append(("speed vs dense", f"{ratio:.2f}x"))
     if request.lora:
         rows.append(("LoRA", f"{request.lora} (scale {request.lora_scale})"))
-    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"| | |\n|---|---|\n{body}"
+    return "\n".join(f"- **{k}**: {v}" for k, v in rows)
 
 
 def caption(request: GenerationRequest, result: GenerationResult, method: AttentionMethod) -> str:
