@@ -15,6 +15,7 @@ Run on a GPU: `python -m accel.bench.e2e --out benchmarks/results` (`accel bench
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -128,12 +129,16 @@ def _depths(cfg: E2EConfig) -> list[dict[str, int]]:
             {"num_layers": 2, "num_single_layers": 4}]
 
 
-def _time_forward(model: torch.nn.Module, inputs: dict, method, schedule) -> float:
+def _time_forward(model: torch.nn.Module, inputs: dict, method, schedule, sdpa_backend=None) -> float:
+    from contextlib import nullcontext
+
+    from torch.nn.attention import sdpa_kernel
+
     import accel
 
     accel.patch(model, method, schedule=schedule)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), (sdpa_kernel(sdpa_backend) if sdpa_backend else nullcontext()):
             return _median_ms(lambda: model(**inputs))
     finally:
         accel.unpatch(model)
@@ -147,12 +152,22 @@ def _attention_only(cfg: E2EConfig, method, layout, heads: int) -> dict[str, flo
     S = layout.total_tokens
     gen = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, S, heads, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    v_ = v
     plan = method.build_plan(layout, heads, q.device)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.inference_mode():
         dense_ms = _median_ms(lambda: sdpa_bshd(q, k, v), reps=5)
     with torch.inference_mode():
         ours_ms = _median_ms(lambda: method.attend(q, k, v, layout, plan), reps=5)
     result = {"dense_cudnn_ms": dense_ms, "radial_ms": ours_ms, "density": method.plan_density(plan)}
+    variants = {}
+    for label, changes in (("decay_near", {"decay_near": True}), ("disk", {"spatial": "disk"}),
+                           ("disk_decay_near", {"spatial": "disk", "decay_near": True})):
+        variant = dataclasses.replace(method, **changes)
+        variant_plan = variant.build_plan(layout, heads, q.device)
+        with torch.inference_mode():
+            ms = _median_ms(lambda v=variant, p=variant_plan: v.attend(q, k, v_, layout, p), reps=5)
+        variants[label] = {"density": variant.plan_density(variant_plan), "ms": ms}
+    result["variants"] = variants
     try:
         result["flex_ms"] = _flex_ms(q, k, v, plan, layout)
     except Exception as err:  # flex is a comparison point only; record why it could not run
@@ -179,6 +194,8 @@ def _flex_ms(q, k, v, plan, layout) -> float:
 
 
 def run_config(cfg: E2EConfig) -> dict[str, Any]:
+    from torch.nn.attention import SDPBackend
+
     from accel.methods.dense import Dense
     from accel.methods.radial import radial_preset
     from accel.pipelines.models import layout_for_model
@@ -200,7 +217,9 @@ def run_config(cfg: E2EConfig) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         dense_ms = _time_forward(model, inputs, Dense(), None)
         sparse_ms = _time_forward(model, inputs, method, all_sparse)
-        timings.append({"depth": depth, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+        # The dense baseline the reference systems compared against (FlashAttention-2 class).
+        dense_fa_ms = _time_forward(model, inputs, Dense(), None, SDPBackend.FLASH_ATTENTION)
+        timings.append({"depth": depth, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "dense_fa_ms": dense_fa_ms,
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
         del model
         torch.cuda.empty_cache()
@@ -222,21 +241,23 @@ def _extrapolate(cfg: E2EConfig, timings: list[dict], schedule) -> dict[str, Any
     dense_layers = schedule.dense_layers if isinstance(schedule.dense_layers, int) else len(schedule.dense_layers)
     if cfg.family == "wan":
         (a, b) = timings
-        per = {kind: (b[f"{kind}_ms"] - a[f"{kind}_ms"]) / 2 for kind in ("dense", "sparse")}
+        per = {kind: (b[f"{kind}_ms"] - a[f"{kind}_ms"]) / 2 for kind in ("dense", "sparse", "dense_fa")}
         overhead = a["dense_ms"] - 2 * per["dense"]
         n = cfg.model["num_layers"]
         dense_fwd = overhead + n * per["dense"]
+        dense_fa_fwd = overhead + n * per["dense_fa"]
         sparse_fwd = overhead + dense_layers * per["dense"] + (n - dense_layers) * per["sparse"]
-        per_layer = {"dense_ms": per["dense"], "sparse_ms": per["sparse"]}
+        per_layer = {"dense_ms": per["dense"], "sparse_ms": per["sparse"], "dense_fa_ms": per["dense_fa"]}
     else:
         base, more_double, more_single = timings
         per_layer = {}
-        for kind in ("dense", "sparse"):
+        for kind in ("dense", "sparse", "dense_fa"):
             per_layer[f"double_{kind}_ms"] = (more_double[f"{kind}_ms"] - base[f"{kind}_ms"]) / 2
             per_layer[f"single_{kind}_ms"] = (more_single[f"{kind}_ms"] - base[f"{kind}_ms"]) / 2
         overhead = base["dense_ms"] - 2 * per_layer["double_dense_ms"] - 2 * per_layer["single_dense_ms"]
         nd, ns = cfg.model["num_layers"], cfg.model["num_single_layers"]
         dense_fwd = overhead + nd * per_layer["double_dense_ms"] + ns * per_layer["single_dense_ms"]
+        dense_fa_fwd = overhead + nd * per_layer["double_dense_fa_ms"] + ns * per_layer["single_dense_fa_ms"]
         # Dense layers are the first ones (dual-stream blocks come first in the layer numbering).
         dd = min(dense_layers, nd)
         ds = max(0, dense_layers - nd)
@@ -245,7 +266,11 @@ def _extrapolate(cfg: E2EConfig, timings: list[dict], schedule) -> dict[str, Any
     dense_steps = min(schedule.dense_steps + schedule.dense_last_steps, cfg.steps)
     total_dense = cfg.steps * cfg.forwards_per_step * dense_fwd
     total_radial = cfg.forwards_per_step * (dense_steps * dense_fwd + (cfg.steps - dense_steps) * sparse_fwd)
+    total_dense_fa = cfg.steps * cfg.forwards_per_step * dense_fa_fwd
     return {
+        "forward_dense_fa_ms": dense_fa_fwd,
+        "total_dense_fa_s": total_dense_fa / 1000,
+        "total_speedup_vs_fa": total_dense_fa / total_radial,
         "extrapolated_from_layers": True,
         "overhead_ms": overhead,
         "per_layer": per_layer,
@@ -330,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: density {a['density']:.3f} | attention cuDNN {a['dense_cudnn_ms']:.1f} ms, radial "
               f"{a['radial_ms']:.1f} ms, flex {a.get('flex_ms', float('nan')):.1f} ms | forward dense "
               f"{row['forward_dense_ms']:.0f} ms, sparse {row['forward_sparse_phase_ms']:.0f} ms "
-              f"({row['forward_speedup']:.2f}x) | 50 steps {row['total_speedup']:.2f}x "
+              f"({row['forward_speedup']:.2f}x), dense FA {row['forward_dense_fa_ms']:.0f} ms | 50 steps "
+              f"{row['total_speedup']:.2f}x vs cuDNN, {row['total_speedup_vs_fa']:.2f}x vs FA "
               f"[{time.perf_counter() - start:.0f} s]", flush=True)
         (out_dir / "e2e.json").write_text(json.dumps(results, indent=1))
     try:
