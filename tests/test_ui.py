@@ -171,6 +171,37 @@ def test_pipeline_cache_rebuilds_only_on_model_change_and_reloads_only_changed_l
     assert cache.get("m2") is not pipe and cache.builds == 2
 
 
+def _tiny_wan_lora(folder: Path) -> Path:
+    from diffusers import WanPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from accel.pipelines.tiny import build_tiny
+
+    transformer = build_tiny("tiny-wan").transformer
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    transformer.add_adapter(config)
+    layers = get_peft_model_state_dict(transformer)
+    WanPipeline.save_lora_weights(str(folder), transformer_lora_layers=layers, weight_name="tiny.safetensors")
+    return folder / "tiny.safetensors"
+
+
+def test_lora_loads_rescales_and_unloads_without_rebuilding(tmp_path) -> None:
+    lora = str(_tiny_wan_lora(tmp_path / "lora"))
+    cache = PipelineCache()
+
+    def frames(**kwargs):
+        request = GenerationRequest(model="tiny-wan", steps=1, frames=5, **kwargs)
+        return Job(request, AttentionSettings(), tmp_path).run(cache).result.frames.astype(int)
+
+    base = frames()
+    with_lora = frames(lora=lora, lora_scale=1.0)
+    assert abs(with_lora - base).max() > 0
+    assert (frames(lora=lora, lora_scale=0.0) == base).all()  # re-weighted to nothing
+    assert (frames() == base).all()  # unloaded
+    assert cache.builds == 1 and cache.lora_loads == 1
+
+
 def test_presets_fill_method_and_schedule() -> None:
     for name in RADIAL_PRESETS:
         method, schedule = radial_preset(name)
