@@ -75,7 +75,10 @@ class Radial(AttentionMethod):
             the device (`accel.kernels.default_block_size`).
         sink: every frame attends fully to latent frame 0 (Wan: True; HunyuanVideo: False).
         spatial: "band" (reference: |p - q| <= w(d) on raster indices) or "disk" (a 2-D disk in
-            (h, w) with the band's token count, r(d)^2 = (2 w(d) + 1) / pi).
+            (h, w) with the band's token count, r(d)^2 = (2 w(d) + 1) / pi). Blocks are raster
+            runs of tokens, so a disk spreads thinly over many tiles and the tile rule drops small
+            disks: at 768x1280 a decay below about 0.5 keeps only the dense near frames and the sink;
+            at decay 1 disk and band cost the same.
         decay_near: also apply the window to adjacent frames (d == 1). The reference keeps them dense,
             which caps sparsity (about 71 % at 768x1280, 69 frames).
 
