@@ -429,15 +429,15 @@ def run_fidelity(
     if methods is None:
         methods = default_methods(block_size=16 if device.type == "cpu" else None)
     methods = list(methods)
+    for m in methods:
+        if not isinstance(m, AttentionMethod):
+            raise TypeError(f"methods must be AttentionMethod configs, got {type(m).__name__}")
     labels = list(labels) if labels is not None else [method_label(m) for m in methods]
     if len(labels) != len(methods):
         raise ValueError(f"got {len(labels)} labels for {len(methods)} methods")
     if not any(isinstance(m, Dense) for m in methods):
         methods.insert(0, Dense())
         labels.insert(0, "dense")
-    for m in methods:
-        if not isinstance(m, AttentionMethod):
-            raise TypeError(f"methods must be AttentionMethod configs, got {type(m).__name__}")
     families = list(families) if families is not None else list(DEFAULT_FAMILIES)
     layout = TokenLayout(1, *grid)
     started = time.perf_counter()
