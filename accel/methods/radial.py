@@ -199,9 +199,11 @@ class Radial(AttentionMethod):
                     f"key_padding_mask must be bool (B, S) = ({q.shape[0]}, {q.shape[1]}), "
                     f"got dtype={key_padding_mask.dtype}, shape={tuple(key_padding_mask.shape)}"
                 )
-            if not bool(key_padding_mask[:, vs].all()):
+            if bool(key_padding_mask.all()):  # nothing hidden: keep the unmasked (faster) paths
+                key_padding_mask = None
+            elif not bool(key_padding_mask[:, vs].all()):
                 raise NotImplementedError("radial attention cannot mask video keys (key_padding_mask hides some)")
-            if has_text:
+            elif has_text:
                 text_mask = key_padding_mask[:, ts]
 
         from accel.kernels import block_sparse_attention
