@@ -84,13 +84,13 @@ def test_only_self_attention_is_replaced(pipes, name: str) -> None:
     handle = accel.patch(pipe)
     try:
         replaced = {m for m, _ in handle.originals}
-        layers = [m.processor.layer for m, _ in handle.originals if m in dict(pipe.transformer.named_modules()).values()]
+        own = set(pipe.transformer.modules())
+        layers = [m.processor.layer for m, _ in handle.originals if m in own]
         assert layers == list(range(len(layers))), "layer indices must be 0..N-1 per transformer"
         for path, processor in pipe.transformer.attn_processors.items():
             module = pipe.transformer.get_submodule(path.removesuffix(".processor"))
             if module not in replaced:
                 assert processor is before[path], f"{path} is not self-attention but was replaced"
-        assert all(m in replaced for m in replaced)
     finally:
         accel.unpatch(pipe)
     site_names = [s.name for s in adapter_for(pipe.transformer).self_attention_sites(pipe.transformer)]

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import accel
 from accel.methods.radial_mask import (
     EMPTY,
     FULL,
@@ -83,11 +84,32 @@ def test_temporal_thinning_for_768x1280():
     assert distance_rule(33, tpf, block_size=64, decay=1.0, spatial="band", decay_near=False)[0] == EMPTY
 
 
-def test_small_frames_are_thinned_like_the_reference():
-    # tpf = 32 -> P = 64: L(1) = 32 < 128, split 4, so even adjacent frames are dropped.
-    assert distance_rule(1, 32, block_size=16, decay=1.0)[0] == EMPTY
+def test_small_frames_are_thinned_but_keep_adjacent_frames():
+    # tpf = 32 -> P = 64: L(1) = 32 < 128, split 4. The reference drops even adjacent frames here;
+    # we keep d <= 1 dense as the rule states.
+    assert distance_rule(1, 32, block_size=16, decay=1.0)[0] == FULL
     assert distance_rule(4, 32, block_size=16, decay=1.0)[0] == EMPTY  # L = 8, split 16
+    assert distance_rule(4, 32, block_size=16, decay=1.0, thinning=False)[0] == PARTIAL
     assert distance_rule(0, 32, block_size=16, decay=1.0)[0] == FULL
+
+
+def test_every_query_block_keeps_a_key_block():
+    from accel.geometry import TokenLayout
+
+    # Blocks larger than a frame (and than the whole video) used to leave query blocks empty.
+    for block in (16, 64, 128):
+        plan = accel.Radial(decay=0.2, block_size=block).build_plan(TokenLayout(1, 5, 4, 4), 1, torch.device("cpu"))
+        counts = plan.block_layout.offsets[0, 1:] - plan.block_layout.offsets[0, :-1]
+        assert bool((counts > 0).all()), f"block {block}: empty query blocks {counts.tolist()}"
+
+
+def test_large_decay_without_thinning_is_dense():
+    from accel.geometry import TokenLayout
+
+    plan = accel.Radial(decay=1e6, block_size=16, thinning=False).build_plan(
+        TokenLayout(1, 5, 4, 4), 1, torch.device("cpu")
+    )
+    assert plan.density == 1.0
 
 
 def _expected_small(frames: int, near_band: int | None, far_band: int, sink: bool) -> torch.Tensor:

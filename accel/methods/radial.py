@@ -81,6 +81,13 @@ class Radial(AttentionMethod):
             at decay 1 disk and band cost the same.
         decay_near: also apply the window to adjacent frames (d == 1). The reference keeps them dense,
             which caps sparsity (about 71 % at 768x1280, 69 frames).
+        thinning: the reference's temporal thinning (drop frame pairs at d > 1 whose unscaled window
+            P / 2^bit_length(d) is under 128 tokens unless d is a multiple of the stride). Off, every
+            frame pair keeps at least its window, and a large decay makes the mask dense.
+
+    Two departures from the reference, both invisible at its sizes: adjacent frames (d <= 1) are never
+    thinned, and every query block keeps its diagonal tile, so small frames keep their neighbours and
+    no token is left without keys.
 
     Tensor layout: q, k, v are (B, S, H, D), diffusers' order; head_dim <= 256; fp16, bf16 or fp32.
     Reference-compatible masks: ``spatial="band", decay_near=False`` with the reference's block size.
@@ -93,6 +100,7 @@ class Radial(AttentionMethod):
     sink: bool = True
     spatial: Literal["band", "disk"] = "band"
     decay_near: bool = False
+    thinning: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)):
@@ -158,7 +166,7 @@ class Radial(AttentionMethod):
         frames, height, width = layout.grid
         block_layout = radial_block_layout(
             frames, height, width, block_size=block, decay=self.decay, sink=self.sink,
-            spatial=self.spatial, decay_near=self.decay_near, device=device,
+            spatial=self.spatial, decay_near=self.decay_near, thinning=self.thinning, device=device,
         )
         return RadialPlan(
             block_layout, block, block_layout.density(), layout.grid, layout.text_tokens, layout.text_position

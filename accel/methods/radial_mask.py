@@ -62,14 +62,17 @@ def distance_rule(
     decay: float,
     spatial: Spatial = "band",
     decay_near: bool = False,
+    thinning: bool = True,
 ) -> tuple[int, int]:
     """Rule for one frame distance d (sink excluded): (FULL|EMPTY|PARTIAL, width).
 
     width is floor(w(d)) for a band, floor(r(d)^2) for a disk, and 0 for FULL/EMPTY.
+    Frames at distance d <= 1 are never thinned (the reference thins them too when a frame has fewer
+    than 128 tokens, which leaves small videos with almost nothing but the diagonal).
     """
     p = 1 << tokens_per_frame.bit_length()
     span = p / 2 ** d.bit_length()
-    if span < THIN_WIDTH and d % int(THIN_WIDTH / span) != 0:
+    if thinning and d > 1 and span < THIN_WIDTH and d % int(THIN_WIDTH / span) != 0:
         return EMPTY, 0
     if d == 0 or (d == 1 and not decay_near):
         return FULL, 0
@@ -80,11 +83,13 @@ def distance_rule(
 
 
 def distance_table(
-    frames: int, height: int, width: int, *, block_size: int, decay: float, spatial: Spatial, decay_near: bool
+    frames: int, height: int, width: int, *, block_size: int, decay: float, spatial: Spatial, decay_near: bool,
+    thinning: bool = True,
 ) -> tuple[list[int], list[int]]:
     """`distance_rule` for d = 0 .. frames - 1, as (kinds, widths)."""
     rules = [
-        distance_rule(d, height * width, block_size=block_size, decay=decay, spatial=spatial, decay_near=decay_near)
+        distance_rule(d, height * width, block_size=block_size, decay=decay, spatial=spatial, decay_near=decay_near,
+                      thinning=thinning)
         for d in range(frames)
     ]
     return [r[0] for r in rules], [r[1] for r in rules]
@@ -101,11 +106,13 @@ def reference_token_mask(
     sink: bool = True,
     spatial: Spatial = "band",
     decay_near: bool = False,
+    thinning: bool = True,
 ) -> torch.Tensor:
     """(S, S) bool token mask of the rule above, S = frames * height * width. Small sizes only."""
     tpf = height * width
     kinds, widths = distance_table(
-        frames, height, width, block_size=block_size, decay=decay, spatial=spatial, decay_near=decay_near
+        frames, height, width, block_size=block_size, decay=decay, spatial=spatial, decay_near=decay_near,
+        thinning=thinning,
     )
     idx = torch.arange(frames * tpf)
     f, p = idx // tpf, idx % tpf
@@ -167,7 +174,7 @@ def _disk_tables(
 class _Geometry:
     """Tensors shared by candidate enumeration and tile evaluation."""
 
-    def __init__(self, frames, height, width, block_size, decay, sink, spatial, decay_near, device):
+    def __init__(self, frames, height, width, block_size, decay, sink, spatial, decay_near, device, thinning=True):
         self.frames, self.height, self.width = frames, height, width
         self.tpf = tpf = height * width
         self.S = frames * tpf
@@ -176,7 +183,8 @@ class _Geometry:
         self.sink, self.spatial = sink, spatial
         self.device = device
         kinds, widths = distance_table(
-            frames, height, width, block_size=block_size, decay=decay, spatial=spatial, decay_near=decay_near
+            frames, height, width, block_size=block_size, decay=decay, spatial=spatial, decay_near=decay_near,
+            thinning=thinning,
         )
         self.kind = torch.tensor(kinds, dtype=torch.int64, device=device)
         self.wid = torch.tensor(widths, dtype=torch.int64, device=device)
@@ -325,6 +333,7 @@ def radial_block_layout(
     sink: bool = True,
     spatial: Spatial = "band",
     decay_near: bool = False,
+    thinning: bool = True,
     device: torch.device | str = "cpu",
     max_chunk_elements: int = 1 << 20,
 ) -> BlockLayout:
@@ -338,7 +347,7 @@ def radial_block_layout(
     from accel.kernels.layout import BlockLayout
 
     device = torch.device(device)
-    g = _Geometry(frames, height, width, block_size, decay, sink, spatial, decay_near, device)
+    g = _Geometry(frames, height, width, block_size, decay, sink, spatial, decay_near, device, thinning)
     rows, cols = g.candidates()
     rstep = max(1, max_chunk_elements // (4 * g.nseg))
     sig = torch.cat([g.signatures(rows[a:a + rstep], cols[a:a + rstep]) for a in range(0, rows.numel(), rstep)])
@@ -355,6 +364,11 @@ def radial_block_layout(
     )
     keep = keep_rep[inverse]
     rows, cols = rows[keep], cols[keep]
+    # Every query block keeps its diagonal tile, so no token is left without keys: the tile rule can drop
+    # it when blocks hold several small frames. Real sizes keep it anyway (d = 0 is dense).
+    diag = torch.arange(g.nb, device=device)
+    pairs = torch.unique(torch.cat([rows * g.nb + cols, diag * g.nb + diag]))  # sorted by (row, col)
+    rows, cols = pairs // g.nb, pairs % g.nb
     offsets = torch.zeros(1, g.nb + 1, dtype=torch.int32, device=device)
     offsets[0, 1:] = torch.cumsum(torch.bincount(rows, minlength=g.nb), 0)
     indices = cols.to(torch.int32)[None] if cols.numel() else torch.zeros(1, 1, dtype=torch.int32, device=device)
