@@ -150,6 +150,10 @@ def cmd_mask(args: argparse.Namespace) -> int:
     args.attention = "radial"
     method, _ = method_and_schedule(args)
     assert isinstance(method, Radial)
+    if method.block_size is None:  # the mask a GPU would use (128-token blocks on current GPUs)
+        import dataclasses
+
+        method = dataclasses.replace(method, block_size=128)
     layout = layout_for_model(args.model, args.frames, args.height, args.width)
     plan = method.build_plan(layout, 1, torch.device("cpu"))
     out = Path(args.out)
@@ -160,6 +164,17 @@ def cmd_mask(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+def _gpu_benchmark(module: str):
+    """`accel bench kernels|e2e`: hand the remaining arguments to the benchmark module's main."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(args.rest)
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,12 +208,33 @@ def build_parser() -> argparse.ArgumentParser:
     mask.add_argument("--out", default="mask.png")
     _add_attention_args(mask)
     mask.set_defaults(func=cmd_mask)
+
+    from accel.bench.eval import add_eval_command
+    from accel.bench.fidelity import add_fidelity_command
+    from accel.ui.cli import add_ui_command
+
+    add_ui_command(sub)
+    add_eval_command(sub)
+    bench = sub.add_parser("bench", help="GPU benchmarks (kernels, e2e) and the attention fidelity benchmark")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, module, text in (
+        ("kernels", "accel.bench.kernels", "block-sparse kernel vs cuDNN / FlashAttention SDPA / flex (GPU)"),
+        ("e2e", "accel.bench.e2e", "full-size transformer forwards, dense vs radial, 50-step totals (GPU)"),
+    ):
+        gpu = bench_sub.add_parser(name, help=text, add_help=False)
+        gpu.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--help lists them)")
+        gpu.set_defaults(func=_gpu_benchmark(module))
+    add_fidelity_command(bench_sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = unknown + list(args.rest)  # `accel bench kernels|e2e` pass their options through
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

@@ -4,7 +4,8 @@ Protocol (shared/design/BENCHMARKS.md): correctness first (relative L2 vs the re
 then triton.testing.do_bench medians at the standard shapes and tile densities, forward and fwd+bwd.
 Efficiency = density x dense cuDNN time / our time.
 
-    PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --out $OUT [--sweep] [--shapes 0,1,2]
+    PYTHONUNBUFFERED=1 accel bench kernels --out $OUT [--sweep] [--shapes 0,1,2]
+    (or python -m accel.bench.kernels ...)
 """
 
 # ruff: noqa: B023  (closures are timed immediately, inside their loop iteration)
@@ -20,10 +21,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from accel.kernels import BlockLayout, block_sparse_attention, reference_block_sparse_attention  # noqa: E402
-from accel.kernels import block_sparse as bs  # noqa: E402
+from accel.kernels import BlockLayout, block_sparse_attention, reference_block_sparse_attention
+from accel.kernels import block_sparse as bs
 
 SHAPES = [  # (name, heads, tokens, head_dim)
     ("wan1.3b-480p-81f", 12, 32760, 128),
@@ -239,8 +238,9 @@ def sweep(args, log):
     return out
 
 
-def main():
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="accel bench kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--shapes", default="0,1,2")
     p.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
@@ -250,7 +250,11 @@ def main():
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--tag", default="kernels")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("accel bench kernels needs a CUDA GPU; none is visible (CPU timings mean nothing here).",
+              file=sys.stderr)
+        return 3
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
 
@@ -303,6 +307,7 @@ def main():
         plot(result, os.path.join(args.out, f"{args.tag}.png"))
     except Exception as e:  # matplotlib missing: plot later from the JSON with --plot-only
         log(f"no plot: {e!r}")
+    return 0
 
 
 def plot(result, path):
@@ -338,4 +343,4 @@ if __name__ == "__main__":
         with open(sys.argv[2]) as f:
             plot(json.load(f), sys.argv[2].replace(".json", ".png"))
     else:
-        main()
+        sys.exit(main())
