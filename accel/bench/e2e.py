@@ -310,16 +310,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
     flex = [r["attention"]["dense_cudnn_ms"] / r["attention"].get("flex_ms", math.nan) for r in rows]
     fwd = [r["forward_speedup"] for r in rows]
     total = [r["total_speedup"] for r in rows]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    total_fa = [r.get("total_speedup_vs_fa", math.nan) for r in rows]
+    fig, ax = plt.subplots(figsize=(12, 4.8))
     x = range(len(rows))
-    w = 0.2
-    ax.bar([i - 1.5 * w for i in x], attn, w, label="attention: radial (ours) vs cuDNN")
-    ax.bar([i - 0.5 * w for i in x], flex, w, label="attention: flex radial vs cuDNN")
-    ax.bar([i + 0.5 * w for i in x], fwd, w, label="forward, sparse phase")
-    ax.bar([i + 1.5 * w for i in x], total, w, label="50 steps incl. dense steps")
+    w = 0.16
+    ax.bar([i - 2 * w for i in x], attn, w, label="attention: radial (ours) vs cuDNN")
+    ax.bar([i - w for i in x], flex, w, label="attention: flex radial vs cuDNN")
+    ax.bar(list(x), fwd, w, label="forward, sparse phase, vs cuDNN")
+    ax.bar([i + w for i in x], total, w, label="50 steps incl. dense steps, vs cuDNN")
+    ax.bar([i + 2 * w for i in x], total_fa, w, label="50 steps vs FlashAttention SDPA dense")
     for i, r in enumerate(rows):
         if r.get("reference_speedup"):
-            ax.plot([i - 2 * w, i + 2 * w], [r["reference_speedup"]] * 2, "k--", lw=1)
+            ax.plot([i - 2.5 * w, i + 2.5 * w], [r["reference_speedup"]] * 2, "k--", lw=1)
     ax.set_xticks(list(x), names, rotation=15)
     ax.set_ylabel("speedup over dense cuDNN SDPA")
     ax.set_title(f"Radial attention, full-size configs, random bf16 weights ({results['environment']['device']})\n"
