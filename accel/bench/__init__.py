@@ -109,20 +109,24 @@ def method_label(method: AttentionMethod, *, exclude: tuple[str, ...] = ()) -> s
 
 
 def git_commit() -> str | None:
-    """Current commit of the checkout holding this package (with ``-dirty``), or None."""
+    """Current commit of the checkout holding this package (with ``-dirty``), else $ACCEL_GIT_COMMIT
+    (for copies without .git, e.g. on a remote GPU machine), else None."""
+    import os
     import subprocess
     from pathlib import Path
+
+    fallback = os.environ.get("ACCEL_GIT_COMMIT") or None
 
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
-            return None
+            return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
 
 
 def environment() -> dict[str, Any]:

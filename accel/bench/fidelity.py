@@ -393,7 +393,7 @@ def run_fidelity(
     head_dim: int = 32,
     seeds: Sequence[int] = (0, 1),
     device: torch.device | str | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     evaluate: Literal["auto", "attend", "mask"] = "auto",
     labels: Sequence[str] | None = None,
     profile_queries: int = 256,
@@ -410,7 +410,8 @@ def run_fidelity(
         grid: (frames, height, width) video tokens; heads, head_dim: attention shape (batch 1).
         seeds: one input draw per seed; errors are averaged over seeds.
         device: "cpu", "cuda", ... (default CUDA when available).
-        dtype: dtype the methods run in; the dense reference is float32 on the float32 inputs.
+        dtype: dtype the methods run in (default float32 on CPU, bfloat16 on CUDA, as models run); the
+            dense reference is float32 SDPA on the float32 inputs, so Dense's own row is the dtype's floor.
         evaluate: "attend" (the method's kernel), "mask" (masked SDPA with the method's token mask,
             the same math) or "auto" (mask on CPU when the method has one, else attend).
         labels: names for ``methods`` (default `method_label`).
@@ -421,6 +422,10 @@ def run_fidelity(
     """
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = "float32" if device.type == "cpu" else "bfloat16"
+    if isinstance(dtype, str) and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     run_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     if run_dtype not in _DTYPES.values():
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
@@ -573,7 +578,7 @@ def _curve(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]
 
 
 def compare_spatial(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Radial band vs disk at matched density, per family and per (decay_near, sink, block_size).
+    """Radial band vs disk at matched density, per family and (decay_near, sink, block_size, thinning).
 
     Each curve's log error is interpolated linearly in density at the other curve's densities (inside
     the overlap only); ``ratio_disk_over_band`` is the geometric mean of err_disk / err_band over
@@ -584,10 +589,11 @@ def compare_spatial(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row.get("method_name") != "radial" or "rel_l2" not in row:
             continue
         cfg = row["config"]
-        key = (row["family"], row["structured"], cfg.get("decay_near"), cfg.get("sink"), cfg.get("block_size"))
+        key = (row["family"], row["structured"], cfg.get("decay_near"), cfg.get("sink"), cfg.get("block_size"),
+               cfg.get("thinning"))
         groups.setdefault(key, {"band": [], "disk": []})[cfg.get("spatial")].append((row["density"], row["rel_l2"]))
     out = []
-    for (family, structured, near, sink, block), curves in groups.items():
+    for (family, structured, near, sink, block, thinning), curves in groups.items():
         if not curves["band"] or not curves["disk"]:
             continue
         bx, by = _curve(curves["band"])
@@ -605,6 +611,7 @@ def compare_spatial(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratio = math.exp(sum(logs) / len(logs)) if logs else None
         out.append({
             "family": family, "structured": structured, "decay_near": near, "sink": sink, "block_size": block,
+            "thinning": thinning,
             "matched_points": len(matched),
             "ratio_disk_over_band": ratio,
             "disk_lower_fraction": (sum(lg < 0 for lg in logs) / len(logs)) if logs else None,
@@ -722,7 +729,8 @@ def add_fidelity_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--head-dim", type=int)
     p.add_argument("--seeds", type=int, default=2, help="input draws per family (seeds 0..N-1)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype the methods run in")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype the methods run in (default: float32 on CPU, "
+                   "bfloat16 on CUDA); the dense reference is always float32")
     p.add_argument("--evaluate", choices=("auto", "attend", "mask"), default="auto",
                    help="attend: the method's kernel; mask: masked SDPA with its token mask; auto: mask on CPU")
     p.add_argument("--methods", nargs="+", metavar="SPEC",
