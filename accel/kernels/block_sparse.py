@@ -143,8 +143,12 @@ def _fwd_kernel(
         kb = tl.load(row_idx + it // SUB_N)
         start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
         n_valid = start_n + offs_n < Sk
-        k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
-                        n_valid, d_mask, True, EVEN_D)
+        if USE_TMA:  # rows past Sk arrive as zeros; n_valid hides them from the softmax
+            k = k_desc.load([start_n, 0]).T
+            v = v_desc.load([start_n, 0])
+        else:
+            k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
+                            n_valid, d_mask, True, EVEN_D)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, True, DOT_PRECISION)
     if HAS_EXTRA:
         ek_base = (EK + off_b * stride_ekb + off_h * stride_ekh
@@ -482,14 +486,16 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     tma: bool = False  # forward only: K/V through Hopper tensor descriptors
+    maxnreg: int | None = None  # register cap per thread (e.g. 128 for two 8-warp programs per SM)
 
 
 # Forward, keyed by (compute capability major, head_dim_pad). Winners of the H100 sweep in
 # benchmarks/NOTES.md (bf16, S=32k, 25% tiles): 128 query rows x 8 warps keep the tensor cores fed;
-# TMA descriptors for K/V gave +3% at D=128 (3.41 vs 3.52 ms) and +3% at D=64 (4.03 vs 4.14 ms);
-# D=64 prefers 64-key tiles (4.0 vs 5.1 ms with 128). sm80 entries are untuned guesses.
+# TMA descriptors for K/V gave +3% at D=128 (3.41 vs 3.52 ms) and +3% at D=64 (4.03 vs 4.14 ms).
+# D=64: 128-key tiles with a 128-register cap run two programs per SM (82 KB shared each), whose
+# softmax and matmuls overlap: 3.55-3.76 vs 4.08-4.12 ms (uncapped, 128 keys: 5.1). sm80: untuned guesses.
 _FWD_CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(128, 64, 8, 3, tma=True),
+    (9, 64): KernelConfig(128, 128, 8, 2, tma=True, maxnreg=128),
     (9, 128): KernelConfig(128, 128, 8, 3, tma=True),
     (8, 64): KernelConfig(128, 64, 4, 3),
     (8, 128): KernelConfig(128, 64, 8, 3),
@@ -524,7 +530,7 @@ def _fit(cfg: KernelConfig, block_q: int, block_k: int, head_dim_pad: int, is_cu
     bm, bn = min(cfg.block_m, block_q), min(cfg.block_n, block_k)
     if is_cuda and head_dim_pad >= 256:  # register pressure: halve the tiles
         bm, bn = min(bm, 64), min(bn, 64)
-    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.tma)
+    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.tma, cfg.maxnreg if is_cuda else None)
 
 
 def _pick(kind: int, table: dict, default: KernelConfig, block_q: int, block_k: int, hdp: int,
@@ -539,6 +545,10 @@ def _pick(kind: int, table: dict, default: KernelConfig, block_q: int, block_k: 
 
 
 # ------------------------------------------------------------------------------------------- launchers
+def _launch_opts(cfg: KernelConfig) -> dict:
+    return {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
+
+
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
@@ -587,6 +597,9 @@ def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
     use_tma = cfg.tma and _tma_ok(k) and _tma_ok(v)
     if use_tma:
         _ensure_allocator()
+    elif cfg.maxnreg and q.is_cuda:
+        # The register cap is tuned for the descriptor loads; pointer loads would spill under it.
+        cfg = KernelConfig(cfg.block_m, min(cfg.block_n, 64), cfg.num_warps, 3)
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
     _fwd_kernel[grid](
         q, k, v, ek if ek is not None else q, ev if ev is not None else q, emask if emask is not None else q,
@@ -601,7 +614,7 @@ def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         LAYOUT_PER_HEAD=layout.heads > 1, HAS_EXTRA=T > 0, HAS_EXTRA_MASK=emask is not None,
         WRITE_LSE=lse is not None, DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_launch_opts(cfg),
     )
 
 
@@ -643,7 +656,7 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
         lse.stride(0), lse.stride(1), t.offsets.stride(0), t.indices.stride(0),
         H, Sq, Sk, T, n_extra, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **common,
+        **_launch_opts(cfg), **common,
     )
     cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev)
     _bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
@@ -653,7 +666,7 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
         layout.offsets.stride(0), layout.indices.stride(0),
         H, Sq, Sk, T, scale, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **common,
+        **_launch_opts(cfg), **common,
     )
     return dq, dk, dv, dek, dev_
 
