@@ -283,3 +283,11 @@ def test_gpu_real_sizes(dtype, D):
 @requires_cuda
 def test_gpu_odd_head_dim_bf16():
     run_and_compare(2, 1000, 1000, 2, 80, 16, 64, 64, torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("D", [128, 256])
+def test_gpu_fp32_fits_shared_memory(D):
+    # fp32 with the 2-byte tile tables once asked for 393 KB of shared memory at D=128.
+    blk = default_block_size("cuda")
+    run_and_compare(1, 700, 700, 2, D, 16, blk, blk, torch.float32)

@@ -534,11 +534,16 @@ def _fit(cfg: KernelConfig, block_q: int, block_k: int, head_dim_pad: int, is_cu
 
 
 def _pick(kind: int, table: dict, default: KernelConfig, block_q: int, block_k: int, hdp: int,
-          device: torch.device) -> KernelConfig:
+          device: torch.device, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
     if _CONFIG_OVERRIDE[kind] is not None:
         return _fit(_CONFIG_OVERRIDE[kind], block_q, block_k, hdp, device.type == "cuda")
     if device.type != "cuda":  # interpreter: one tile per logical block
         return KernelConfig(block_q, block_k, 1, 1)
+    if dtype == torch.float32:
+        # The tables are tuned for 2-byte types; fp32 tiles of that size overflow shared memory
+        # (128x128 at D=128 asked for 393 KB on an H100). fp32 is for checks, not speed.
+        side = 64 if hdp <= 128 else 32
+        return KernelConfig(min(side, block_q), min(side, block_k), 4, 2)
     major, _ = torch.cuda.get_device_capability(device)
     cfg = table.get((min(major, 9), hdp), default)
     return _fit(cfg, block_q, block_k, hdp, True)
@@ -592,7 +597,7 @@ def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
     Sk = k.shape[1]
     T = ek.shape[1] if ek is not None else 0
     hdp = _head_dim_pad(D)
-    cfg = _pick(0, _FWD_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device)
+    cfg = _pick(0, _FWD_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device, q.dtype)
     lse_t = lse if lse is not None else out  # dummy pointer when not written
     use_tma = cfg.tma and _tma_ok(k) and _tma_ok(v)
     if use_tma:
@@ -645,7 +650,7 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
     em_stride = emask.stride(0) if emask is not None else 0
 
     t = layout.transpose()
-    cfg = _pick(1, _BWD_DKDV_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev)
+    cfg = _pick(1, _BWD_DKDV_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
     n_extra = triton.cdiv(T, cfg.block_n) if T else 0
     grid = (n_extra + triton.cdiv(Sk, cfg.block_n), B * H)
     _bwd_dkdv_kernel[grid](
@@ -658,7 +663,7 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_launch_opts(cfg), **common,
     )
-    cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev)
+    cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
     _bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
         q, k, v, ekp, evp, emp, do, lse, delta, dq, layout.offsets, layout.indices,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(ek), *_strides4(ev), em_stride,
