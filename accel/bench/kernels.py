@@ -143,8 +143,14 @@ def run_shape(name, H, S, D, densities, args, log, flex_fns):
     for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         with sdpa_kernel(backend):
             res["dense"][label + "_fwd"] = bench(lambda: sdpa(qt, kt, vt))
+    try:  # optional extra baseline, only when the xformers extra is installed
+        import xformers.ops as xops
+
+        res["dense"]["xformers_fwd"] = bench(lambda: xops.memory_efficient_attention(q, k, v))
+    except ImportError:
+        res["dense"]["xformers_fwd"] = None
     log(f"{name}: dense cudnn fwd {res['dense']['cudnn_fwd']:.2f} ms, "
-        f"flash fwd {res['dense']['flash_fwd']:.2f} ms")
+        f"flash fwd {res['dense']['flash_fwd']:.2f} ms, xformers fwd {res['dense']['xformers_fwd']}")
     if args.bwd:
         qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
         dog = torch.randn_like(q)
