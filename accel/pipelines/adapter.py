@@ -146,6 +146,18 @@ def forward_arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
     return args[position] if len(args) > position else None
 
 
+def latent_grid(
+    args: tuple, kwargs: dict, patch: tuple[int, int, int], dims: str = "BCFHW"
+) -> tuple[int, int, int] | None:
+    """Token grid of the forward's `hidden_states` latent: dims names its axes (BCFHW, BFCHW or BCHW)."""
+    latents = forward_arg(args, kwargs, "hidden_states", 0)
+    if latents is None or latents.dim() != len(dims):
+        return None
+    size = dict(zip(dims, latents.shape, strict=True))
+    p_t, p_h, p_w = patch
+    return (-(-size.get("F", 1) // p_t), size["H"] // p_h, size["W"] // p_w)
+
+
 def as_tuple3(patch: Any) -> tuple[int, int, int]:
     if isinstance(patch, int):
         return (1, patch, patch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, forward_arg, project_qkv, register_adapter
+from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, latent_grid, project_qkv, register_adapter
 
 
 class CogVideoXJointAttnProcessor(AccelProcessor):
@@ -45,10 +45,5 @@ class CogVideoXAdapter(FamilyAdapter):
     processor_class = CogVideoXJointAttnProcessor
 
     def grid(self, transformer, args, kwargs):
-        latents = forward_arg(args, kwargs, "hidden_states", 0)  # (B, F, C, H, W)
-        if latents is None or latents.dim() != 5:
-            return None
         p = transformer.config.patch_size
-        p_t = transformer.config.patch_size_t or 1
-        _, frames, _, height, width = latents.shape
-        return (-(-frames // p_t), height // p, width // p)
+        return latent_grid(args, kwargs, (transformer.config.patch_size_t or 1, p, p), dims="BFCHW")

@@ -12,8 +12,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from accel.pipelines.adapter import (
     AccelProcessor,
     FamilyAdapter,
-    forward_arg,
     key_padding_from_mask,
+    latent_grid,
     project_added_qkv,
     project_qkv,
     register_adapter,
@@ -82,10 +82,5 @@ class HunyuanVideoAdapter(FamilyAdapter):
     processor_class = HunyuanVideoJointAttnProcessor
 
     def grid(self, transformer, args, kwargs):
-        latents = forward_arg(args, kwargs, "hidden_states", 0)
-        if latents is None or latents.dim() != 5:
-            return None
         p = transformer.config.patch_size
-        p_t = transformer.config.patch_size_t
-        _, _, frames, height, width = latents.shape
-        return (frames // p_t, height // p, width // p)
+        return latent_grid(args, kwargs, (transformer.config.patch_size_t, p, p))

@@ -76,10 +76,6 @@ class PatchHandle:
     def stats(self) -> AttentionStats:
         return self.runtime.stats if self.runtime is not None else AttentionStats()
 
-    @property
-    def layers(self) -> int:
-        return len(self.originals)
-
 
 def _transformers(pipe: Any) -> dict[str, torch.nn.Module]:
     if isinstance(pipe, torch.nn.Module):

@@ -8,7 +8,7 @@ import torch
 from accel.pipelines.adapter import (
     AccelProcessor,
     FamilyAdapter,
-    forward_arg,
+    latent_grid,
     project_added_qkv,
     project_qkv,
     register_adapter,
@@ -68,8 +68,5 @@ class SD3Adapter(FamilyAdapter):
     processor_class = SD3JointAttnProcessor
 
     def grid(self, transformer, args, kwargs):
-        latents = forward_arg(args, kwargs, "hidden_states", 0)
-        if latents is None or latents.dim() != 4:
-            return None
         p = transformer.config.patch_size
-        return (1, latents.shape[2] // p, latents.shape[3] // p)
+        return latent_grid(args, kwargs, (1, p, p), dims="BCHW")

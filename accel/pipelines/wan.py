@@ -8,7 +8,7 @@ from accel.pipelines.adapter import (
     AccelProcessor,
     FamilyAdapter,
     as_tuple3,
-    forward_arg,
+    latent_grid,
     project_qkv,
     register_adapter,
 )
@@ -59,9 +59,4 @@ class WanAdapter(FamilyAdapter):
     processor_class = WanSelfAttnProcessor
 
     def grid(self, transformer, args, kwargs):
-        latents = forward_arg(args, kwargs, "hidden_states", 0)
-        if latents is None or latents.dim() != 5:
-            return None
-        p_t, p_h, p_w = as_tuple3(transformer.config.patch_size)
-        _, _, frames, height, width = latents.shape
-        return (frames // p_t, height // p_h, width // p_w)
+        return latent_grid(args, kwargs, as_tuple3(transformer.config.patch_size))
