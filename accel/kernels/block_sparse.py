@@ -175,6 +175,82 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _fwd_ws_kernel(
+    Q, K, V, Out, Lse, Offsets, Indices,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    stride_offl, stride_idxl,
+    H, Sq, Sk, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAYOUT_PER_HEAD: tl.constexpr, WRITE_LSE: tl.constexpr, MASK_TAIL: tl.constexpr,
+):
+    """Hopper forward with Triton's automatic warp specialisation (FA3-style producer/consumers).
+
+    One TMA producer warp group feeds two consumer warp groups of 64 query rows each, so one group's
+    softmax overlaps the other's matmuls. Every load and store goes through tensor descriptors: under
+    warp specialisation Triton 3.6 computes pointer-store addresses wrongly (benchmarks/NOTES.md).
+    Needs one compute tile per layout block (BLOCK_M, BLOCK_N = the layout's blocks) and no extra keys.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[Sq, HEAD_DIM],
+                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk, HEAD_DIM],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk, HEAD_DIM],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    o_desc = tl.make_tensor_descriptor(Out + off_b * stride_ob + off_h * stride_oh, shape=[Sq, HEAD_DIM],
+                                       strides=[stride_om, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    q = q_desc.load([start_m, 0])  # rows past Sq arrive as zeros and are never stored
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if LAYOUT_PER_HEAD:
+        layout_off = off_h
+    else:
+        layout_off = 0
+    row_offsets = Offsets + layout_off * stride_offl + pid_m
+    row_idx = Indices + layout_off * stride_idxl
+    lo = tl.load(row_offsets)
+    hi = tl.load(row_offsets + 1)
+    offs_n = tl.arange(0, BLOCK_N)
+    # One loop over all tiles (a second, masked loop would turn warp specialisation off): when Sk is
+    # not a multiple of BLOCK_N, a -inf bias hides keys past Sk (TMA fills them with zeros). Each listed
+    # tile holds at least one real key, so the running max never stays -inf.
+    for it in tl.range(lo, hi, warp_specialize=True):
+        start_n = tl.load(row_idx + it) * BLOCK_N
+        k = k_desc.load([start_n, 0]).T
+        v = v_desc.load([start_n, 0])
+        qk = tl.dot(q, k)
+        if MASK_TAIL:
+            qk = qk * qk_scale + tl.where(start_n + offs_n < Sk, 0.0, float("-inf"))[None, :]
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))
+    if WRITE_LSE:  # a 1-D descriptor: each (b, h) row of Lse starts 16-byte aligned (see _alloc_lse)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+        l_desc = tl.make_tensor_descriptor(Lse + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
+                                           block_shape=[BLOCK_M])
+        l_desc.store([start_m], lse)
+
+
+@triton.jit
 def _bwd_preprocess(
     Out, DO, DLse, Delta,
     stride_ob, stride_om, stride_oh, stride_od,
@@ -487,6 +563,7 @@ class KernelConfig:
     num_stages: int = 2
     tma: bool = False  # forward only: K/V through Hopper tensor descriptors
     maxnreg: int | None = None  # register cap per thread (e.g. 128 for two 8-warp programs per SM)
+    warp_specialize: bool = False  # forward only: the warp-specialised Hopper kernel (_fwd_ws_kernel)
 
 
 # Forward, keyed by (compute capability major, head_dim_pad). Winners of the H100 sweep in
@@ -496,7 +573,7 @@ class KernelConfig:
 # softmax and matmuls overlap: 3.55-3.76 vs 4.08-4.12 ms (uncapped, 128 keys: 5.1). sm80: untuned guesses.
 _FWD_CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (9, 64): KernelConfig(128, 128, 8, 2, tma=True, maxnreg=128),
-    (9, 128): KernelConfig(128, 128, 8, 3, tma=True),
+    (9, 128): KernelConfig(128, 128, 4, 2, warp_specialize=True),
     (8, 64): KernelConfig(128, 64, 4, 3),
     (8, 128): KernelConfig(128, 64, 8, 3),
 }
@@ -509,6 +586,11 @@ _BWD_DKDV_CONFIGS: dict[tuple[int, int], KernelConfig] = {
 _BWD_DQ_CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (9, 64): KernelConfig(64, 64, 4, 3),
     (9, 128): KernelConfig(128, 64, 8, 2),
+}
+# When a warp-specialised config cannot run (extra keys, other blocks, strides TMA refuses).
+_FWD_FALLBACK_CONFIGS: dict[tuple[int, int], KernelConfig] = {
+    (9, 64): KernelConfig(128, 128, 8, 2, tma=True, maxnreg=128),
+    (9, 128): KernelConfig(128, 128, 8, 3, tma=True),
 }
 _DEFAULT_GPU_FWD = KernelConfig(64, 64, 4, 2)
 _DEFAULT_GPU_BWD = KernelConfig(64, 64, 4, 2)
@@ -530,7 +612,8 @@ def _fit(cfg: KernelConfig, block_q: int, block_k: int, head_dim_pad: int, is_cu
     bm, bn = min(cfg.block_m, block_q), min(cfg.block_n, block_k)
     if is_cuda and head_dim_pad >= 256:  # register pressure: halve the tiles
         bm, bn = min(bm, 64), min(bn, 64)
-    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.tma, cfg.maxnreg if is_cuda else None)
+    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.tma, cfg.maxnreg if is_cuda else None,
+                        cfg.warp_specialize and is_cuda)
 
 
 def _pick(kind: int, table: dict, default: KernelConfig, block_q: int, block_k: int, hdp: int,
@@ -592,12 +675,52 @@ def _ensure_allocator() -> None:
     triton.set_allocator(_torch_alloc)
 
 
+def _alloc_lse(B: int, H: int, Sq: int, device: torch.device) -> torch.Tensor:
+    """(B, H, Sq) float32 LSE whose rows start 16-byte aligned (a view of (B, H, Sq rounded up to 4))."""
+    return torch.empty(B, H, -(-Sq // 4) * 4, dtype=torch.float32, device=device)[..., :Sq]
+
+
+def _lse_tma_ok(lse: torch.Tensor | None) -> bool:
+    return lse is None or (lse.stride(-1) == 1 and lse.data_ptr() % 16 == 0
+                           and all(st % 4 == 0 for st in lse.stride()[:-1]))
+
+
+def _ws_ok(cfg: KernelConfig, q, k, v, out, lse, layout: BlockLayout, T: int) -> bool:
+    """Whether the warp-specialised forward can take this call (else the pipelined kernel runs)."""
+    return (cfg.warp_specialize and T == 0 and cfg.block_m == layout.block_m and cfg.block_n == layout.block_n
+            and torch.cuda.get_device_capability(q.device)[0] == 9 and all(_tma_ok(t) for t in (q, k, v, out))
+            and _lse_tma_ok(lse))
+
+
+def _fwd_ws(q, k, v, layout, scale, out, lse, cfg):
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    _fwd_ws_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
+        q, k, v, out, lse if lse is not None else out, layout.offsets, layout.indices,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+        layout.offsets.stride(0), layout.indices.stride(0),
+        H, Sq, Sk, scale * LOG2E,
+        HEAD_DIM=D, HEAD_DIM_PAD=_head_dim_pad(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        LAYOUT_PER_HEAD=layout.heads > 1, WRITE_LSE=lse is not None, MASK_TAIL=Sk % cfg.block_n != 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
 def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     T = ek.shape[1] if ek is not None else 0
     hdp = _head_dim_pad(D)
     cfg = _pick(0, _FWD_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device, q.dtype)
+    if cfg.warp_specialize:
+        if _ws_ok(cfg, q, k, v, out, lse, layout, T):
+            _ensure_allocator()
+            _fwd_ws(q, k, v, layout, scale, out, lse, cfg)
+            return
+        cfg = _pick(0, _FWD_FALLBACK_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device,
+                    q.dtype)
     lse_t = lse if lse is not None else out  # dummy pointer when not written
     use_tma = cfg.tma and _tma_ok(k) and _tma_ok(v)
     if use_tma:
@@ -629,7 +752,10 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
     T = ek.shape[1] if ek is not None else 0
     hdp = _head_dim_pad(D)
     dev = q.device
-    delta = torch.empty_like(lse)
+    # Delta (and dLse) share LSE's strides: the kernels index all three with one (stride_lb, stride_lh).
+    delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=dev)
+    if dlse is not None and dlse.stride() != lse.stride():
+        dlse = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=dev).copy_(dlse)
     pre_bm = 64 if hdp <= 128 else 32
     _bwd_preprocess[(triton.cdiv(Sq, pre_bm), B * H)](
         out, do, dlse if dlse is not None else lse, delta, *out.stride(), *do.stride(),
@@ -682,7 +808,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, ek, ev, emask, layout, scale):
         B, Sq, H, D = q.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        lse = _alloc_lse(B, H, Sq, q.device)
         _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse)
         ctx.save_for_backward(q, k, v, ek, ev, emask, out, lse)
         ctx.layout = layout
@@ -900,6 +1026,6 @@ def block_sparse_attention(
         return (o, lse) if return_lse else o
     B, Sq, H, _ = q.shape
     o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device) if return_lse else None
+    lse = _alloc_lse(B, H, Sq, q.device) if return_lse else None
     _fwd(q, k, v, layout, extra_k, extra_v, emask, scale, o, lse)
     return (o, lse) if return_lse else o
