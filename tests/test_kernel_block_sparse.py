@@ -169,6 +169,31 @@ def test_warp_specialized_forward(dtype, B, sq, sk, H, D, L):
     assert float((lse.double()[fin] - ref_lse[fin]).abs().max()) <= (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="calls the Hopper kernels directly: interpreter only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B, sq, sk, H, D, L, sub", [(2, 100, 90, 2, 32, 1, 16), (1, 64, 128, 3, 16, 3, 32),
+                                                     (1, 33, 47, 1, 24, 1, 16)])
+def test_warp_specialized_backward(dtype, B, sq, sk, H, D, L, sub):
+    """The warp-specialised dK/dV and dQ kernels (no masks: TMA zero fill does it) against autograd."""
+    q, k, v, _, _ = make_inputs(B, sq, sk, H, D, 0, dtype, grad=False)
+    lay = random_layout(L, sq, sk, 32, 32)
+    out, lse = block_sparse_attention(q, k, v, lay, return_lse=True)
+    do = torch.randn_like(out)
+    delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32)
+    delta.copy_((out.float() * do.float()).sum(-1).transpose(1, 2))
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    bs._ensure_allocator()
+    bs._bwd_dkdv_ws(q, k, v, do, lse, delta, dk, dv, lay.transpose(), D ** -0.5,
+                    bs.KernelConfig(sub, 32, 4, 2, warp_specialize=True))
+    bs._bwd_dq_ws(q, k, v, do, lse, delta, dq, lay, D ** -0.5, bs.KernelConfig(32, sub, 4, 2, warp_specialize=True))
+    d64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference_block_sparse_attention(*d64, lay)
+    exp = torch.autograd.grad((ref * do.double()).sum(), d64)
+    for name, got, want in zip("qkv", (dq, dk, dv), exp, strict=True):
+        print(f"d{name} rel {rel(got, want):.2e}")
+        assert rel(got, want) <= TOL[dtype], name
+
+
 def test_warp_specialized_config_falls_back():
     """A warp-specialised config that cannot run here (extra keys, CPU) takes the pipelined kernel."""
     old = list(bs._CONFIG_OVERRIDE)

@@ -552,6 +552,139 @@ def _bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
+@triton.jit
+def _bwd_dkdv_ws_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, TOffsets, TIndices,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    stride_lb, stride_lh,
+    stride_offl, stride_idxl,
+    H, Sq, Sk, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_PER_HEAD: tl.constexpr,
+):
+    """dK, dV of one key tile, warp-specialised for Hopper like _fwd_ws_kernel (all I/O through TMA).
+
+    No masks: rows past Sq arrive with dO = 0 and contribute nothing; key rows past Sk are never stored.
+    """
+    SUB_M: tl.constexpr = BLOCK_Q // BLOCK_M
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[Sq, HEAD_DIM],
+                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    do_desc = tl.make_tensor_descriptor(DO + off_b * stride_dob + off_h * stride_doh, shape=[Sq, HEAD_DIM],
+                                        strides=[stride_dom, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    lse_desc = tl.make_tensor_descriptor(Lse + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
+                                         block_shape=[BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(Delta + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
+                                           block_shape=[BLOCK_M])
+    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk, HEAD_DIM],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk, HEAD_DIM],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    k = k_desc.load([start_n, 0])
+    v = v_desc.load([start_n, 0])
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    if LAYOUT_PER_HEAD:
+        layout_off = off_h
+    else:
+        layout_off = 0
+    col_offsets = TOffsets + layout_off * stride_offl + pid_n
+    col_idx = TIndices + layout_off * stride_idxl
+    lo = tl.load(col_offsets)
+    hi = tl.load(col_offsets + 1)
+    for it in tl.range(lo * SUB_M, hi * SUB_M, warp_specialize=True):
+        start_m = tl.load(col_idx + it // SUB_M) * BLOCK_Q + (it % SUB_M) * BLOCK_M
+        q = q_desc.load([start_m, 0])
+        do = do_desc.load([start_m, 0])
+        lse = lse_desc.load([start_m])
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = delta_desc.load([start_m])
+        pT = tl.math.exp2(tl.dot(k, q.T) * qk_scale - lse[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, do.T)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+    dk_desc = tl.make_tensor_descriptor(DK + off_b * stride_dkb + off_h * stride_dkh, shape=[Sk, HEAD_DIM],
+                                        strides=[stride_dkn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    dv_desc = tl.make_tensor_descriptor(DV + off_b * stride_dvb + off_h * stride_dvh, shape=[Sk, HEAD_DIM],
+                                        strides=[stride_dvn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    dk_desc.store([start_n, 0], (dk * sm_scale).to(DK.dtype.element_ty))
+    dv_desc.store([start_n, 0], dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_dq_ws_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Offsets, Indices,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_lb, stride_lh,
+    stride_offl, stride_idxl,
+    H, Sq, Sk, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_PER_HEAD: tl.constexpr,
+):
+    """dQ of one query tile, warp-specialised (all I/O through TMA).
+
+    No masks: key rows past Sk arrive as zeros, so their dS meets K = 0 and adds nothing to dQ.
+    """
+    SUB_N: tl.constexpr = BLOCK_K // BLOCK_N
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[Sq, HEAD_DIM],
+                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    do_desc = tl.make_tensor_descriptor(DO + off_b * stride_dob + off_h * stride_doh, shape=[Sq, HEAD_DIM],
+                                        strides=[stride_dom, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    lse_desc = tl.make_tensor_descriptor(Lse + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
+                                         block_shape=[BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(Delta + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
+                                           block_shape=[BLOCK_M])
+    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk, HEAD_DIM],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk, HEAD_DIM],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    q = q_desc.load([start_m, 0])
+    do = do_desc.load([start_m, 0])
+    lse = lse_desc.load([start_m])
+    # Rows past Sq (zero-filled) and rows that see nothing (LSE = -inf) get P = 0 through an LSE of +inf.
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = delta_desc.load([start_m])
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if LAYOUT_PER_HEAD:
+        layout_off = off_h
+    else:
+        layout_off = 0
+    row_offsets = Offsets + layout_off * stride_offl + pid_m
+    row_idx = Indices + layout_off * stride_idxl
+    lo = tl.load(row_offsets)
+    hi = tl.load(row_offsets + 1)
+    for it in tl.range(lo * SUB_N, hi * SUB_N, warp_specialize=True):
+        start_n = tl.load(row_idx + it // SUB_N) * BLOCK_K + (it % SUB_N) * BLOCK_N
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+        p = tl.math.exp2(tl.dot(q, k.T) * qk_scale - lse[:, None])
+        dp = tl.dot(do, v.T)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    dq_desc = tl.make_tensor_descriptor(DQ + off_b * stride_dqb + off_h * stride_dqh, shape=[Sq, HEAD_DIM],
+                                        strides=[stride_dqm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    dq_desc.store([start_m, 0], (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
 # --------------------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
 class KernelConfig:
@@ -584,6 +717,15 @@ _BWD_DKDV_CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (9, 128): KernelConfig(32, 64, 4, 3),
 }
 _BWD_DQ_CONFIGS: dict[tuple[int, int], KernelConfig] = {
+    (9, 64): KernelConfig(64, 64, 4, 3),
+    (9, 128): KernelConfig(128, 64, 8, 2),
+}
+# When a warp-specialised backward config cannot run (extra keys, strides TMA refuses).
+_BWD_DKDV_FALLBACK: dict[tuple[int, int], KernelConfig] = {
+    (9, 64): KernelConfig(64, 64, 4, 3),
+    (9, 128): KernelConfig(32, 64, 4, 3),
+}
+_BWD_DQ_FALLBACK: dict[tuple[int, int], KernelConfig] = {
     (9, 64): KernelConfig(64, 64, 4, 3),
     (9, 128): KernelConfig(128, 64, 8, 2),
 }
@@ -776,7 +918,71 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
     em_stride = emask.stride(0) if emask is not None else 0
 
     t = layout.transpose()
+    # Warp-specialised kernels (Hopper, no extra keys, every tensor TMA-addressable) where the tables ask.
+    ws_ok = (T == 0 and q.is_cuda and torch.cuda.get_device_capability(dev)[0] == 9
+             and all(_tma_ok(x) for x in (q, k, v, do, dq, dk, dv)) and _lse_tma_ok(lse))
     cfg = _pick(1, _BWD_DKDV_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
+    if cfg.warp_specialize and ws_ok and cfg.block_n == layout.block_n:
+        _ensure_allocator()
+        _bwd_dkdv_ws(q, k, v, do, lse, delta, dk, dv, t, scale, cfg)
+        cfg = None
+    elif cfg.warp_specialize:
+        cfg = _pick(1, _BWD_DKDV_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
+    if cfg is not None:
+        _bwd_dkdv(q, k, v, ekp, evp, emp, em_stride, do, lse, delta, dk, dv, dek, dev_, ek, ev, t, H, Sq, Sk, T,
+                  scale, cfg, common)
+    cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
+    if cfg.warp_specialize and ws_ok and cfg.block_m == layout.block_m:
+        _ensure_allocator()
+        _bwd_dq_ws(q, k, v, do, lse, delta, dq, layout, scale, cfg)
+        return dq, dk, dv, dek, dev_
+    if cfg.warp_specialize:
+        cfg = _pick(2, _BWD_DQ_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
+    _bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
+        q, k, v, ekp, evp, emp, do, lse, delta, dq, layout.offsets, layout.indices,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(ek), *_strides4(ev), em_stride,
+        *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
+        layout.offsets.stride(0), layout.indices.stride(0),
+        H, Sq, Sk, T, scale, scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_launch_opts(cfg), **common,
+    )
+    return dq, dk, dv, dek, dev_
+
+
+def _bwd_dkdv_ws(q, k, v, do, lse, delta, dk, dv, t: BlockLayout, scale: float, cfg: KernelConfig) -> None:
+    """Warp-specialised dK/dV launch; ``t`` is the transposed layout (key block -> query blocks)."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    _bwd_dkdv_ws_kernel[(triton.cdiv(Sk, cfg.block_n), B * H)](
+        q, k, v, do, lse, delta, dk, dv, t.offsets, t.indices,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+        *dv.stride()[:3], lse.stride(0), lse.stride(1), t.offsets.stride(0), t.indices.stride(0),
+        H, Sq, Sk, scale, scale * LOG2E,
+        HEAD_DIM=D, HEAD_DIM_PAD=_head_dim_pad(D), BLOCK_Q=t.block_n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        LAYOUT_PER_HEAD=t.heads > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _bwd_dq_ws(q, k, v, do, lse, delta, dq, layout: BlockLayout, scale: float, cfg: KernelConfig) -> None:
+    """Warp-specialised dQ launch."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    _bwd_dq_ws_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
+        q, k, v, do, lse, delta, dq, layout.offsets, layout.indices,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        lse.stride(0), lse.stride(1), layout.offsets.stride(0), layout.indices.stride(0),
+        H, Sq, Sk, scale, scale * LOG2E,
+        HEAD_DIM=D, HEAD_DIM_PAD=_head_dim_pad(D), BLOCK_K=layout.block_n, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, LAYOUT_PER_HEAD=layout.heads > 1, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _bwd_dkdv(q, k, v, ekp, evp, emp, em_stride, do, lse, delta, dk, dv, dek, dev_, ek, ev, t, H, Sq, Sk, T,
+              scale, cfg, common):
+    """The pipelined dK/dV launch (any GPU, extra keys, the interpreter)."""
+    B = q.shape[0]
     n_extra = triton.cdiv(T, cfg.block_n) if T else 0
     grid = (n_extra + triton.cdiv(Sk, cfg.block_n), B * H)
     _bwd_dkdv_kernel[grid](
@@ -789,17 +995,6 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_launch_opts(cfg), **common,
     )
-    cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
-    _bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
-        q, k, v, ekp, evp, emp, do, lse, delta, dq, layout.offsets, layout.indices,
-        *q.stride(), *k.stride(), *v.stride(), *_strides4(ek), *_strides4(ev), em_stride,
-        *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
-        layout.offsets.stride(0), layout.indices.stride(0),
-        H, Sq, Sk, T, scale, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_launch_opts(cfg), **common,
-    )
-    return dq, dk, dv, dek, dev_
 
 
 # -------------------------------------------------------------------------------------- autograd Function
