@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         result["correctness"] = check_correctness(log)
         save()
     result["configs"] = {n: {str(k): v.__dict__ for k, v in t.items()} for n, t in (
-        ("fwd", bs._FWD_CONFIGS), ("dkdv", bs._BWD_DKDV_CONFIGS), ("dq", bs._BWD_DQ_CONFIGS))}
+        ("fwd", bs._FWD_CONFIGS), ("dkdv", bs._BWD_DKDV_CONFIGS), ("dq", bs._BWD_DQ_CONFIGS),
+        ("fwd_fallback", bs._FWD_FALLBACK_CONFIGS), ("dkdv_fallback", bs._BWD_DKDV_FALLBACK),
+        ("dq_fallback", bs._BWD_DQ_FALLBACK))}
     flex_fns = {}
     if args.flex:
         from torch.nn.attention.flex_attention import flex_attention

@@ -699,11 +699,12 @@ class KernelConfig:
     warp_specialize: bool = False  # forward only: the warp-specialised Hopper kernel (_fwd_ws_kernel)
 
 
-# Forward, keyed by (compute capability major, head_dim_pad). Winners of the H100 sweep in
-# benchmarks/NOTES.md (bf16, S=32k, 25% tiles): 128 query rows x 8 warps keep the tensor cores fed;
-# TMA descriptors for K/V gave +3% at D=128 (3.41 vs 3.52 ms) and +3% at D=64 (4.03 vs 4.14 ms).
+# Forward, keyed by (compute capability major, head_dim_pad). Winners of the H100 sweeps in
+# benchmarks/NOTES.md (bf16, S=32k, 25% tiles). D=128: the warp-specialised kernel (one TMA producer
+# warp group, two 64-row consumer groups) 3.32 vs 3.47 ms for the pipelined 128x128/8-warp kernel.
 # D=64: 128-key tiles with a 128-register cap run two programs per SM (82 KB shared each), whose
-# softmax and matmuls overlap: 3.55-3.76 vs 4.08-4.12 ms (uncapped, 128 keys: 5.1). sm80: untuned guesses.
+# softmax and matmuls overlap: 3.55-3.76 vs 4.08-4.12 ms; warp specialisation was slower there
+# (3.96 vs 3.68 ms). sm80: untuned guesses.
 _FWD_CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (9, 64): KernelConfig(128, 128, 8, 2, tma=True, maxnreg=128),
     (9, 128): KernelConfig(128, 128, 4, 2, warp_specialize=True),
@@ -712,13 +713,15 @@ _FWD_CONFIGS: dict[tuple[int, int], KernelConfig] = {
 }
 # Backward: dK/dV key-major with narrow query tiles, dQ query-major, as in FA2. Small 4-warp tiles won
 # dK/dV on H100 (fwd+bwd 15.5 ms vs 16.0-21.3 for the other tiles at D=128).
+# Hopper: warp-specialised kernels (H100 probe, fwd+bwd at 25% tiles: D=128 14.8 -> 11.9 ms with dK/dV
+# 64 queries x 128 keys and dQ 128 x 128; D=64 16.1 -> 14.7 ms with 128 x 128 for both).
 _BWD_DKDV_CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(64, 64, 4, 3),
-    (9, 128): KernelConfig(32, 64, 4, 3),
+    (9, 64): KernelConfig(128, 128, 4, 2, warp_specialize=True),
+    (9, 128): KernelConfig(64, 128, 4, 2, warp_specialize=True),
 }
 _BWD_DQ_CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(64, 64, 4, 3),
-    (9, 128): KernelConfig(128, 64, 8, 2),
+    (9, 64): KernelConfig(128, 128, 4, 2, warp_specialize=True),
+    (9, 128): KernelConfig(128, 128, 4, 2, warp_specialize=True),
 }
 # When a warp-specialised backward config cannot run (extra keys, strides TMA refuses).
 _BWD_DKDV_FALLBACK: dict[tuple[int, int], KernelConfig] = {
@@ -829,7 +832,7 @@ def _lse_tma_ok(lse: torch.Tensor | None) -> bool:
 
 def _ws_ok(cfg: KernelConfig, q, k, v, out, lse, layout: BlockLayout, T: int) -> bool:
     """Whether the warp-specialised forward can take this call (else the pipelined kernel runs)."""
-    return (cfg.warp_specialize and T == 0 and cfg.block_m == layout.block_m and cfg.block_n == layout.block_n
+    return (cfg.warp_specialize and T == 0 and cfg.block_m == layout.block_m == 128 and cfg.block_n == layout.block_n
             and torch.cuda.get_device_capability(q.device)[0] == 9 and all(_tma_ok(t) for t in (q, k, v, out))
             and _lse_tma_ok(lse))
 
@@ -922,7 +925,7 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
     ws_ok = (T == 0 and q.is_cuda and torch.cuda.get_device_capability(dev)[0] == 9
              and all(_tma_ok(x) for x in (q, k, v, do, dq, dk, dv)) and _lse_tma_ok(lse))
     cfg = _pick(1, _BWD_DKDV_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
-    if cfg.warp_specialize and ws_ok and cfg.block_n == layout.block_n:
+    if cfg.warp_specialize and ws_ok and cfg.block_n == layout.block_n == 128:
         _ensure_allocator()
         _bwd_dkdv_ws(q, k, v, do, lse, delta, dk, dv, t, scale, cfg)
         cfg = None
@@ -932,7 +935,7 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
         _bwd_dkdv(q, k, v, ekp, evp, emp, em_stride, do, lse, delta, dk, dv, dek, dev_, ek, ev, t, H, Sq, Sk, T,
                   scale, cfg, common)
     cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
-    if cfg.warp_specialize and ws_ok and cfg.block_m == layout.block_m:
+    if cfg.warp_specialize and ws_ok and cfg.block_m == layout.block_m == 128:
         _ensure_allocator()
         _bwd_dq_ws(q, k, v, do, lse, delta, dq, layout, scale, cfg)
         return dq, dk, dv, dek, dev_
