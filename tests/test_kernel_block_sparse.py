@@ -148,21 +148,41 @@ def test_compute_tile_smaller_than_block():
 
 @pytest.mark.skipif(not INTERPRET, reason="calls the Hopper kernel directly: interpreter only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("B, sq, sk, H, D, L", [(2, 100, 90, 2, 32, 1), (1, 64, 128, 3, 16, 3), (1, 33, 47, 1, 24, 1)])
-def test_warp_specialized_forward(dtype, B, sq, sk, H, D, L):
-    """The warp-specialised Hopper forward (auto-picked on sm_90 without extra keys) against the reference.
+@pytest.mark.parametrize("B, sq, sk, H, D, L, T, text", [
+    (2, 100, 90, 2, 32, 1, 0, "none"), (1, 64, 128, 3, 16, 3, 0, "none"), (1, 33, 47, 1, 24, 1, 0, "none"),
+    (2, 70, 70, 2, 16, 1, 45, "after"), (2, 70, 64, 2, 16, 2, 32, "before"), (1, 50, 40, 2, 16, 1, 7, "apart"),
+])
+def test_warp_specialized_forward(dtype, B, sq, sk, H, D, L, T, text):
+    """The warp-specialised Hopper forward (auto-picked on sm_90) against the reference.
 
     Covers tails on both sides (TMA zero fill + the -inf key bias), empty rows, per-head layouts, a head
-    dim below its padding, and the padded LSE rows its 1-D descriptor store needs.
+    dim below its padding, the padded LSE rows its 1-D descriptor store needs, and text keys after or
+    before the video in one buffer (read in place) or in a separate tensor (concatenated), with padding.
     """
-    q, k, v, _, _ = make_inputs(B, sq, sk, H, D, 0, dtype, grad=False)
     lay = random_layout(L, sq, sk, 32, 32)
+    q = torch.randn(B, sq, H, D, dtype=dtype)
+    ek = ev = em = None
+    if text == "none":
+        k, v = (torch.randn(B, sk, H, D, dtype=dtype) for _ in range(2))
+    elif text == "apart":
+        k, v, ek, ev = (torch.randn(B, n, H, D, dtype=dtype) for n in (sk, sk, T, T))
+    else:
+        kv = torch.randn(2, B, sk + T, H, D, dtype=dtype)
+        video, txt = (slice(0, sk), slice(sk, None)) if text == "after" else (slice(T, None), slice(0, T))
+        k, v, ek, ev = kv[0][:, video], kv[1][:, video], kv[0][:, txt], kv[1][:, txt]
+        assert bs._joint_keys(k, ek)[1:] == ((0, sk) if text == "after" else (T, 0))
+    if T:
+        em = torch.rand(B, T) < 0.6
+        em[0] = False  # a batch whose text is all padding
     out = torch.full_like(q, float("nan"))
     lse = bs._alloc_lse(B, H, sq, q.device)
     assert lse.stride(1) % 4 == 0 and bs._lse_tma_ok(lse)
     bs._ensure_allocator()
-    bs._fwd_ws(q, k, v, lay, D ** -0.5, out, lse, bs.KernelConfig(32, 32, 4, 2, warp_specialize=True))
-    ref, ref_lse = reference_block_sparse_attention(q.double(), k.double(), v.double(), lay, return_lse=True)
+    assert bs._fwd_ws(q, k, v, lay, D ** -0.5, out, lse, bs.KernelConfig(32, 32, 4, 2, warp_specialize=True),
+                      ek, ev, em.to(torch.int8) if em is not None else None, require_tma=False)
+    d64 = [t.double() if t is not None else None for t in (q, k, v, ek, ev)]
+    ref, ref_lse = reference_block_sparse_attention(*d64[:3], lay, extra_k=d64[3], extra_v=d64[4], extra_mask=em,
+                                                    return_lse=True)
     fin = torch.isfinite(ref_lse)
     assert rel(out, ref) <= TOL[dtype]
     assert bool((lse[~fin] == float("-inf")).all())

@@ -176,23 +176,29 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_ws_kernel(
-    Q, K, V, Out, Lse, Offsets, Indices,
+    Q, K, V, TextBias, Out, Lse, Offsets, Indices,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
+    stride_tbb,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
     stride_offl, stride_idxl,
-    H, Sq, Sk, qk_scale,
+    H, Sq, Sk, T, video_row, text_row, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    LAYOUT_PER_HEAD: tl.constexpr, WRITE_LSE: tl.constexpr, MASK_TAIL: tl.constexpr,
+    LAYOUT_PER_HEAD: tl.constexpr, WRITE_LSE: tl.constexpr, MASK_KEYS: tl.constexpr,
+    HAS_EXTRA_MASK: tl.constexpr,
 ):
     """Hopper forward with Triton's automatic warp specialisation (FA3-style producer/consumers).
 
     One TMA producer warp group feeds two consumer warp groups of 64 query rows each, so one group's
     softmax overlaps the other's matmuls. Every load and store goes through tensor descriptors: under
     warp specialisation Triton 3.6 computes pointer-store addresses wrongly (benchmarks/NOTES.md).
-    Needs one compute tile per layout block (BLOCK_M, BLOCK_N = the layout's blocks) and no extra keys.
+    K and V hold the Sk video keys (from row ``video_row``) and the T extra (text) keys (from row
+    ``text_row``) in one buffer of Sk + T rows; one loop visits the layout's key blocks, then the text
+    tiles (a second loop would turn specialisation off). Padded text keys come as a (B, T) float bias
+    (0 or -inf) read through a descriptor: a pointer load in the loop stops specialisation from compiling.
+    Needs one compute tile per layout block.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -201,9 +207,9 @@ def _fwd_ws_kernel(
     start_m = pid_m * BLOCK_M
     q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[Sq, HEAD_DIM],
                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
-    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk, HEAD_DIM],
+    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk + T, HEAD_DIM],
                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk, HEAD_DIM],
+    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk + T, HEAD_DIM],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
     o_desc = tl.make_tensor_descriptor(Out + off_b * stride_ob + off_h * stride_oh, shape=[Sq, HEAD_DIM],
                                        strides=[stride_om, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
@@ -220,22 +226,34 @@ def _fwd_ws_kernel(
     lo = tl.load(row_offsets)
     hi = tl.load(row_offsets + 1)
     offs_n = tl.arange(0, BLOCK_N)
-    # One loop over all tiles (a second, masked loop would turn warp specialisation off): when Sk is
-    # not a multiple of BLOCK_N, a -inf bias hides keys past Sk (TMA fills them with zeros). Each listed
-    # tile holds at least one real key, so the running max never stays -inf.
-    for it in tl.range(lo, hi, warp_specialize=True):
-        start_n = tl.load(row_idx + it) * BLOCK_N
+    if HAS_EXTRA_MASK:
+        tb_desc = tl.make_tensor_descriptor(TextBias + off_b * stride_tbb, shape=[T], strides=[1],
+                                            block_shape=[BLOCK_N])
+    # Keys past the end of their part (the video tail tile reads into the text, a text tile past T) and
+    # padded text keys get a -inf bias; compiled in only when a tile can hold such keys.
+    for it in tl.range(lo, hi + tl.cdiv(T, BLOCK_N), warp_specialize=True):
+        is_video = it < hi
+        kb = tl.load(row_idx + it, mask=is_video, other=0)
+        local_n = tl.where(is_video, kb, it - hi) * BLOCK_N  # first key of the tile within its part
+        start_n = local_n + tl.where(is_video, video_row, text_row)
         k = k_desc.load([start_n, 0]).T
         v = v_desc.load([start_n, 0])
         qk = tl.dot(q, k)
-        if MASK_TAIL:
-            qk = qk * qk_scale + tl.where(start_n + offs_n < Sk, 0.0, float("-inf"))[None, :]
+        if MASK_KEYS:
+            bias = tl.where(local_n + offs_n < tl.where(is_video, Sk, T), 0.0, float("-inf"))
+            if HAS_EXTRA_MASK:
+                text_bias = tb_desc.load([tl.where(is_video, 0, local_n)])
+                bias += tl.where(is_video, 0.0, text_bias)
+            qk = qk * qk_scale + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
+            # A text tile whose keys are all padding must not turn -inf - -inf into NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -830,27 +848,64 @@ def _lse_tma_ok(lse: torch.Tensor | None) -> bool:
                            and all(st % 4 == 0 for st in lse.stride()[:-1]))
 
 
-def _ws_ok(cfg: KernelConfig, q, k, v, out, lse, layout: BlockLayout, T: int) -> bool:
+def _ws_ok(cfg: KernelConfig, q, out, lse, layout: BlockLayout) -> bool:
     """Whether the warp-specialised forward can take this call (else the pipelined kernel runs)."""
-    return (cfg.warp_specialize and T == 0 and cfg.block_m == layout.block_m == 128 and cfg.block_n == layout.block_n
-            and torch.cuda.get_device_capability(q.device)[0] == 9 and all(_tma_ok(t) for t in (q, k, v, out))
+    return (cfg.warp_specialize and cfg.block_m == layout.block_m == 128 and cfg.block_n == layout.block_n
+            and torch.cuda.get_device_capability(q.device)[0] == 9 and _tma_ok(q) and _tma_ok(out)
             and _lse_tma_ok(lse))
 
 
-def _fwd_ws(q, k, v, layout, scale, out, lse, cfg):
+def _joint_keys(k: torch.Tensor, ek: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+    """One buffer holding the video keys and the text keys: (base view, video row, text row).
+
+    Diffusers' joint attention slices both parts out of one concatenated tensor; when they sit next to
+    each other (text after or before the video, same strides) the base is that buffer and nothing is
+    copied. Otherwise the two are concatenated once.
+    """
+    if ek is None:
+        return k, 0, 0
+    Sk, T = k.shape[1], ek.shape[1]
+    es = k.element_size()
+    if k.stride() == ek.stride():
+        if ek.data_ptr() == k.data_ptr() + Sk * k.stride(1) * es:
+            return k, 0, Sk
+        if k.data_ptr() == ek.data_ptr() + T * ek.stride(1) * es:
+            return ek, T, 0
+    return torch.cat([k, ek], 1), 0, Sk
+
+
+def _fwd_ws(q, k, v, layout, scale, out, lse, cfg, ek=None, ev=None, emask=None, require_tma: bool = True) -> bool:
+    """Launch the warp-specialised forward; False (nothing launched) when K/V cannot be TMA-addressed."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
+    T = ek.shape[1] if ek is not None else 0
+    kk, k_video_row, k_text_row = _joint_keys(k, ek)
+    vv, v_video_row, v_text_row = _joint_keys(v, ev)
+    if (k_video_row, k_text_row) != (v_video_row, v_text_row):
+        kk, vv = torch.cat([k, ek], 1), torch.cat([v, ev], 1)
+        k_video_row, k_text_row = 0, Sk
+    if require_tma and not (_tma_ok(kk) and _tma_ok(vv)):
+        return False
+    text_bias = None
+    if emask is not None:  # (B, T) float32, 0 = visible, -inf = padded; rows 16-byte aligned
+        text_bias = torch.zeros(B, -(-T // 4) * 4, dtype=torch.float32, device=q.device)[:, :T]
+        text_bias.masked_fill_(emask == 0, float("-inf"))
+    _ensure_allocator()
     _fwd_ws_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
-        q, k, v, out, lse if lse is not None else out, layout.offsets, layout.indices,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        q, kk, vv, text_bias if text_bias is not None else q, out, lse if lse is not None else out,
+        layout.offsets, layout.indices,
+        q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+        vv.stride(0), vv.stride(1), vv.stride(2), text_bias.stride(0) if text_bias is not None else 0,
+        out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         layout.offsets.stride(0), layout.indices.stride(0),
-        H, Sq, Sk, scale * LOG2E,
+        H, Sq, Sk, T, k_video_row, k_text_row, scale * LOG2E,
         HEAD_DIM=D, HEAD_DIM_PAD=_head_dim_pad(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        LAYOUT_PER_HEAD=layout.heads > 1, WRITE_LSE=lse is not None, MASK_TAIL=Sk % cfg.block_n != 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        LAYOUT_PER_HEAD=layout.heads > 1, WRITE_LSE=lse is not None,
+        MASK_KEYS=Sk % cfg.block_n != 0 or T % cfg.block_n != 0 or emask is not None,
+        HAS_EXTRA_MASK=emask is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return True
 
 
 def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
@@ -860,9 +915,7 @@ def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
     hdp = _head_dim_pad(D)
     cfg = _pick(0, _FWD_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device, q.dtype)
     if cfg.warp_specialize:
-        if _ws_ok(cfg, q, k, v, out, lse, layout, T):
-            _ensure_allocator()
-            _fwd_ws(q, k, v, layout, scale, out, lse, cfg)
+        if _ws_ok(cfg, q, out, lse, layout) and _fwd_ws(q, k, v, layout, scale, out, lse, cfg, ek, ev, emask):
             return
         cfg = _pick(0, _FWD_FALLBACK_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device,
                     q.dtype)
