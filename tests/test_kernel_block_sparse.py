@@ -55,6 +55,8 @@ def run_and_compare(B, sq, sk, H, D, T, bm, bn, dtype, L=1, padded="some", grads
         em = torch.rand(B, T, device=DEV) < 0.6
     elif T and padded == "all":
         em = torch.zeros(B, T, dtype=torch.bool, device=DEV)
+    elif T and padded == "trailing":  # as text encoders pad: each batch keeps a prefix
+        em = torch.arange(T, device=DEV)[None, :] < torch.randint(0, T + 1, (B, 1), device=DEV)
     out, lse = block_sparse_attention(q, k, v, lay, extra_k=ek, extra_v=ev, extra_mask=em, scale=scale,
                                       return_lse=True, backend=backend)
     d64 = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, ek, ev)]
@@ -157,7 +159,8 @@ def test_warp_specialized_forward(dtype, B, sq, sk, H, D, L, T, text):
 
     Covers tails on both sides (TMA zero fill + the -inf key bias), empty rows, per-head layouts, a head
     dim below its padding, the padded LSE rows its 1-D descriptor store needs, and text keys after or
-    before the video in one buffer (read in place) or in a separate tensor (concatenated), with padding.
+    before the video in one buffer (read in place) or in a separate tensor (concatenated), with trailing
+    padding; other padding is refused (the caller then runs the pipelined kernel).
     """
     lay = random_layout(L, sq, sk, 32, 32)
     q = torch.randn(B, sq, H, D, dtype=dtype)
@@ -171,9 +174,14 @@ def test_warp_specialized_forward(dtype, B, sq, sk, H, D, L, T, text):
         video, txt = (slice(0, sk), slice(sk, None)) if text == "after" else (slice(T, None), slice(0, T))
         k, v, ek, ev = kv[0][:, video], kv[1][:, video], kv[0][:, txt], kv[1][:, txt]
         assert bs._joint_keys(k, ek)[1:] == ((0, sk) if text == "after" else (T, 0))
-    if T:
-        em = torch.rand(B, T) < 0.6
-        em[0] = False  # a batch whose text is all padding
+    if T:  # trailing padding (what the kernel takes); the first batch's text is all padding
+        em = torch.arange(T)[None, :] < torch.randint(1, T + 1, (B, 1))
+        em[0] = False
+        scattered = em.clone()
+        scattered[-1, 0] = False
+        scattered[-1, -1] = True
+        assert not bs._fwd_ws(q, k, v, lay, 1.0, q.clone(), None, bs.KernelConfig(32, 32), ek, ev,
+                              scattered.to(torch.int8), require_tma=False), "scattered padding must fall back"
     out = torch.full_like(q, float("nan"))
     lse = bs._alloc_lse(B, H, sq, q.device)
     assert lse.stride(1) % 4 == 0 and bs._lse_tma_ok(lse)
@@ -368,6 +376,36 @@ def test_gpu_no_extra_keys(dtype, B, sq, sk, D, L):
     """Without extra keys the warp-specialised kernels run on sm_90: odd lengths, padded LSE, grads."""
     blk = default_block_size("cuda")
     run_and_compare(B, sq, sk, 2, D, 0, blk, blk, dtype, L=L)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype, B, sq, T, padded", [(torch.bfloat16, 2, 4101, 77, "trailing"),
+                                                    (torch.float16, 1, 1000, 256, "none")])
+def test_gpu_text_keys(dtype, B, sq, T, padded):
+    """Extra (text) keys, unpadded or trailing-padded: the warp-specialised forward on sm_90."""
+    blk = default_block_size("cuda")
+    run_and_compare(B, sq, sq, 2, 128, T, blk, blk, dtype, padded=padded)
+
+
+@requires_cuda
+def test_gpu_warp_specialized_trailing_padding():
+    """The warp-specialised forward with trailing-padded text (big calls take it) on the GPU itself."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("Hopper only")
+    B, S, T, H, D = 2, 3000, 77, 2, 128
+    qkv = torch.randn(3, B, S + T, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v, ek, ev = qkv[0][:, :S], qkv[1][:, :S], qkv[2][:, :S], qkv[1][:, S:], qkv[2][:, S:]
+    em = torch.arange(T, device="cuda")[None, :] < torch.tensor([[50], [0]], device="cuda")
+    lay = random_layout(1, S, S, 128, 128)
+    out = torch.empty_like(q)
+    lse = bs._alloc_lse(B, H, S, q.device)
+    assert bs._fwd_ws(q, k, v, lay, D ** -0.5, out, lse, bs.KernelConfig(128, 128, 4, 2, warp_specialize=True),
+                      ek, ev, em.to(torch.int8))
+    ref, ref_lse = reference_block_sparse_attention(q, k, v, lay, extra_k=ek, extra_v=ev, extra_mask=em,
+                                                    return_lse=True)
+    fin = torch.isfinite(ref_lse)
+    assert rel(out, ref) <= 1e-2
+    assert bool((lse[~fin] == float("-inf")).all()) and float((lse[fin] - ref_lse[fin]).abs().max()) <= 2e-2
 
 
 @requires_cuda
