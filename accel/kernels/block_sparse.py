@@ -5,6 +5,12 @@ layout lists, plus optional "extra" keys (text tokens) that every query sees ins
 Tensors use diffusers' (batch, tokens, heads, head_dim) layout with arbitrary strides: callers pass
 slices of bigger buffers and nothing is transposed or copied.
 
+On Hopper the forward (head dim 128) and the backward run warp-specialised kernels: Triton's automatic warp
+specialisation splits each 128-row tile over two consumer warp groups fed by a TMA producer warp group
+(FA3's overlap of one group's softmax with the other's matmuls). They read and write everything through
+tensor descriptors and need 128x128 blocks; other calls take the pipelined kernels, which run anywhere
+(any GPU, the interpreter). benchmarks/NOTES.md has the measurements behind every choice.
+
 File order: kernels -> launchers -> autograd Function -> public function.
 """
 
@@ -709,7 +715,7 @@ class KernelConfig:
     num_stages: int = 2
     tma: bool = False  # forward only: K/V through Hopper tensor descriptors
     maxnreg: int | None = None  # register cap per thread (e.g. 128 for two 8-warp programs per SM)
-    warp_specialize: bool = False  # forward only: the warp-specialised Hopper kernel (_fwd_ws_kernel)
+    warp_specialize: bool = False  # the warp-specialised Hopper kernels (_fwd_ws_kernel, _bwd_*_ws_kernel)
 
 
 # Forward, keyed by (compute capability major, head_dim_pad). Winners of the H100 sweeps in
@@ -752,9 +758,10 @@ _FWD_FALLBACK_CONFIGS: dict[tuple[int, int], KernelConfig] = {
 }
 _DEFAULT_GPU_FWD = KernelConfig(64, 64, 4, 2)
 # Below this many (batch, head, tile) units a padded-text call stays on the pipelined kernel: the
-# warp-specialised one needs a host sync to check the padding, which cost 0.13 ms at 4k tiles on the
-# H100 (0.22 vs 0.09 ms) and 0.1 ms at 196k (3.29 vs 3.18 ms; pipelined 3.51).
-_WS_MASK_MIN_TILES = 100_000
+# warp-specialised one needs a host sync to check the padding. H100 (results/ws_text_probe.json): at 196k
+# units the sync ate the gain (3.52 ms through the API vs 3.39 kernel-only vs 3.51 pipelined). At
+# HunyuanVideo 720p's ~5M units a call takes ~80 ms, so one sync (tens of microseconds) is negligible.
+_WS_MASK_MIN_TILES = 1_000_000
 _DEFAULT_GPU_BWD = KernelConfig(64, 64, 4, 2)
 
 # Test/benchmark hook: when set, these replace the tables above (tuple: fwd, dkdv, dq).
@@ -1240,7 +1247,8 @@ def block_sparse_attention(
         extra_mask: optional (B, T) bool, True = visible (key padding).
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp (B, H, Sq) float32 (natural log) for merging partial
-            results; differentiable.
+            results; differentiable. A view whose rows start 16-byte aligned (the Hopper kernels store it
+            through a tensor descriptor), so not contiguous when Sq is not a multiple of 4.
         out: optional preallocated (B, Sq, H, D) output (may be a strided view); not allowed when
             autograd records the call.
         backend: "triton", "torch" (chunked PyTorch, no S x S memory) or "auto" (Triton on CUDA or
