@@ -992,28 +992,27 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
     if cfg.warp_specialize and ws_ok and cfg.block_n == layout.block_n == 128:
         _ensure_allocator()
         _bwd_dkdv_ws(q, k, v, do, lse, delta, dk, dv, t, scale, cfg)
-        cfg = None
-    elif cfg.warp_specialize:
-        cfg = _pick(1, _BWD_DKDV_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
-    if cfg is not None:
+    else:
+        if cfg.warp_specialize:
+            cfg = _pick(1, _BWD_DKDV_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
         _bwd_dkdv(q, k, v, ekp, evp, emp, em_stride, do, lse, delta, dk, dv, dek, dev_, ek, ev, t, H, Sq, Sk, T,
                   scale, cfg, common)
     cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
     if cfg.warp_specialize and ws_ok and cfg.block_m == layout.block_m == 128:
         _ensure_allocator()
         _bwd_dq_ws(q, k, v, do, lse, delta, dq, layout, scale, cfg)
-        return dq, dk, dv, dek, dev_
-    if cfg.warp_specialize:
-        cfg = _pick(2, _BWD_DQ_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
-    _bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
-        q, k, v, ekp, evp, emp, do, lse, delta, dq, layout.offsets, layout.indices,
-        *q.stride(), *k.stride(), *v.stride(), *_strides4(ek), *_strides4(ev), em_stride,
-        *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
-        layout.offsets.stride(0), layout.indices.stride(0),
-        H, Sq, Sk, T, scale, scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_launch_opts(cfg), **common,
-    )
+    else:
+        if cfg.warp_specialize:
+            cfg = _pick(2, _BWD_DQ_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
+        _bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
+            q, k, v, ekp, evp, emp, do, lse, delta, dq, layout.offsets, layout.indices,
+            *q.stride(), *k.stride(), *v.stride(), *_strides4(ek), *_strides4(ev), em_stride,
+            *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
+            layout.offsets.stride(0), layout.indices.stride(0),
+            H, Sq, Sk, T, scale, scale * LOG2E,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_launch_opts(cfg), **common,
+        )
     return dq, dk, dv, dek, dev_
 
 
