@@ -131,10 +131,8 @@ def _fwd_kernel(
     all_n = offs_n < BLOCK_N
     if USE_TMA:
         # Hopper bulk copies; rows past Sk and columns past HEAD_DIM arrive as zeros.
-        k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk, HEAD_DIM],
-                                           strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-        v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk, HEAD_DIM],
-                                           strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+        k_desc = _rows_desc(K + off_b * stride_kb + off_h * stride_kh, Sk, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+        v_desc = _rows_desc(V + off_b * stride_vb + off_h * stride_vh, Sk, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
     for it in range(lo * SUB_N, n_full * SUB_N):
         kb = tl.load(row_idx + it // SUB_N)
         start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
@@ -181,6 +179,22 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _rows_desc(base, rows, stride_row, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Descriptor over one (batch, head) slice of a (B, S, H, D) tensor: rows x HEAD_DIM, BLOCK-row tiles.
+
+    Loads past the last row or column arrive as zeros; stores there are dropped.
+    """
+    return tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride_row, 1],
+                                     block_shape=[BLOCK, HEAD_DIM_PAD])
+
+
+@triton.jit
+def _vec_desc(base, n, BLOCK: tl.constexpr):
+    """Descriptor over a contiguous float32 row (LSE, Delta) of length n; base must be 16-byte aligned."""
+    return tl.make_tensor_descriptor(base, shape=[n], strides=[1], block_shape=[BLOCK])
+
+
+@triton.jit
 def _fwd_ws_kernel(
     Q, K, V, TextLen, Out, Lse, Offsets, Indices,
     stride_qb, stride_qm, stride_qh,
@@ -211,14 +225,10 @@ def _fwd_ws_kernel(
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
-    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[Sq, HEAD_DIM],
-                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
-    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk + T, HEAD_DIM],
-                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk + T, HEAD_DIM],
-                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    o_desc = tl.make_tensor_descriptor(Out + off_b * stride_ob + off_h * stride_oh, shape=[Sq, HEAD_DIM],
-                                       strides=[stride_om, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    q_desc = _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, Sq, stride_qm, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
+    k_desc = _rows_desc(K + off_b * stride_kb + off_h * stride_kh, Sk + T, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    v_desc = _rows_desc(V + off_b * stride_vb + off_h * stride_vh, Sk + T, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    o_desc = _rows_desc(Out + off_b * stride_ob + off_h * stride_oh, Sq, stride_om, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
     q = q_desc.load([start_m, 0])  # rows past Sq arrive as zeros and are never stored
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -264,8 +274,7 @@ def _fwd_ws_kernel(
     o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))
     if WRITE_LSE:  # a 1-D descriptor: each (b, h) row of Lse starts 16-byte aligned (see _alloc_lse)
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
-        l_desc = tl.make_tensor_descriptor(Lse + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
-                                           block_shape=[BLOCK_M])
+        l_desc = _vec_desc(Lse + off_b * stride_lb + off_h * stride_lh, Sq, BLOCK_M)
         l_desc.store([start_m], lse)
 
 
@@ -596,18 +605,12 @@ def _bwd_dkdv_ws_kernel(
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     start_n = pid_n * BLOCK_N
-    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[Sq, HEAD_DIM],
-                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
-    do_desc = tl.make_tensor_descriptor(DO + off_b * stride_dob + off_h * stride_doh, shape=[Sq, HEAD_DIM],
-                                        strides=[stride_dom, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
-    lse_desc = tl.make_tensor_descriptor(Lse + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
-                                         block_shape=[BLOCK_M])
-    delta_desc = tl.make_tensor_descriptor(Delta + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
-                                           block_shape=[BLOCK_M])
-    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk, HEAD_DIM],
-                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk, HEAD_DIM],
-                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    q_desc = _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, Sq, stride_qm, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
+    do_desc = _rows_desc(DO + off_b * stride_dob + off_h * stride_doh, Sq, stride_dom, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
+    lse_desc = _vec_desc(Lse + off_b * stride_lb + off_h * stride_lh, Sq, BLOCK_M)
+    delta_desc = _vec_desc(Delta + off_b * stride_lb + off_h * stride_lh, Sq, BLOCK_M)
+    k_desc = _rows_desc(K + off_b * stride_kb + off_h * stride_kh, Sk, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    v_desc = _rows_desc(V + off_b * stride_vb + off_h * stride_vh, Sk, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
     k = k_desc.load([start_n, 0])
     v = v_desc.load([start_n, 0])
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -632,10 +635,8 @@ def _bwd_dkdv_ws_kernel(
         dpT = tl.dot(v, do.T)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk)
-    dk_desc = tl.make_tensor_descriptor(DK + off_b * stride_dkb + off_h * stride_dkh, shape=[Sk, HEAD_DIM],
-                                        strides=[stride_dkn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    dv_desc = tl.make_tensor_descriptor(DV + off_b * stride_dvb + off_h * stride_dvh, shape=[Sk, HEAD_DIM],
-                                        strides=[stride_dvn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    dk_desc = _rows_desc(DK + off_b * stride_dkb + off_h * stride_dkh, Sk, stride_dkn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    dv_desc = _rows_desc(DV + off_b * stride_dvb + off_h * stride_dvh, Sk, stride_dvn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
     dk_desc.store([start_n, 0], (dk * sm_scale).to(DK.dtype.element_ty))
     dv_desc.store([start_n, 0], dv.to(DV.dtype.element_ty))
 
@@ -664,18 +665,12 @@ def _bwd_dq_ws_kernel(
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
-    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[Sq, HEAD_DIM],
-                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
-    do_desc = tl.make_tensor_descriptor(DO + off_b * stride_dob + off_h * stride_doh, shape=[Sq, HEAD_DIM],
-                                        strides=[stride_dom, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
-    lse_desc = tl.make_tensor_descriptor(Lse + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
-                                         block_shape=[BLOCK_M])
-    delta_desc = tl.make_tensor_descriptor(Delta + off_b * stride_lb + off_h * stride_lh, shape=[Sq], strides=[1],
-                                           block_shape=[BLOCK_M])
-    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_h * stride_kh, shape=[Sk, HEAD_DIM],
-                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
-    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_h * stride_vh, shape=[Sk, HEAD_DIM],
-                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD])
+    q_desc = _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, Sq, stride_qm, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
+    do_desc = _rows_desc(DO + off_b * stride_dob + off_h * stride_doh, Sq, stride_dom, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
+    lse_desc = _vec_desc(Lse + off_b * stride_lb + off_h * stride_lh, Sq, BLOCK_M)
+    delta_desc = _vec_desc(Delta + off_b * stride_lb + off_h * stride_lh, Sq, BLOCK_M)
+    k_desc = _rows_desc(K + off_b * stride_kb + off_h * stride_kh, Sk, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    v_desc = _rows_desc(V + off_b * stride_vb + off_h * stride_vh, Sk, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
     q = q_desc.load([start_m, 0])
     do = do_desc.load([start_m, 0])
     lse = lse_desc.load([start_m])
@@ -699,8 +694,7 @@ def _bwd_dq_ws_kernel(
         dp = tl.dot(do, v.T)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
-    dq_desc = tl.make_tensor_descriptor(DQ + off_b * stride_dqb + off_h * stride_dqh, shape=[Sq, HEAD_DIM],
-                                        strides=[stride_dqm, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD])
+    dq_desc = _rows_desc(DQ + off_b * stride_dqb + off_h * stride_dqh, Sq, stride_dqm, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)
     dq_desc.store([start_m, 0], (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
