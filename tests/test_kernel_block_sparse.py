@@ -367,6 +367,32 @@ def test_gpu_real_sizes(dtype, D):
     run_and_compare(1, 4100, 4000, 4, D, 77, blk, blk, dtype, L=4)
 
 
+def test_warp_specialized_build_failure_falls_back(monkeypatch):
+    """A Triton that cannot build the warp-specialised kernels costs speed, not the call: warn, run pipelined."""
+    from triton.runtime.errors import OutOfResources
+
+    def fail_build(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    def oom(*args):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    def real_bug(*args, **kwargs):
+        raise ValueError("a real bug")
+
+    # As on an sm_90 GPU: the tables ask for the warp-specialised kernel and the call qualifies.
+    monkeypatch.setattr(bs, "_pick", lambda *args: bs.KernelConfig(16, 16, 1, 1, warp_specialize=True))
+    monkeypatch.setattr(bs, "_ws_ok", lambda *args: True)
+    monkeypatch.setattr(bs, "_fwd_ws", fail_build)
+    with pytest.warns(RuntimeWarning, match="pipelined kernel"):  # unpadded text: small padded calls skip WS
+        run_and_compare(1, 40, 50, 2, 16, 3, 16, 16, torch.float32, grads=False, padded="none")
+    with pytest.warns(RuntimeWarning, match="OutOfResources"):
+        assert not bs._try_ws(oom)
+    monkeypatch.setattr(bs, "_fwd_ws", real_bug)
+    with pytest.raises(ValueError, match="a real bug"):  # other errors are not swallowed
+        run_and_compare(1, 40, 50, 2, 16, 0, 16, 16, torch.float32, grads=False)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype, B, sq, sk, D, L", [(torch.bfloat16, 2, 4101, 4000, 128, 2),
                                                     (torch.float16, 1, 1000, 1024, 128, 1),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -910,6 +911,22 @@ def _fwd_ws(q, k, v, layout, scale, out, lse, cfg, ek=None, ev=None, emask=None,
     return True
 
 
+def _ws_compile_failed(err: Exception) -> bool:
+    """Whether ``err`` is Triton failing to build a warp-specialised kernel (then the pipelined one runs).
+
+    Tested with triton 3.6 on the H100 and compiled for sm_90 with 3.9; a future Triton whose
+    specialisation pass rejects these loops must cost speed, not the call.
+    """
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+    if isinstance(err, (CompilationError, OutOfResources)) or "PassManager" in str(err):
+        warnings.warn(f"accel: the warp-specialised kernel did not build with triton {triton.__version__} "
+                      f"({type(err).__name__}: {str(err)[:200]}); using the pipelined kernel", RuntimeWarning,
+                      stacklevel=3)
+        return True
+    return False
+
+
 def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -919,9 +936,13 @@ def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
     if cfg.warp_specialize:
         # A padding mask costs one host sync (the trailing-padding check): worth it on big calls only.
         masked_small = emask is not None and B * H * layout.indices.shape[1] < _WS_MASK_MIN_TILES
-        if (_ws_ok(cfg, q, out, lse, layout) and not masked_small
-                and _fwd_ws(q, k, v, layout, scale, out, lse, cfg, ek, ev, emask)):
-            return
+        if _ws_ok(cfg, q, out, lse, layout) and not masked_small:
+            try:
+                if _fwd_ws(q, k, v, layout, scale, out, lse, cfg, ek, ev, emask):
+                    return
+            except Exception as err:  # only a failed build falls back; anything else is re-raised
+                if not _ws_compile_failed(err):
+                    raise
         cfg = _pick(0, _FWD_FALLBACK_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device,
                     q.dtype)
     lse_t = lse if lse is not None else out  # dummy pointer when not written
@@ -947,6 +968,18 @@ def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
         WRITE_LSE=lse is not None, DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_launch_opts(cfg),
     )
+
+
+def _try_ws(launch, *args) -> bool:
+    """Run a warp-specialised backward launch; False if Triton could not build it (see _ws_compile_failed)."""
+    _ensure_allocator()
+    try:
+        launch(*args)
+    except Exception as err:  # only a failed build falls back; anything else is re-raised
+        if not _ws_compile_failed(err):
+            raise
+        return False
+    return True
 
 
 def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
@@ -983,19 +1016,17 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
     ws_ok = (T == 0 and q.is_cuda and torch.cuda.get_device_capability(dev)[0] == 9
              and all(_tma_ok(x) for x in (q, k, v, do, dq, dk, dv)) and _lse_tma_ok(lse))
     cfg = _pick(1, _BWD_DKDV_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
-    if cfg.warp_specialize and ws_ok and cfg.block_n == layout.block_n == 128:
-        _ensure_allocator()
-        _bwd_dkdv_ws(q, k, v, do, lse, delta, dk, dv, t, scale, cfg)
-    else:
+    launched = cfg.warp_specialize and ws_ok and cfg.block_n == layout.block_n == 128 and _try_ws(
+        _bwd_dkdv_ws, q, k, v, do, lse, delta, dk, dv, t, scale, cfg)
+    if not launched:
         if cfg.warp_specialize:
             cfg = _pick(1, _BWD_DKDV_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
         _bwd_dkdv(q, k, v, ekp, evp, emp, em_stride, do, lse, delta, dk, dv, dek, dev_, ek, ev, t, H, Sq, Sk, T,
                   scale, cfg, common)
     cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
-    if cfg.warp_specialize and ws_ok and cfg.block_m == layout.block_m == 128:
-        _ensure_allocator()
-        _bwd_dq_ws(q, k, v, do, lse, delta, dq, layout, scale, cfg)
-    else:
+    launched = cfg.warp_specialize and ws_ok and cfg.block_m == layout.block_m == 128 and _try_ws(
+        _bwd_dq_ws, q, k, v, do, lse, delta, dq, layout, scale, cfg)
+    if not launched:
         if cfg.warp_specialize:
             cfg = _pick(2, _BWD_DQ_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
         _bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
