@@ -367,6 +367,18 @@ def test_gpu_real_sizes(dtype, D):
     run_and_compare(1, 4100, 4000, 4, D, 77, blk, blk, dtype, L=4)
 
 
+def test_config_fallback_is_fitted():
+    """A warp-specialised table entry carries the pipelined config that runs when it cannot, fitted alike."""
+    ws = bs._FWD_CONFIGS[(9, 128)]
+    assert ws.warp_specialize and ws.pipelined() == bs.KernelConfig(128, 128, 8, 3, tma=True)
+    fitted = bs._fit(ws, 64, 64, 128, True)  # a 64-block layout: both configs shrink to its blocks
+    assert (fitted.block_m, fitted.block_n) == (64, 64)
+    assert (fitted.pipelined().block_m, fitted.pipelined().block_n, fitted.pipelined().num_warps) == (64, 64, 8)
+    assert not bs._fit(ws, 128, 128, 128, False).warp_specialize  # never outside CUDA
+    plain = bs.KernelConfig(64, 64, 4, 2)
+    assert plain.pipelined() is plain
+
+
 def test_warp_specialized_build_failure_falls_back(monkeypatch):
     """A Triton that cannot build the warp-specialised kernels costs speed, not the call: warn, run pipelined."""
     from triton.runtime.errors import OutOfResources

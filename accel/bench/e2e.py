@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from accel.bench.plotting import save_figure
+
 WAN_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -331,8 +333,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                  "dashed: speedup the reference reported on that shape (vs its own, slower dense baseline)")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ import torch
 
 from accel.bench import MethodSpec, environment, method_label, parse_method_spec
 from accel.bench.metrics import lpips_distance, lpips_status, psnr, ssim
+from accel.bench.plotting import save_figure
 from accel.methods.base import AttentionMethod
 from accel.methods.dense import Dense
 from accel.schedule import Schedule
@@ -305,11 +306,7 @@ def plot_eval(result: dict[str, Any], path: str | Path) -> Path:
         f"{s.get('num_inference_steps')} steps, {len(result['prompts'])} prompt(s) x {len(result['seeds'])} seed(s)",
         fontsize=9,
     )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------- CLI

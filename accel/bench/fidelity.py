@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from accel.bench import environment, method_label, parse_method_spec
 from accel.bench.metrics import relative_l2
+from accel.bench.plotting import save_figure
 from accel.geometry import TokenLayout
 from accel.methods.base import AttentionMethod
 from accel.methods.dense import Dense, sdpa_bshd
@@ -679,11 +680,7 @@ def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
         f"{cfg['dtype']}, {result['device']}, {len(cfg['seeds'])} seeds (zero error drawn on the bottom axis)",
         fontsize=9,
     )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ Efficiency = density x dense cuDNN time / our time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from accel.bench.plotting import save_figure
 from accel.kernels import BlockLayout, block_sparse_attention, reference_block_sparse_attention
 from accel.kernels import block_sparse as bs
 
@@ -286,10 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         result["correctness"] = check_correctness(log)
         save()
-    result["configs"] = {n: {str(k): v.__dict__ for k, v in t.items()} for n, t in (
-        ("fwd", bs._FWD_CONFIGS), ("dkdv", bs._BWD_DKDV_CONFIGS), ("dq", bs._BWD_DQ_CONFIGS),
-        ("fwd_fallback", bs._FWD_FALLBACK_CONFIGS), ("dkdv_fallback", bs._BWD_DKDV_FALLBACK),
-        ("dq_fallback", bs._BWD_DQ_FALLBACK))}
+    result["configs"] = {n: {str(k): dataclasses.asdict(v) for k, v in t.items()} for n, t in (
+        ("fwd", bs._FWD_CONFIGS), ("dkdv", bs._BWD_DKDV_CONFIGS), ("dq", bs._BWD_DQ_CONFIGS))}
     flex_fns = {}
     if args.flex:
         from torch.nn.attention.flex_attention import flex_attention
@@ -342,8 +342,7 @@ def plot(result, path):
         ax.set_ylim(0, 1.2)
         ax.legend(fontsize=8)
     fig.suptitle(f"{result['device']}, torch {result['torch']}, triton {result['triton']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -711,6 +711,13 @@ class KernelConfig:
     tma: bool = False  # forward only: K/V through Hopper tensor descriptors
     maxnreg: int | None = None  # register cap per thread (e.g. 128 for two 8-warp programs per SM)
     warp_specialize: bool = False  # the warp-specialised Hopper kernels (_fwd_ws_kernel, _bwd_*_ws_kernel)
+    # What runs when a warp-specialised config cannot (extra keys on the backward, strides TMA refuses,
+    # other blocks, other GPUs); None: this config itself, through the pipelined kernel.
+    fallback: KernelConfig | None = None
+
+    def pipelined(self) -> KernelConfig:
+        """The config for the pipelined kernel when the warp-specialised one does not run."""
+        return self.fallback if self.fallback is not None else self
 
 
 # Forward, keyed by (compute capability major, head_dim_pad). Winners of the H100 sweeps in
@@ -721,7 +728,7 @@ class KernelConfig:
 # (3.96 vs 3.68 ms). sm80: untuned guesses.
 _FWD_CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (9, 64): KernelConfig(128, 128, 8, 2, tma=True, maxnreg=128),
-    (9, 128): KernelConfig(128, 128, 4, 2, warp_specialize=True),
+    (9, 128): KernelConfig(128, 128, 4, 2, warp_specialize=True, fallback=KernelConfig(128, 128, 8, 3, tma=True)),
     (8, 64): KernelConfig(128, 64, 4, 3),
     (8, 128): KernelConfig(128, 64, 8, 3),
 }
@@ -729,27 +736,14 @@ _FWD_CONFIGS: dict[tuple[int, int], KernelConfig] = {
 # dK/dV on H100 (fwd+bwd 15.5 ms vs 16.0-21.3 for the other tiles at D=128).
 # Hopper: warp-specialised kernels (H100 probe, fwd+bwd at 25% tiles: D=128 14.8 -> 11.9 ms with dK/dV
 # 64 queries x 128 keys and dQ 128 x 128; D=64 16.1 -> 14.7 ms with 128 x 128 for both).
+# Fallbacks: the pipelined kernels' sweep winners (round 1-2 in NOTES).
 _BWD_DKDV_CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(128, 128, 4, 2, warp_specialize=True),
-    (9, 128): KernelConfig(64, 128, 4, 2, warp_specialize=True),
+    (9, 64): KernelConfig(128, 128, 4, 2, warp_specialize=True, fallback=KernelConfig(64, 64, 4, 3)),
+    (9, 128): KernelConfig(64, 128, 4, 2, warp_specialize=True, fallback=KernelConfig(32, 64, 4, 3)),
 }
 _BWD_DQ_CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(128, 128, 4, 2, warp_specialize=True),
-    (9, 128): KernelConfig(128, 128, 4, 2, warp_specialize=True),
-}
-# When a warp-specialised backward config cannot run (extra keys, strides TMA refuses).
-_BWD_DKDV_FALLBACK: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(64, 64, 4, 3),
-    (9, 128): KernelConfig(32, 64, 4, 3),
-}
-_BWD_DQ_FALLBACK: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(64, 64, 4, 3),
-    (9, 128): KernelConfig(128, 64, 8, 2),
-}
-# When a warp-specialised config cannot run (extra keys, other blocks, strides TMA refuses).
-_FWD_FALLBACK_CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(128, 128, 8, 2, tma=True, maxnreg=128),
-    (9, 128): KernelConfig(128, 128, 8, 3, tma=True),
+    (9, 64): KernelConfig(128, 128, 4, 2, warp_specialize=True, fallback=KernelConfig(64, 64, 4, 3)),
+    (9, 128): KernelConfig(128, 128, 4, 2, warp_specialize=True, fallback=KernelConfig(128, 64, 8, 2)),
 }
 _DEFAULT_GPU_FWD = KernelConfig(64, 64, 4, 2)
 # Below this many (batch, head, tile) units a padded-text call stays on the pipelined kernel: the
@@ -776,8 +770,9 @@ def _fit(cfg: KernelConfig, block_q: int, block_k: int, head_dim_pad: int, is_cu
     bm, bn = min(cfg.block_m, block_q), min(cfg.block_n, block_k)
     if is_cuda and head_dim_pad >= 256:  # register pressure: halve the tiles
         bm, bn = min(bm, 64), min(bn, 64)
+    fallback = _fit(cfg.fallback, block_q, block_k, head_dim_pad, is_cuda) if cfg.fallback is not None else None
     return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.tma, cfg.maxnreg if is_cuda else None,
-                        cfg.warp_specialize and is_cuda)
+                        cfg.warp_specialize and is_cuda, fallback)
 
 
 def _pick(kind: int, table: dict, default: KernelConfig, block_q: int, block_k: int, hdp: int,
@@ -943,8 +938,7 @@ def _fwd(q, k, v, layout, ek, ev, emask, scale, out, lse):
             except Exception as err:  # only a failed build falls back; anything else is re-raised
                 if not _ws_compile_failed(err):
                     raise
-        cfg = _pick(0, _FWD_FALLBACK_CONFIGS, _DEFAULT_GPU_FWD, layout.block_m, layout.block_n, hdp, q.device,
-                    q.dtype)
+        cfg = cfg.pipelined()
     lse_t = lse if lse is not None else out  # dummy pointer when not written
     use_tma = cfg.tma and _tma_ok(k) and _tma_ok(v)
     if use_tma:
@@ -1019,16 +1013,14 @@ def _bwd(do, q, k, v, out, lse, layout, ek, ev, emask, scale, dlse):
     launched = cfg.warp_specialize and ws_ok and cfg.block_n == layout.block_n == 128 and _try_ws(
         _bwd_dkdv_ws, q, k, v, do, lse, delta, dk, dv, t, scale, cfg)
     if not launched:
-        if cfg.warp_specialize:
-            cfg = _pick(1, _BWD_DKDV_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
+        cfg = cfg.pipelined()
         _bwd_dkdv(q, k, v, ekp, evp, emp, em_stride, do, lse, delta, dk, dv, dek, dev_, ek, ev, t, H, Sq, Sk, T,
                   scale, cfg, common)
     cfg = _pick(2, _BWD_DQ_CONFIGS, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
     launched = cfg.warp_specialize and ws_ok and cfg.block_m == layout.block_m == 128 and _try_ws(
         _bwd_dq_ws, q, k, v, do, lse, delta, dq, layout, scale, cfg)
     if not launched:
-        if cfg.warp_specialize:
-            cfg = _pick(2, _BWD_DQ_FALLBACK, _DEFAULT_GPU_BWD, layout.block_m, layout.block_n, hdp, dev, q.dtype)
+        cfg = cfg.pipelined()
         _bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
             q, k, v, ekp, evp, emp, do, lse, delta, dq, layout.offsets, layout.indices,
             *q.stride(), *k.stride(), *v.stride(), *_strides4(ek), *_strides4(ev), em_stride,
