@@ -748,8 +748,8 @@ _BWD_DQ_CONFIGS: dict[tuple[int, int], KernelConfig] = {
 _DEFAULT_GPU_FWD = KernelConfig(64, 64, 4, 2)
 # Below this many (batch, head, tile) units a padded-text call stays on the pipelined kernel: the
 # warp-specialised one needs a host sync to check the padding. H100 (results/ws_text_probe.json): at 196k
-# units the sync ate the gain (3.52 ms through the API vs 3.39 kernel-only vs 3.51 pipelined). At
-# HunyuanVideo 720p's ~5M units a call takes ~80 ms, so one sync (tens of microseconds) is negligible.
+# units the sync ate the gain (3.52 ms through the API vs 3.39 kernel-only vs 3.51 pipelined). That
+# ~0.1 ms is ~0.1% of a HunyuanVideo call (~5M units, 81.6 ms radial attention in results/e2e.json).
 _WS_MASK_MIN_TILES = 1_000_000
 _DEFAULT_GPU_BWD = KernelConfig(64, 64, 4, 2)
 
