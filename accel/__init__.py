@@ -29,8 +29,12 @@ def __getattr__(name: str):
         from accel.pipelines import patching
 
         return getattr(patching, name)
-    if name in ("Radial", "RADIAL_PRESETS", "radial_preset"):
-        from accel.methods import radial
+    if name == "Radial":
+        from accel.methods.radial import Radial
 
-        return getattr(radial, name)
+        return Radial
+    if name in ("RADIAL_PRESETS", "radial_preset", "preset", "PRESETS"):
+        from accel import presets
+
+        return getattr(presets, name)
     raise AttributeError(f"module 'accel' has no attribute {name!r}")

@@ -43,7 +43,8 @@ def method_and_schedule(args: argparse.Namespace):
             raise ValueError("--preset applies to sparse methods; add --attention radial")
         method = Dense()
     else:
-        from accel.methods.radial import Radial, radial_preset
+        from accel.methods.radial import Radial
+        from accel.presets import radial_preset
 
         method, schedule = radial_preset(args.preset) if args.preset else (Radial(), Schedule())
         overrides = {

@@ -280,7 +280,8 @@ def test_300k_tokens_without_quadratic_memory():
 
 # ------------------------------------------------------------------------------------------ the method
 from accel.geometry import TokenLayout  # noqa: E402
-from accel.methods import RADIAL_PRESETS, Radial, RadialPlan, radial_preset  # noqa: E402
+from accel.methods import Radial, RadialPlan  # noqa: E402
+from accel.presets import RADIAL_PRESETS, radial_preset  # noqa: E402
 from accel.schedule import Schedule  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -16,8 +16,9 @@ gr = pytest.importorskip("gradio", reason="the UI needs gradio (a core dependenc
 gradio_client = pytest.importorskip("gradio_client", reason="UI tests need gradio_client (the test extra)")
 
 from accel.methods.dense import Dense  # noqa: E402
-from accel.methods.radial import RADIAL_PRESETS, Radial, radial_preset  # noqa: E402
+from accel.methods.radial import Radial  # noqa: E402
 from accel.pipelines.generate import GenerationRequest  # noqa: E402
+from accel.presets import RADIAL_PRESETS, radial_preset  # noqa: E402
 from accel.schedule import Schedule  # noqa: E402
 from accel.ui.engine import (  # noqa: E402
     AttentionSettings,

@@ -199,8 +199,8 @@ def run_config(cfg: E2EConfig) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend
 
     from accel.methods.dense import Dense
-    from accel.methods.radial import radial_preset
     from accel.pipelines.models import layout_for_model
+    from accel.presets import radial_preset
 
     method, schedule = radial_preset(cfg.preset)
     all_sparse = type(schedule)()  # per-layer timing: every layer sparse

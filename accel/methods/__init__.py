@@ -1,10 +1,11 @@
 """Attention methods: each turns a token layout into a cached plan and runs attention with it.
 
 Importing this package is cheap: kernels (and triton) load when a method first builds a plan or attends.
+`accel.methods.registry` finds every method module here; presets live in `accel.presets`.
 """
 
 from accel.methods.base import AttentionMethod
 from accel.methods.dense import Dense
-from accel.methods.radial import RADIAL_PRESETS, Radial, RadialPlan, radial_preset
+from accel.methods.radial import Radial, RadialPlan
 
-__all__ = ["RADIAL_PRESETS", "AttentionMethod", "Dense", "Radial", "RadialPlan", "radial_preset"]
+__all__ = ["AttentionMethod", "Dense", "Radial", "RadialPlan"]

@@ -22,7 +22,7 @@ from accel.geometry import TokenLayout
 from accel.methods.base import AttentionMethod, check_qkv
 from accel.methods.dense import sdpa_bshd
 from accel.methods.radial_mask import radial_block_layout
-from accel.schedule import Schedule
+from accel.options import check_options, option
 
 if TYPE_CHECKING:
     import numpy as np
@@ -95,31 +95,23 @@ class Radial(AttentionMethod):
 
     name: ClassVar[str] = "radial"
 
-    decay: float = 1.0
-    block_size: int | None = None
-    sink: bool = True
-    spatial: Literal["band", "disk"] = "band"
-    decay_near: bool = False
-    thinning: bool = True
+    decay: float = option(
+        1.0, "how fast the spatial window shrinks with frame distance: smaller is sparser and faster "
+        "(reference presets use 0.2 for Wan2.1)", minimum=0, exclusive_minimum=True)
+    block_size: int | None = option(
+        None, "tokens per query/key block of the kernel", choices=BLOCK_SIZES,
+        none_means="the kernel's fastest block for the device")
+    sink: bool = option(True, "every frame also attends fully to latent frame 0 (an attention sink; Wan: on)")
+    spatial: Literal["band", "disk"] = option(
+        "band", "window shape: band = raster band as in the paper; disk = 2-D disk with the same token count",
+        choices=("band", "disk"))
+    decay_near: bool = option(
+        False, "also narrow adjacent frames (the paper keeps them dense, which caps sparsity near 71%)")
+    thinning: bool = option(
+        True, "the paper's temporal thinning: far frame pairs with tiny windows are skipped except every n-th")
 
     def __post_init__(self) -> None:
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)):
-            raise TypeError(f"Radial.decay must be a number, got {type(self.decay).__name__}")
-        if not (math.isfinite(self.decay) and self.decay > 0):
-            raise ValueError(f"Radial.decay must be a finite number > 0, got {self.decay!r}")
-        object.__setattr__(self, "decay", float(self.decay))
-        if self.block_size is not None:
-            if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
-                raise TypeError(f"Radial.block_size must be an int or None, got {type(self.block_size).__name__}")
-            if self.block_size not in BLOCK_SIZES:
-                raise ValueError(f"Radial.block_size must be one of {BLOCK_SIZES} or None, got {self.block_size}")
-        for flag in ("sink", "decay_near"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"Radial.{flag} must be a bool, got {getattr(self, flag)!r}")
-        if not isinstance(self.spatial, str):
-            raise TypeError(f"Radial.spatial must be a str, got {type(self.spatial).__name__}")
-        if self.spatial not in ("band", "disk"):
-            raise ValueError(f"Radial.spatial must be 'band' or 'disk', got {self.spatial!r}")
+        check_options(self)
 
     @property
     def reference_compatible(self) -> bool:
@@ -311,42 +303,6 @@ def visualize_plan(
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-# ---------------------------------------------------------------------------------------- presets
-# Settings shipped in mit-han-lab/radial-attention `scripts/*.sh` (shared/reference/radial.md §3.4).
-# The block size is the reference's (128 for Wan2.1 and HunyuanVideo, 64 for Wan2.2) so that the masks
-# and densities match the paper's code; use dataclasses.replace(method, block_size=None) for the
-# kernel's fastest block instead.
-RADIAL_PRESETS: dict[str, tuple[Radial, Schedule]] = {
-    # wan_t2v_inference.sh (768x1280, 69 frames, 50 steps) and its quantized variant.
-    "wan2.1-14b": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=12, dense_layers=1)),
-    # Our choice: the reference ships no 1.3B script (only --model_id), so the 14B rule is reused.
-    "wan2.1-1.3b": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=12, dense_layers=1)),
-    # wan_t2v_inference_lightx2v.sh: 4 steps with the Lightx2v step-distillation LoRA.
-    "wan2.1-14b-lightx2v": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=1, dense_layers=1)),
-    # wan_t2v_inference_fusionx.sh: 8 steps with the FusionX LoRA.
-    "wan2.1-14b-fusionx": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=2, dense_layers=1)),
-    # Commented long-video settings in wan_t2v_inference.sh (2x: 720x1280, 161 frames; meant for a
-    # length-extension LoRA the reference does not release).
-    "wan2.1-2x": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=2, dense_layers=2)),
-    "wan2.1-4x": (Radial(decay=0.2, block_size=128), Schedule(dense_steps=2, dense_layers=2)),
-    # wan_22_t2v_inference.sh (768x1280, 77 frames, 40 steps); Wan22SparseAttnProcessor uses block 64.
-    "wan2.2": (Radial(decay=0.8, block_size=64), Schedule(dense_steps=11, dense_layers=1)),
-    # hunyuan_t2v_inference.sh (768x1280, 117 frames): no sink since commit 2f61c30.
-    "hunyuan-video": (Radial(decay=0.95, block_size=128, sink=False), Schedule(dense_steps=12, dense_layers=0)),
-    # Commented 4x preset in hunyuan_t2v_inference.sh (720x1280, 509 frames, with a length-extension LoRA).
-    "hunyuan-video-4x": (Radial(decay=0.95, block_size=128, sink=False), Schedule(dense_steps=2, dense_layers=2)),
-}
-
-
-def radial_preset(name: str) -> tuple[Radial, Schedule]:
-    """The (Radial, Schedule) of a shipped reference setting, e.g. ``radial_preset("wan2.1-14b")``."""
-    if not isinstance(name, str):
-        raise TypeError(f"preset name must be a str, got {type(name).__name__}")
-    if name not in RADIAL_PRESETS:
-        raise ValueError(f"unknown radial preset {name!r}; known presets: {', '.join(sorted(RADIAL_PRESETS))}")
-    return RADIAL_PRESETS[name]
-
-
 def expand_plan_mask(plan: RadialPlan, layout: TokenLayout) -> torch.Tensor:
     """(S, S) bool token mask that `Radial.attend` implements for `layout` (text dense both ways).
 
@@ -363,11 +319,9 @@ def expand_plan_mask(plan: RadialPlan, layout: TokenLayout) -> torch.Tensor:
 
 
 __all__ = [
-    "RADIAL_PRESETS",
     "Radial",
     "RadialPlan",
     "expand_plan_mask",
     "pooled_block_mask",
-    "radial_preset",
     "visualize_plan",
 ]

@@ -162,7 +162,7 @@ def preset_values(name: str) -> dict[str, Any] | None:
     """Form values of a radial preset (None for "custom"): method fields and schedule."""
     if not name or name == CUSTOM_PRESET:
         return None
-    from accel.methods.radial import radial_preset
+    from accel.presets import radial_preset
 
     method, schedule = radial_preset(name)
     layers = schedule.dense_layers
@@ -179,7 +179,7 @@ def preset_values(name: str) -> dict[str, Any] | None:
 
 
 def preset_names() -> list[str]:
-    from accel.methods.radial import RADIAL_PRESETS
+    from accel.presets import RADIAL_PRESETS
 
     return [CUSTOM_PRESET, *RADIAL_PRESETS]
 

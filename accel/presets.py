@@ -1,0 +1,89 @@
+"""Named (method, schedule) settings, for every method, in one place.
+
+Each preset reproduces a setting a research release ships, so that `--preset NAME` (CLI), the UI's preset
+menu and ``preset:NAME`` specs (`accel eval`/`bench`) run what the paper's scripts run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from accel.methods.base import AttentionMethod
+from accel.methods.radial import Radial
+from accel.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named method config and schedule, with where it comes from."""
+
+    name: str
+    method: AttentionMethod
+    schedule: Schedule
+    source: str
+
+    @property
+    def method_name(self) -> str:
+        return self.method.name
+
+
+def _radial(name: str, decay: float, block: int, schedule: Schedule, source: str, sink: bool = True) -> Preset:
+    return Preset(name, Radial(decay=decay, block_size=block, sink=sink), schedule, source)
+
+
+# Radial: settings shipped in mit-han-lab/radial-attention `scripts/*.sh`. The block size is the reference's
+# (128 for Wan2.1 and HunyuanVideo, 64 for Wan2.2) so that masks and densities match the paper's code; use
+# dataclasses.replace(preset.method, block_size=None) for the kernel's fastest block instead.
+_PRESETS: tuple[Preset, ...] = (
+    _radial("wan2.1-14b", 0.2, 128, Schedule(dense_steps=12, dense_layers=1),
+            "wan_t2v_inference.sh (768x1280, 69 frames, 50 steps)"),
+    _radial("wan2.1-1.3b", 0.2, 128, Schedule(dense_steps=12, dense_layers=1),
+            "ours: the reference ships no 1.3B script, so the 14B rule is reused"),
+    _radial("wan2.1-14b-lightx2v", 0.2, 128, Schedule(dense_steps=1, dense_layers=1),
+            "wan_t2v_inference_lightx2v.sh (4 steps, Lightx2v step-distillation LoRA)"),
+    _radial("wan2.1-14b-fusionx", 0.2, 128, Schedule(dense_steps=2, dense_layers=1),
+            "wan_t2v_inference_fusionx.sh (8 steps, FusionX LoRA)"),
+    _radial("wan2.1-2x", 0.2, 128, Schedule(dense_steps=2, dense_layers=2),
+            "commented 2x-length settings in wan_t2v_inference.sh (720x1280, 161 frames, with a length LoRA)"),
+    _radial("wan2.1-4x", 0.2, 128, Schedule(dense_steps=2, dense_layers=2),
+            "commented 4x-length settings in wan_t2v_inference.sh (with a length-extension LoRA)"),
+    _radial("wan2.2", 0.8, 64, Schedule(dense_steps=11, dense_layers=1),
+            "wan_22_t2v_inference.sh (768x1280, 77 frames, 40 steps; Wan22SparseAttnProcessor uses block 64)"),
+    _radial("hunyuan-video", 0.95, 128, Schedule(dense_steps=12, dense_layers=0),
+            "hunyuan_t2v_inference.sh (768x1280, 117 frames; no sink since commit 2f61c30)", sink=False),
+    _radial("hunyuan-video-4x", 0.95, 128, Schedule(dense_steps=2, dense_layers=2),
+            "commented 4x preset in hunyuan_t2v_inference.sh (720x1280, 509 frames, with a length LoRA)",
+            sink=False),
+)
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
+
+
+def preset(name: str) -> Preset:
+    """The preset called `name` (ValueError listing the known presets otherwise)."""
+    if not isinstance(name, str):
+        raise TypeError(f"preset name must be a str, got {type(name).__name__}")
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def presets_for(method_name: str) -> dict[str, Preset]:
+    """The presets of one method, by name."""
+    return {n: p for n, p in PRESETS.items() if p.method.name == method_name}
+
+
+RADIAL_PRESETS: dict[str, tuple[Radial, Schedule]] = {
+    n: (p.method, p.schedule) for n, p in PRESETS.items() if isinstance(p.method, Radial)
+}
+"""Radial presets as (method, schedule) pairs (the 0.1 API)."""
+
+
+def radial_preset(name: str) -> tuple[Radial, Schedule]:
+    """The (Radial, Schedule) of a shipped reference setting, e.g. ``radial_preset("wan2.1-14b")``."""
+    p = preset(name)
+    if not isinstance(p.method, Radial):
+        raise ValueError(f"preset {name!r} is a {p.method.name} preset, not a radial one")
+    return p.method, p.schedule
+
+
+__all__ = ["PRESETS", "RADIAL_PRESETS", "Preset", "preset", "presets_for", "radial_preset"]
