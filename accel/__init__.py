@@ -38,3 +38,8 @@ def __getattr__(name: str):
 
         return getattr(presets, name)
     raise AttributeError(f"module 'accel' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names (`patch`, `unpatch`, `Radial`) are not in globals() until first use: list them anyway.
+    return sorted(set(globals()) | set(__all__))

@@ -61,9 +61,10 @@ class Schedule:
         """A sentence saying why no call would run sparse over `steps` x `layers`, or None if some would."""
         if self.sparse_share(steps, layers) > 0:
             return None
-        dense_layer_count = (
-            self.dense_layers if isinstance(self.dense_layers, int) else len(set(self.dense_layers) & set(range(layers)))
-        )
+        if isinstance(self.dense_layers, int):
+            dense_layer_count = self.dense_layers
+        else:
+            dense_layer_count = len(set(self.dense_layers) & set(range(layers)))
         if dense_layer_count >= layers:
             return f"dense_layers={self.dense_layers} covers all {layers} layers of the model"
         return (f"dense_steps={self.dense_steps} + dense_last_steps={self.dense_last_steps} cover all {steps} "

@@ -6,7 +6,9 @@ one build: `torch.cuda.max_memory_allocated` on CUDA, tensor-size accounting (pe
 tensors created by the build, via a TorchDispatchMode) on CPU. An (S x S) bool mask would need
 S^2 bytes (97 GB at 311 040 tokens).
 
-    python benchmarks/bench_radial_mask.py [--device cuda] [--out benchmarks/results] [--reference]
+    python benchmarks/bench_radial_mask.py [--device cuda] [--out outputs/bench] [--reference]
+
+Writes outputs/bench/radial_mask_<device>.json by default; --out benchmarks/results updates the committed file.
 
 --reference also times a port of the reference's per-frame-pair loop (token masks of tpf x tpf) at
 the smallest geometry, for comparison.
@@ -198,7 +200,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=os.path.join("outputs", "bench"),
+                    help="output folder for radial_mask_DEVICE.json (default: %(default)s, relative to the current "
+                         "directory; the committed results are updated only with --out benchmarks/results)")
     ap.add_argument("--reference", action="store_true", help="also time the reference's per-pair loop")
     ap.add_argument("--no-memory", action="store_true", help="CPU: skip the tensor-size accounting pass")
     ap.add_argument("--attend", action="store_true", help="also check and time Radial.attend on the device")

@@ -1,6 +1,8 @@
 """Test setup: run Triton kernels through the interpreter when there is no GPU, and stay offline."""
 
+import hashlib
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -29,3 +31,24 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+COMMITTED_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def committed_results_unchanged():
+    """A check that no file under benchmarks/results/ was created, removed or changed since the test began."""
+    before = _snapshot(COMMITTED_RESULTS)
+
+    def check() -> None:
+        after = _snapshot(COMMITTED_RESULTS)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        assert not changed, f"files under benchmarks/results/ changed: {changed}"
+
+    return check

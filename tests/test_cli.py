@@ -14,8 +14,13 @@ def test_generate_writes_a_readable_mp4(tmp_path, capsys) -> None:
     assert main(argv) == 0
     video = iio.imread(out)
     assert video.shape == (9, 48, 80, 3)
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "generated 9 frames" in printed and "self-attention calls" in printed
+    settings = printed.splitlines()[0]
+    assert settings.startswith("settings: model=tiny-wan device=cpu dtype=float32 size=48x80 (HxW) frames=9 steps=2")
+    assert "method=dense" in settings
+    assert "0/2" in captured.err and "2/2" in captured.err  # the progress bar knows its total from the start
 
 
 def test_generate_image_model(tmp_path) -> None:
@@ -33,7 +38,7 @@ def test_generate_image_model(tmp_path) -> None:
         (["--height", "50"], "height=50 must be a positive multiple of 16"),
         (["--model", "tiny-flux", "--frames", "5"], "must be 1 for an image model"),
         (["--lora", "missing.safetensors"], "LoRA file not found"),
-        (["--preset", "wan2.1-14b"], "--preset applies to sparse methods"),
+        (["--attention", "dense", "--preset", "wan2.1-14b"], "--preset wan2.1-14b is a radial preset, not dense"),
     ],
 )
 def test_generate_bad_input_gives_one_clear_error(tmp_path, capsys, argv, message) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,14 +73,15 @@ def test_single_frame_is_accepted_as_one_frame_video() -> None:
 # ------------------------------------------------------------------------------------------- SSIM
 def _ssim_reference(x: np.ndarray, y: np.ndarray, data_range: float) -> float:
     """Direct transcription of Wang et al.'s ssim_index.m: 11x11 Gaussian (1.5), 'valid' filtering."""
-    from scipy.signal import convolve2d
-
     g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
     w = np.outer(g, g)
     w /= w.sum()
 
     def filt(z: np.ndarray) -> np.ndarray:
-        return convolve2d(z, np.rot90(w, 2), mode="valid")
+        # MATLAB's filter2(w, z, 'valid'): the 2-D correlation of z with the full 11x11 window, written out
+        # over every 11x11 patch (numpy only; independent of the separable torch conv2d under test).
+        patches = np.lib.stride_tricks.sliding_window_view(z, w.shape)
+        return np.einsum("ijkl,kl->ij", patches, w)
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     x, y = x.astype(np.float64), y.astype(np.float64)
@@ -239,3 +241,21 @@ def test_run_eval_rejects_bad_arguments() -> None:
         run_eval(["radial:decay=0.5", "radial:decay=0.5"], out_dir=None)
     with pytest.raises(TypeError):
         run_eval([3.0], out_dir=None)  # type: ignore[list-item]
+
+
+def test_accel_eval_writes_under_outputs_by_default(tmp_path, monkeypatch, capsys, committed_results_unchanged) -> None:
+    """Without --out, `accel eval` writes to outputs/eval/ of the current directory, never benchmarks/results/."""
+    from accel.bench.eval import DEFAULT_OUT
+    from accel.cli import main
+
+    assert DEFAULT_OUT == Path("outputs/eval") and not DEFAULT_OUT.is_absolute()
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "default: outputs/eval" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--steps", "1", "--seeds", "0", "--warmup", "0", "--methods", "dense"]) == 0
+    assert "outputs/eval/eval.json" in capsys.readouterr().out
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["outputs/eval/eval.json", "outputs/eval/eval.png"]
+    assert json.loads((tmp_path / "outputs/eval/eval.json").read_text())["benchmark"] == "eval"
+    committed_results_unchanged()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,23 @@ def test_fidelity_cli(tmp_path, capsys) -> None:
     data = json.loads((tmp_path / "fidelity_m.json").read_text())
     assert [r["method"] for r in data["results"]] == ["dense", "radial:decay=0.5,block_size=16"]
     assert (tmp_path / "fidelity_m.png").exists()
+
+
+def test_fidelity_cli_writes_under_outputs_by_default(tmp_path, monkeypatch, capsys,
+                                                      committed_results_unchanged) -> None:
+    """Without --out, `accel bench fidelity` writes to outputs/bench/ of the current directory."""
+    from accel.bench.fidelity import DEFAULT_OUT
+    from accel.cli import main
+
+    assert DEFAULT_OUT == Path("outputs/bench") and not DEFAULT_OUT.is_absolute()
+    with pytest.raises(SystemExit):
+        main(["bench", "fidelity", "--help"])
+    assert "default: outputs/bench" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "fidelity", "--device", "cpu", "--grid", "2", "8", "8", "--heads", "1", "--head-dim", "16",
+                 "--seeds", "1", "--methods", "dense", "radial:decay=0.5,block_size=16", "--families", "wan-rope",
+                 "--profile-queries", "16"]) == 0
+    assert "outputs/bench/fidelity.json" in capsys.readouterr().out
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["outputs/bench/fidelity.json", "outputs/bench/fidelity.png"]
+    committed_results_unchanged()

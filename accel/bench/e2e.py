@@ -7,9 +7,16 @@ For each configuration this measures, on one GPU and in one run:
   counts of the full-width model. Layers of one kind cost the same, so the two counts give the per-layer
   time and the fixed overhead exactly (a straight line), and the full-depth forward and a 50-step
   schedule (dense first steps and dense layers as the preset says) follow from them. This is stated in
-  the JSON as `extrapolated_from_layers`; configs small enough run at full depth as a check.
+  the JSON as `extrapolated_from_layers`; configs small enough run at full depth as a check;
+- with `--compile`, also the same forwards after `transformer.compile()` (diffusers' documented way; the
+  default `torch.compile` settings), dense (cuDNN SDPA) and radial, at the same reduced depths and
+  extrapolated the same way: rows "dense cuDNN + torch.compile" and "radial + torch.compile". Dynamo's caches
+  are reset before each compiled variant; the first calls (compilation) are excluded from the timings and
+  reported separately as `compile_s` (per measured depth).
 
-Run on a GPU: `python -m accel.bench.e2e --out benchmarks/results` (`accel bench e2e`).
+Run on a GPU: `accel bench e2e` writes outputs/bench/e2e.json and e2e.png (relative to the current directory);
+`--out benchmarks/results` updates the committed results. `accel bench e2e --configs
+wan14b-768p-69f,hunyuan-768p-117f --compile` adds the torch.compile rows.
 """
 
 from __future__ import annotations
@@ -146,6 +153,42 @@ def _time_forward(model: torch.nn.Module, inputs: dict, method, schedule, sdpa_b
         accel.unpatch(model)
 
 
+COMPILE_WARMUP = 2  # untimed calls of a compiled model: the first compiles, the second catches a recompile
+
+
+def _time_compiled_forward(model: torch.nn.Module, inputs: dict, method, schedule,
+                           sdpa_backend=None) -> tuple[float, float]:
+    """(median ms, compile s) of the forward after `model.compile()`, patched with `method`.
+
+    Dynamo's caches are reset first, so each variant compiles from scratch. Compile seconds = wall time of
+    the `COMPILE_WARMUP` untimed calls minus that many steady forwards. The model is eager again afterwards.
+    """
+    from contextlib import nullcontext
+
+    import torch._dynamo
+    from torch.nn.attention import sdpa_kernel
+
+    import accel
+
+    accel.patch(model, method, schedule=schedule)
+    torch._dynamo.reset()
+    model.compile()
+    try:
+        with torch.inference_mode(), (sdpa_kernel(sdpa_backend) if sdpa_backend else nullcontext()):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(COMPILE_WARMUP):
+                model(**inputs)
+            torch.cuda.synchronize()
+            warm_s = time.perf_counter() - start
+            ms = _median_ms(lambda: model(**inputs), warmup=0)
+        return ms, max(0.0, warm_s - COMPILE_WARMUP * ms / 1000)
+    finally:
+        model._compiled_call_impl = None  # where nn.Module.compile keeps the compiled call: back to eager
+        accel.unpatch(model)
+        torch._dynamo.reset()
+
+
 def _attention_only(cfg: E2EConfig, method, layout, heads: int) -> dict[str, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -195,7 +238,8 @@ def _flex_ms(q, k, v, plan, layout) -> float:
         return _median_ms(lambda: compiled(qt, kt, vt, block_mask=mask), warmup=2, reps=5)
 
 
-def run_config(cfg: E2EConfig) -> dict[str, Any]:
+def run_config(cfg: E2EConfig, compile: bool = False) -> dict[str, Any]:
+    """Time one config (see the module docstring); ``compile`` adds the `transformer.compile()` timings."""
     from torch.nn.attention import SDPBackend
 
     from accel.methods.dense import Dense
@@ -226,24 +270,126 @@ def run_config(cfg: E2EConfig) -> dict[str, Any]:
         )
         timings.append({"depth": depth, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "dense_fa_ms": dense_fa_ms,
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        if compile and "compile_error" not in out:
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                dense_c_ms, dense_c_s = _time_compiled_forward(model, inputs, Dense(), None)
+                sparse_c_ms, sparse_c_s = _time_compiled_forward(model, inputs, method, all_sparse)
+                timings[-1].update(dense_compiled_ms=dense_c_ms, sparse_compiled_ms=sparse_c_ms,
+                                   dense_compile_s=dense_c_s, sparse_compile_s=sparse_c_s,
+                                   compiled_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            except Exception as err:  # keep the eager rows; record why the compiled ones are missing
+                out["compile_error"] = f"{type(err).__name__}: {err}"[:500]
         del model
         torch.cuda.empty_cache()
     out["reduced_depth_timings"] = timings
     out.update(_extrapolate(cfg, timings, schedule))
+    if compile and "compile_error" not in out:
+        out["compiled"] = _extrapolate_compiled(cfg, timings, schedule, out)
     if cfg.full_depth:
         model = _build(cfg, {})
         out["full_depth_dense_ms"] = _time_forward(model, inputs, Dense(), None)
         out["full_depth_sparse_phase_ms"] = _time_forward(model, inputs, method, type(schedule)(
             dense_layers=schedule.dense_layers))
         out["full_depth_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if "compiled" in out:
+            try:
+                check = out["compiled"]
+                check["full_depth_dense_ms"], check["full_depth_dense_compile_s"] = _time_compiled_forward(
+                    model, inputs, Dense(), None)
+                check["full_depth_sparse_phase_ms"], check["full_depth_sparse_compile_s"] = _time_compiled_forward(
+                    model, inputs, method, type(schedule)(dense_layers=schedule.dense_layers))
+            except Exception as err:
+                out["compiled"]["full_depth_error"] = f"{type(err).__name__}: {err}"[:500]
         del model
         torch.cuda.empty_cache()
     return out
 
 
+def _dense_layers(schedule) -> int:
+    return schedule.dense_layers if isinstance(schedule.dense_layers, int) else len(schedule.dense_layers)
+
+
+def _extrapolate_compiled(cfg: E2EConfig, timings: list[dict], schedule, eager: dict[str, Any]) -> dict[str, Any]:
+    """Full-depth forwards and 50-step totals of the compiled model, as `_extrapolate` does for eager.
+
+    Rows: "dense cuDNN + torch.compile" (every step dense) and "radial + torch.compile" (the preset's
+    dense steps compiled dense, the rest compiled sparse). ``eager`` is `_extrapolate`'s result, for the
+    speedups against the eager dense cuDNN baseline.
+    """
+    renamed = [{**t, "dense_ms": t["dense_compiled_ms"], "sparse_ms": t["sparse_compiled_ms"],
+                "dense_fa_ms": t["dense_compiled_ms"]} for t in timings]
+    fit = _extrapolate(cfg, renamed, schedule)
+    per_layer = {k: v for k, v in fit["per_layer"].items() if "dense_fa" not in k}
+    return {
+        "how": "transformer.compile() (torch.compile defaults), dynamo reset per variant, "
+               f"{COMPILE_WARMUP} warm-up calls excluded from the timings",
+        "extrapolated_from_layers": True,
+        "overhead_ms": fit["overhead_ms"],
+        "per_layer": per_layer,
+        "forward_dense_ms": fit["forward_dense_ms"],
+        "forward_sparse_phase_ms": fit["forward_sparse_phase_ms"],
+        "forward_speedup": fit["forward_speedup"],
+        "total_dense_s": fit["total_dense_s"],
+        "total_radial_s": fit["total_radial_s"],
+        "total_speedup": fit["total_speedup"],
+        "dense_speedup_vs_eager": eager["total_dense_s"] / fit["total_dense_s"],
+        "total_speedup_vs_eager_dense": eager["total_dense_s"] / fit["total_radial_s"],
+        "compile_s": {
+            "dense": [t["dense_compile_s"] for t in timings],
+            "radial": [t["sparse_compile_s"] for t in timings],
+            "depths": [t["depth"] for t in timings],
+        },
+        "rows": [
+            {"label": "dense cuDNN + torch.compile", "forward_ms": fit["forward_dense_ms"],
+             "total_s": fit["total_dense_s"], "speedup_vs_dense_cudnn": eager["total_dense_s"] / fit["total_dense_s"],
+             "compile_s": [t["dense_compile_s"] for t in timings]},
+            {"label": "radial + torch.compile", "forward_ms": fit["forward_sparse_phase_ms"],
+             "total_s": fit["total_radial_s"], "speedup_vs_dense_cudnn": eager["total_dense_s"] / fit["total_radial_s"],
+             "compile_s": [t["sparse_compile_s"] for t in timings]},
+        ],
+    }
+
+
+def table_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One config's rows for the table: forward (sparse phase for radial), 50-step total, speedup vs dense cuDNN.
+
+    "dense cuDNN", "dense FA SDPA", "radial", then, when the config ran with ``--compile``,
+    "dense cuDNN + torch.compile" and "radial + torch.compile" (with their compile seconds per measured depth).
+    """
+    base = row["total_dense_s"]
+    rows = [
+        {"label": "dense cuDNN", "forward_ms": row["forward_dense_ms"], "total_s": base, "compile_s": None},
+        {"label": "dense FA SDPA", "forward_ms": row["forward_dense_fa_ms"], "total_s": row["total_dense_fa_s"],
+         "compile_s": None},
+        {"label": "radial", "forward_ms": row["forward_sparse_phase_ms"], "total_s": row["total_radial_s"],
+         "compile_s": None},
+    ]
+    for r in rows:
+        r["speedup_vs_dense_cudnn"] = base / r["total_s"]
+    rows += [dict(r) for r in row.get("compiled", {}).get("rows", [])]
+    return rows
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The printed table: one line per (config, row of `table_rows`)."""
+    head = (f"{'config':<20} {'attention':<28} {'forward ms':>11} {'50 steps s':>11} {'vs dense cuDNN':>15}"
+            f"  compile s (per measured depth)")
+    lines = [head, "-" * len(head)]
+    for row in results["configs"]:
+        for r in table_rows(row):
+            compile_s = " / ".join(f"{c:.0f}" for c in r["compile_s"]) if r.get("compile_s") else "-"
+            lines.append(f"{row['config']:<20} {r['label']:<28} {r['forward_ms']:>11.0f} {r['total_s']:>11.1f} "
+                         f"{r['speedup_vs_dense_cudnn']:>14.2f}x  {compile_s}")
+        if row.get("compile_error"):
+            lines.append(f"{row['config']:<20} torch.compile failed: {row['compile_error']}")
+    lines.append("forward: full-depth forward (radial: its sparse phase); 50 steps: incl. the preset's dense steps")
+    return "\n".join(lines)
+
+
 def _extrapolate(cfg: E2EConfig, timings: list[dict], schedule) -> dict[str, Any]:
     """Per-layer costs from the reduced depths, then the full-depth forwards and the 50-step total."""
-    dense_layers = schedule.dense_layers if isinstance(schedule.dense_layers, int) else len(schedule.dense_layers)
+    dense_layers = _dense_layers(schedule)
     if cfg.family == "wan":
         (a, b) = timings
         per = {kind: (b[f"{kind}_ms"] - a[f"{kind}_ms"]) / 2 for kind in ("dense", "sparse", "dense_fa")}
@@ -316,17 +462,28 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fwd = [r["forward_speedup"] for r in rows]
     total = [r["total_speedup"] for r in rows]
     total_fa = [r.get("total_speedup_vs_fa", math.nan) for r in rows]
-    fig, ax = plt.subplots(figsize=(12, 4.8))
+    bars = [
+        (attn, "attention: radial (ours) vs cuDNN"),
+        (flex, "attention: flex radial vs cuDNN"),
+        (fwd, "forward, sparse phase, vs cuDNN"),
+        (total, "50 steps incl. dense steps, vs cuDNN"),
+        (total_fa, "50 steps vs FlashAttention SDPA dense"),
+    ]
+    if any("compiled" in r for r in rows):  # the --compile rows, against the same eager cuDNN baseline
+        bars += [
+            ([r["compiled"]["dense_speedup_vs_eager"] if "compiled" in r else math.nan for r in rows],
+             "50 steps, dense cuDNN + torch.compile, vs cuDNN"),
+            ([r["compiled"]["total_speedup_vs_eager_dense"] if "compiled" in r else math.nan for r in rows],
+             "50 steps, radial + torch.compile, vs cuDNN"),
+        ]
+    fig, ax = plt.subplots(figsize=(12 if len(bars) == 5 else 14, 4.8))
     x = range(len(rows))
-    w = 0.16
-    ax.bar([i - 2 * w for i in x], attn, w, label="attention: radial (ours) vs cuDNN")
-    ax.bar([i - w for i in x], flex, w, label="attention: flex radial vs cuDNN")
-    ax.bar(list(x), fwd, w, label="forward, sparse phase, vs cuDNN")
-    ax.bar([i + w for i in x], total, w, label="50 steps incl. dense steps, vs cuDNN")
-    ax.bar([i + 2 * w for i in x], total_fa, w, label="50 steps vs FlashAttention SDPA dense")
+    w = 0.8 / len(bars)
+    for j, (values, label) in enumerate(bars):
+        ax.bar([i + (j - (len(bars) - 1) / 2) * w for i in x], values, w, label=label)
     for i, r in enumerate(rows):
         if r.get("reference_speedup"):
-            ax.plot([i - 2.5 * w, i + 2.5 * w], [r["reference_speedup"]] * 2, "k--", lw=1)
+            ax.plot([i - len(bars) / 2 * w, i + len(bars) / 2 * w], [r["reference_speedup"]] * 2, "k--", lw=1)
     ax.set_xticks(list(x), names, rotation=15)
     ax.set_ylabel("speedup over dense cuDNN SDPA")
     ax.set_title(f"Radial attention, full-size configs, random bf16 weights ({results['environment']['device']})\n"
@@ -339,7 +496,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names: " + ", ".join(CONFIGS))
-    parser.add_argument("--out", default="benchmarks/results", help="output folder for e2e.json / e2e.png")
+    parser.add_argument("--out", default="outputs/bench",
+                        help="output folder for e2e.json / e2e.png (default: %(default)s, relative to the current "
+                             "directory; the committed results are updated only with --out benchmarks/results)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time dense cuDNN and radial after transformer.compile() (compile time excluded "
+                             "from the timings, reported separately)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("accel bench e2e needs a CUDA GPU; none is visible (timings on a CPU mean nothing here).",
@@ -355,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"environment": _environment(), "configs": []}
     for name in names:
         start = time.perf_counter()
-        row = run_config(CONFIGS[name])
+        row = run_config(CONFIGS[name], compile=args.compile)
         results["configs"].append(row)
         a = row["attention"]
         print(f"{name}: density {a['density']:.3f} | attention cuDNN {a['dense_cudnn_ms']:.1f} ms, radial "
@@ -364,7 +526,17 @@ def main(argv: list[str] | None = None) -> int:
               f"({row['forward_speedup']:.2f}x), dense FA {row['forward_dense_fa_ms']:.0f} ms | 50 steps "
               f"{row['total_speedup']:.2f}x vs cuDNN, {row['total_speedup_vs_fa']:.2f}x vs FA "
               f"[{time.perf_counter() - start:.0f} s]", flush=True)
+        if "compiled" in row:
+            c = row["compiled"]
+            print(f"{name} + torch.compile: forward dense {c['forward_dense_ms']:.0f} ms, sparse "
+                  f"{c['forward_sparse_phase_ms']:.0f} ms ({c['forward_speedup']:.2f}x) | 50 steps "
+                  f"{c['total_speedup']:.2f}x vs compiled cuDNN, {c['total_speedup_vs_eager_dense']:.2f}x vs cuDNN "
+                  f"| compile s per depth: dense {' / '.join(f'{v:.0f}' for v in c['compile_s']['dense'])}, radial "
+                  f"{' / '.join(f'{v:.0f}' for v in c['compile_s']['radial'])}", flush=True)
+        elif "compile_error" in row:
+            print(f"{name}: torch.compile failed ({row['compile_error']})", flush=True)
         (out_dir / "e2e.json").write_text(json.dumps(results, indent=1))
+    print(format_table(results))
     try:
         plot(results, out_dir / "e2e.png")
     except ImportError as err:

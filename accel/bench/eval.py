@@ -12,7 +12,8 @@ alike. Times are per whole generation (text encoding, denoising, VAE decode). CP
 benchmarks (see BENCHMARKS.md); they are recorded for completeness.
 
 Results: ``<out>/eval[_<tag>].json`` (every per-sample number, settings, versions, git commit) and
-``.png`` (PSNR and SSIM vs time and vs tile density).
+``.png`` (PSNR and SSIM vs time and vs tile density). ``<out>`` defaults to ``outputs/eval`` in the current
+directory; the committed results in ``benchmarks/results/`` are written only with ``--out benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from accel.schedule import Schedule
 
 logger = logging.getLogger("accel")
 
-DEFAULT_OUT = Path("benchmarks/results")
+DEFAULT_OUT = Path("outputs/eval")
+"""Default output folder, relative to the current directory (outside the source tree). The committed results in
+``benchmarks/results/`` are only written with an explicit ``--out benchmarks/results``."""
 DEFAULT_PROMPTS = ("a dog running on the beach at sunset",)
 DEFAULT_METHODS = ("dense", "radial:decay=0.2", "radial:decay=0.2,spatial=disk")
 
@@ -334,7 +337,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--on-unsupported", choices=("error", "dense"), default="error")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per method first (0 for big models)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder for eval[_TAG].json/.png")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="output folder for eval[_TAG].json/.png (default: %(default)s, relative to the current "
+                        "directory; the committed results are updated only with --out benchmarks/results)")
     p.add_argument("--tag", help="suffix of the output file names")
     p.add_argument("--save-videos", action="store_true", help="also write every video as mp4")
     p.add_argument("--no-plot", action="store_true")

@@ -68,7 +68,9 @@ from accel.methods.dense import Dense, sdpa_bshd
 logger = logging.getLogger("accel")
 
 REFERENCE_HEAD_DIM = 128
-DEFAULT_OUT = Path("benchmarks/results")
+DEFAULT_OUT = Path("outputs/bench")
+"""Default output folder, relative to the current directory (outside the source tree). The committed results in
+``benchmarks/results/`` are only written with an explicit ``--out benchmarks/results``."""
 DEFAULT_DECAYS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 
 # name -> (frames, height, width, heads, head_dim); "wan1.3b-480p-81f" etc. from BENCHMARKS.md.
@@ -739,7 +741,9 @@ def add_fidelity_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    help=f"input families: presets {', '.join(FAMILIES)}, 'preset:key=value,...', or "
                         "'rope:key=value,...' / 'gaussian:...'")
     p.add_argument("--profile-queries", type=int, default=256, help="queries sampled for the attention profile")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder for fidelity[_TAG].json/.png")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="output folder for fidelity[_TAG].json/.png (default: %(default)s, relative to the current "
+                        "directory; the committed results are updated only with --out benchmarks/results)")
     p.add_argument("--tag", help="suffix of the output file names")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_fidelity)

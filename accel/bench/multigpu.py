@@ -33,7 +33,9 @@ def _median_ms(fn, reps: int = 3) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="outputs/bench",
+                        help="output folder for multigpu_N.json (default: %(default)s, relative to the current "
+                             "directory; the committed results are updated only with --out benchmarks/results)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)

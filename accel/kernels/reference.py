@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ._common import resolve_key_parts, text_visibility
 from .layout import BlockLayout
 
 
@@ -26,6 +27,10 @@ def reference_block_sparse_attention(
     v: torch.Tensor,
     layout: BlockLayout,
     *,
+    video_keys: tuple[int, int] | None = None,
+    text_keys: tuple[int, int] | None = None,
+    text_lengths: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
@@ -35,8 +40,15 @@ def reference_block_sparse_attention(
     """Same contract as :func:`accel.kernels.block_sparse_attention` (q, k, v as (B, S, H, D)).
 
     Rows with no visible key give zeros and LSE = -inf. Differentiable. Output in q's dtype, LSE float32
-    (float64 for float64 inputs).
+    (float64 for float64 inputs). k, v may be joint buffers (``video_keys``/``text_keys`` rows, with
+    ``text_lengths`` or ``text_mask``), or video-only with the deprecated ``extra_k/extra_v/extra_mask``.
     """
+    if video_keys is not None or text_keys is not None:
+        v0, vl, t0, tl = resolve_key_parts(k.shape[1], video_keys, text_keys)
+        if tl:
+            extra_k, extra_v = k[:, t0:t0 + tl], v[:, t0:t0 + tl]
+            extra_mask = text_visibility(tl, text_lengths, text_mask)
+        k, v = k[:, v0:v0 + vl], v[:, v0:v0 + vl]
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     layout.check_shapes(Sq, Sk, H)

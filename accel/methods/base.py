@@ -1,25 +1,72 @@
-"""The contract every attention method follows.
+"""The contract every attention method follows (v2).
 
-A method is a frozen dataclass (its config). It turns a token layout into a plan once
-(`build_plan`, cached by the caller per layout, heads and device) and runs attention with that plan
-(`attend`). Methods know tensors and token layouts, never pipelines or diffusers modules.
+A method is a frozen dataclass (its config). Per geometry it builds a static plan once (`build_plan`, cached
+by the caller per layout, heads and device). Per call, `run` takes q/k/v and the per-call facts of an
+`AttentionCall` (scale, text padding computed once per forward by the caller) and returns the output with the
+density it really computed; a dynamic method (pyramid) does its per-call planning on q/k inside `run`
+(`plan_call`). A method may own a token order (`token_order`): a permutation of the video tokens that the
+caller applies once per forward. `token_mask` is the specification tests compare against; `visualize`
+draws the plan for the UI and `accel mask`. Methods know tensors and token layouts, never pipelines.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 
 from accel.geometry import TokenLayout
 
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """Per-call facts of one self-attention call, computed once per forward by the caller.
+
+    Attributes:
+        scale: softmax scale (None: 1/sqrt(D)).
+        text_lengths: (B,) int32 on the tensors' device: only the first ``text_lengths[b]`` text tokens are
+            visible keys (text encoders pad at the end). None: every text token is visible.
+        text_mask: (B, T) bool, True = visible, for padding that is not a prefix. None when ``text_lengths``
+            describes the padding or nothing is padded.
+        key_padding_mask: (B, S) bool over the whole joint sequence, the same facts in the form dense SDPA
+            takes; None when nothing is hidden.
+        seed: a per-call seed for methods that sample (reproducible masks for a given generation seed).
+    """
+
+    scale: float | None = None
+    text_lengths: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    key_padding_mask: torch.Tensor | None = None
+    seed: int = 0
+
+    @property
+    def padded(self) -> bool:
+        return self.key_padding_mask is not None
+
+
+class Attended(NamedTuple):
+    """A method's output and the density it computed (float, or a 0-dim tensor for dynamic methods)."""
+
+    out: torch.Tensor
+    density: float | torch.Tensor
+
 
 @dataclass(frozen=True)
 class AttentionMethod:
-    """Base class of method configs. Subclasses are frozen dataclasses and so hashable cache keys."""
+    """Base class of method configs. Subclasses are frozen dataclasses and so hashable cache keys.
+
+    Subclasses set ``name`` (the registry key) and declare their fields with `accel.options.option` so that
+    the CLI, the UI and spec strings get help texts and ranges. ``registered = False`` hides a subclass.
+    """
 
     name: ClassVar[str] = "base"
+    registered: ClassVar[bool] = True
 
     def can_run(
         self,
@@ -33,13 +80,30 @@ class AttentionMethod:
         """Whether this method can run these shapes; with raise_error, raise the reason instead of False."""
         return True
 
+    # ------------------------------------------------------------------ static, per geometry
     def build_plan(self, layout: TokenLayout, heads: int, device: torch.device) -> Any:
-        """Precompute what `attend` needs for this geometry (masks, block lists). Pure; cached by callers."""
+        """Precompute what `run` needs for this geometry (masks, block lists). Pure; cached by callers."""
         return None
 
     def plan_density(self, plan: Any) -> float:
-        """Fraction of attention tiles the plan computes (1.0 = dense)."""
+        """Fraction of attention tiles the plan computes (1.0 = dense); dynamic methods: an upper bound."""
         return 1.0
+
+    def token_order(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
+        """A permutation of the video tokens (raster order -> method order) or None to keep raster order.
+
+        ``perm[i]`` is the raster index of the token at position i of the method's order. The caller applies
+        it once per forward; plans and `run` then see tokens in that order.
+        """
+        return None
+
+    # ------------------------------------------------------------------ per call
+    def run(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, plan: Any, call: AttentionCall
+    ) -> Attended:
+        """Attention over a whole joint (B, S, H, D) sequence in `layout` order, with the density computed."""
+        out = self.attend(q, k, v, layout, plan, key_padding_mask=call.key_padding_mask, scale=call.scale)
+        return Attended(out, self.plan_density(plan))
 
     def attend(
         self,
@@ -52,7 +116,7 @@ class AttentionMethod:
         key_padding_mask: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> torch.Tensor:
-        """Attention over a whole joint sequence.
+        """Direct use (tests, benchmarks): attention over a joint sequence, returning only the output.
 
         Args:
             q, k, v: (B, S, H, D) in diffusers' layout, S = layout.total_tokens, tokens in layout order.
@@ -60,11 +124,57 @@ class AttentionMethod:
             plan: this method's `build_plan` result for `layout`.
             key_padding_mask: optional (B, S) bool, True where a key may be attended (text padding).
             scale: softmax scale, default 1/sqrt(D).
-
-        Returns:
-            (B, S, H, D) output (may be a strided view).
         """
-        raise NotImplementedError
+        call = call_from_padding_mask(key_padding_mask, layout, scale)
+        return self.run(q, k, v, layout, plan, call).out
+
+    # ------------------------------------------------------------------ specification and pictures
+    def token_mask(self, layout: TokenLayout, plan: Any = None) -> torch.Tensor:
+        """(S, S) bool: which key each query attends to (the specification; small sizes only)."""
+        s = layout.total_tokens
+        return torch.ones(s, s, dtype=torch.bool)
+
+    def visualize(
+        self, plan: Any, path: str | Path | None = None, *, layout: TokenLayout | None = None, max_pixels: int = 1024
+    ) -> Path | np.ndarray:
+        """Picture of what the plan computes (white = attended): a PNG at ``path``, or an RGB array."""
+        if layout is None:
+            raise ValueError(f"{self.name}.visualize needs the token layout the plan was built for")
+        mask = self.token_mask(layout, plan)
+        return render_mask_image(mask, layout, path, title=str(self), max_pixels=max_pixels)
+
+
+def call_from_padding_mask(
+    key_padding_mask: torch.Tensor | None, layout: TokenLayout, scale: float | None = None
+) -> AttentionCall:
+    """An `AttentionCall` from a (B, S) key-padding mask (one host sync: for direct calls, not per layer)."""
+    if key_padding_mask is None:
+        return AttentionCall(scale=scale)
+    b = key_padding_mask.shape[0]
+    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, layout.total_tokens):
+        raise ValueError(
+            f"key_padding_mask must be bool (B, S) with S = {layout.total_tokens}, "
+            f"got dtype={key_padding_mask.dtype}, shape={tuple(key_padding_mask.shape)}"
+        )
+    facts = padding_facts(key_padding_mask[:, layout.text_slice])
+    if not bool(key_padding_mask[:, layout.video_slice].all()):
+        return AttentionCall(scale=scale, key_padding_mask=key_padding_mask, text_mask=None, text_lengths=None)
+    if facts is None:
+        return AttentionCall(scale=scale)
+    lengths, text_mask = facts
+    return AttentionCall(scale=scale, text_lengths=lengths, text_mask=text_mask, key_padding_mask=key_padding_mask)
+
+
+def padding_facts(text_visible: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """Classify a (B, T) bool text mask once: None if all visible, else (lengths, None) for trailing padding
+    or (None, mask) for scattered padding. One host sync; callers do this once per forward."""
+    if text_visible.numel() == 0 or bool(text_visible.all()):
+        return None
+    lengths = text_visible.sum(1, dtype=torch.int32)
+    prefix = torch.arange(text_visible.shape[1], device=text_visible.device)[None, :] < lengths[:, None]
+    if bool((prefix == text_visible).all()):
+        return lengths, None
+    return None, text_visible
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> None:
@@ -79,3 +189,78 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
             f"sequence length {q.shape[1]} does not match the token layout ({layout.video_tokens} video + "
             f"{layout.text_tokens} text tokens)"
         )
+
+
+def split_joint(layout: TokenLayout) -> tuple[slice, slice]:
+    """(video slice, text slice) of a joint sequence: the one place that knows where each part sits."""
+    return layout.video_slice, layout.text_slice
+
+
+def render_mask_image(
+    mask: torch.Tensor,
+    layout: TokenLayout,
+    path: str | Path | None = None,
+    *,
+    title: str = "",
+    max_pixels: int = 1024,
+    cell: int = 1,
+    density: float | None = None,
+) -> Path | np.ndarray:
+    """Draw a (N, N) bool mask (OR-pooled to at most ``max_pixels``) with frame boundaries in frames.
+
+    ``cell`` is how many tokens one mask row covers (a block size for block masks, 1 for token masks).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    n = mask.shape[-1]
+    factor = max(1, math.ceil(n / max(1, max_pixels)))
+    if factor > 1:
+        m = math.ceil(n / factor) * factor
+        padded = torch.zeros(m, m, dtype=torch.bool)
+        padded[:n, :n] = mask
+        img = padded.view(m // factor, factor, m // factor, factor).any(3).any(1)
+    else:
+        img = mask
+    frames = layout.frames
+    tokens_per_frame = layout.tokens_per_frame
+    fig = Figure(figsize=(7, 7.4), dpi=150)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", extent=(0, n, n, 0))
+    if frames > 1:
+        per_frame = tokens_per_frame / cell
+        step = max(1, math.ceil(frames / 16))
+        ticks = [f * per_frame for f in range(0, frames, step)]
+        ax.set_xticks(ticks, [str(f) for f in range(0, frames, step)])
+        ax.set_yticks(ticks, [str(f) for f in range(0, frames, step)])
+        if frames <= 64:
+            for f in range(1, frames):
+                ax.axhline(f * per_frame, color="tab:red", lw=0.4, alpha=0.6)
+                ax.axvline(f * per_frame, color="tab:red", lw=0.4, alpha=0.6)
+            ax.legend(handles=[Line2D([], [], color="tab:red", lw=1, label="latent frame boundary")],
+                      loc="upper right", fontsize=7, framealpha=0.8)
+        ax.set_xlabel("key latent frame")
+        ax.set_ylabel("query latent frame")
+    else:
+        ax.set_xlabel("key token" if cell == 1 else "key block")
+        ax.set_ylabel("query token" if cell == 1 else "query block")
+    fraction = float(mask.float().mean()) if density is None else density
+    pooled = f", {factor}x{factor} pooled" if factor > 1 else ""
+    grid = "x".join(map(str, layout.grid))
+    ax.set_title((f"{title}\n" if title else "") + f"grid {grid} (frames x rows x cols){pooled}: "
+                 f"{fraction:.1%} computed", fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return path
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 
 from accel.geometry import TokenLayout
-from accel.methods.base import AttentionMethod, check_qkv
+from accel.methods.base import Attended, AttentionCall, AttentionMethod, check_qkv, split_joint
 from accel.methods.dense import sdpa_bshd
 from accel.methods.radial_mask import radial_block_layout
 from accel.options import check_options, option
@@ -168,70 +168,65 @@ class Radial(AttentionMethod):
         """Fraction of video x video tiles computed (text rows and columns, always dense, excluded)."""
         return plan.density
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layout: TokenLayout,
-        plan: RadialPlan,
-        *,
-        key_padding_mask: torch.Tensor | None = None,
-        scale: float | None = None,
-    ) -> torch.Tensor:
+    def run(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, plan: RadialPlan,
+        call: AttentionCall,
+    ) -> Attended:
         """Radial attention over a joint (B, S, H, D) sequence in `layout` order.
 
-        Video queries: one block-sparse call over the video keys plus every (unpadded) text key. Text
-        queries: dense over all keys. `key_padding_mask` (B, S) bool, True = visible, may hide text
-        keys only; hiding a video key raises NotImplementedError (callers fall back to dense).
+        Video queries: one block-sparse call over the video keys plus every visible text key (read in place
+        from the joint buffer). Text queries: dense over all keys. Padding comes as `call.text_lengths`
+        (trailing) or `call.text_mask`; hidden video keys raise NotImplementedError (callers fall back).
+        No host synchronisation.
         """
         check_qkv(q, k, v, layout)
         if not isinstance(plan, RadialPlan):
             raise TypeError(f"plan must be a RadialPlan from Radial.build_plan, got {type(plan).__name__}")
         if plan.grid != layout.grid:
             raise ValueError(f"plan was built for grid {plan.grid}, got a layout with grid {layout.grid}")
-        vs, ts = layout.video_slice, layout.text_slice
+        if call.key_padding_mask is not None and call.text_lengths is None and call.text_mask is None:
+            raise NotImplementedError("radial attention cannot mask video keys (key_padding_mask hides some)")
+        vs, ts = split_joint(layout)
         has_text = layout.text_tokens > 0
-        text_mask = None
-        if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (q.shape[0], q.shape[1]):
-                raise ValueError(
-                    f"key_padding_mask must be bool (B, S) = ({q.shape[0]}, {q.shape[1]}), "
-                    f"got dtype={key_padding_mask.dtype}, shape={tuple(key_padding_mask.shape)}"
-                )
-            if bool(key_padding_mask.all()):  # nothing hidden: keep the unmasked (faster) paths
-                key_padding_mask = None
-            elif not bool(key_padding_mask[:, vs].all()):
-                raise NotImplementedError("radial attention cannot mask video keys (key_padding_mask hides some)")
-            elif has_text:
-                text_mask = key_padding_mask[:, ts]
-
+        kernel_text = _kernel_text_args(k, v, layout, call) if has_text else {}
         from accel.kernels import block_sparse_attention
 
-        extra = dict(
-            extra_k=k[:, ts] if has_text else None,
-            extra_v=v[:, ts] if has_text else None,
-            extra_mask=text_mask,
-            scale=scale,
-        )
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if needs_grad:
-            video = block_sparse_attention(q[:, vs], k[:, vs], v[:, vs], plan.block_layout, **extra)
+            video = block_sparse_attention(q[:, vs], k, v, plan.block_layout, scale=call.scale, **kernel_text)
             if not has_text:
-                return video
-            text = sdpa_bshd(q[:, ts], k, v, key_padding_mask=key_padding_mask, scale=scale)
-            return torch.cat([text, video] if layout.text_position == "before" else [video, text], 1)
+                return Attended(video, plan.density)
+            text = sdpa_bshd(q[:, ts], k, v, key_padding_mask=call.key_padding_mask, scale=call.scale)
+            out = torch.cat([text, video] if layout.text_position == "before" else [video, text], 1)
+            return Attended(out, plan.density)
         out = torch.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype, device=q.device)
-        block_sparse_attention(q[:, vs], k[:, vs], v[:, vs], plan.block_layout, out=out[:, vs], **extra)
+        block_sparse_attention(q[:, vs], k, v, plan.block_layout, out=out[:, vs], scale=call.scale, **kernel_text)
         if has_text:
-            out[:, ts] = sdpa_bshd(q[:, ts], k, v, key_padding_mask=key_padding_mask, scale=scale)
-        return out
+            out[:, ts] = sdpa_bshd(q[:, ts], k, v, key_padding_mask=call.key_padding_mask, scale=call.scale)
+        return Attended(out, plan.density)
+
+    def token_mask(self, layout: TokenLayout, plan: RadialPlan | None = None) -> torch.Tensor:
+        """(S, S) bool token mask `run` implements (text dense both ways); small sizes only."""
+        plan = plan if plan is not None else self.build_plan(layout, 1, torch.device("cpu"))
+        return expand_plan_mask(plan, layout)
 
     def visualize(
-        self, plan: RadialPlan, path: str | Path | None = None, max_pixels: int = 1024
+        self, plan: RadialPlan, path: str | Path | None = None, *, layout: TokenLayout | None = None,
+        max_pixels: int = 1024,
     ) -> Path | np.ndarray:
         """Render the video x video block mask; see `visualize_plan`."""
         return visualize_plan(plan, path, max_pixels=max_pixels, title=str(self))
+
+
+def _kernel_text_args(k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, call: AttentionCall) -> dict:
+    """Keyword arguments that tell the block-sparse kernel where the text keys sit in the joint k/v buffer."""
+    vs, ts = split_joint(layout)
+    args: dict = {"video_keys": (vs.start, layout.video_tokens), "text_keys": (ts.start, layout.text_tokens)}
+    if call.text_lengths is not None:
+        args["text_lengths"] = call.text_lengths
+    elif call.text_mask is not None:
+        args["text_mask"] = call.text_mask
+    return args
 
 
 # ---------------------------------------------------------------------------------------- visualizer

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from accel.pipelines.runtime import AttentionRuntime, TransformerState
+from accel.pipelines.context import TransformerState
+from accel.pipelines.runtime import AttentionRuntime
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ class FamilyAdapter:
     def grid(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
         """(frames, height, width) in tokens of this forward call, or None if it cannot be told."""
         raise NotImplementedError
+
+    def text_visible(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """(B, T) bool visibility of the text tokens joined into self-attention, or None (no padding known)."""
+        return None
 
     def make_processor(
         self, runtime: AttentionRuntime, state: TransformerState, site: SelfAttentionSite

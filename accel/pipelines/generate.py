@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import torch
 from accel.methods.base import AttentionMethod
 from accel.pipelines.patching import patch, unpatch
 from accel.pipelines.runtime import AttentionStats
-from accel.pipelines.tiny import TINY_MODELS, build_tiny, size_rules
+from accel.pipelines.tiny import TINY_MODELS, build_tiny, size_limits, size_rules
 from accel.pipelines.tiny import _check as _check_size
 from accel.schedule import Schedule
 
@@ -25,8 +26,20 @@ logger = logging.getLogger("accel")
 DEFAULT_MODEL = "tiny-wan"
 
 
+PHASES = ("loading", "encoding", "denoising", "decoding", "writing")
+"""What a generation is doing, in order; `run_generation` reports encoding, denoising and decoding through
+``on_phase`` (loading the model and writing the video are the caller's)."""
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_LORA_SCALE = 100.0
+
+
 class ModelLoadError(ValueError):
     """The model id or path could not be turned into a pipeline."""
+
+
+class Cancelled(Exception):
+    """`run_generation` stopped because ``should_stop()`` became true; nothing was decoded."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,38 @@ class GenerationRequest:
     guidance_scale: float | None = None
     lora: str | None = None
     lora_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Sizes: None is the model's default; anything else a whole number >= 1 (the model's multiples and
+        # maxima are checked by `resolve_settings`, which knows the pipeline).
+        for name in ("frames", "height", "width", "steps"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be a whole number >= 1 or None (the model's default), got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1 or None (the model's default), got {value}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be a whole number, got {self.seed!r}")
+        if self.guidance_scale is not None:
+            g = self.guidance_scale
+            if isinstance(g, bool) or not isinstance(g, (int, float)):
+                raise TypeError(f"guidance_scale must be a finite number or None (the model's default), got {g!r}")
+            if not math.isfinite(g):
+                raise ValueError(f"guidance_scale must be a finite number, got {g}")
+        check_lora_scale(self.lora_scale)
+
+
+def check_lora_scale(scale: Any) -> float:
+    """``scale`` as a float, or an error naming the field: a finite number with |scale| <= 100."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"lora_scale must be a finite number between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, "
+                        f"got {scale!r}")
+    if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+        raise ValueError(f"lora_scale must be a finite number between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, "
+                         f"got {scale}")
+    return float(scale)
 
 
 @dataclass
@@ -112,7 +157,11 @@ def enable_ulysses(pipe: Any, world_size: int) -> None:
 
 
 def resolve_settings(pipe: Any, model: str, request: GenerationRequest) -> dict:
-    """Fill a request's None fields from the model's defaults and validate sizes against the model."""
+    """Fill a request's None fields from the model's defaults and validate sizes against the model.
+
+    Height and width must be multiples of the model's `size_rules`, frames follow its temporal rule, and
+    height, width, frames and steps stay within its `size_limits` (ValueError naming the field and range).
+    """
     spec = TINY_MODELS.get(model)
     is_video = spec.is_video if spec else _is_video_pipeline(pipe)
     settings: dict[str, Any] = {
@@ -122,7 +171,11 @@ def resolve_settings(pipe: Any, model: str, request: GenerationRequest) -> dict:
     }
     frames = request.frames or (spec.num_frames if spec else (81 if is_video else 1))
     spatial, tmul, toff = size_rules(pipe)
-    _check_size(model, spatial, tmul, toff, settings["height"], settings["width"], frames, is_video)
+    limits = spec.limits if spec else size_limits(pipe)
+    _check_size(model, spatial, tmul, toff, settings["height"], settings["width"], frames, is_video,
+                limits=limits, steps=settings["num_inference_steps"])
+    if request.guidance_scale is not None and not math.isfinite(request.guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {request.guidance_scale}")
     if is_video:
         settings["num_frames"] = frames
     extra = dict(spec.call_defaults) if spec else {}
@@ -142,22 +195,54 @@ def _is_video_pipeline(pipe: Any) -> bool:
     return any(k in type(pipe).__name__ for k in ("Wan", "HunyuanVideo", "CogVideoX", "LTX", "Mochi"))
 
 
-def load_lora(pipe: Any, path: str, scale: float) -> None:
-    """Load a diffusers-format LoRA (.safetensors file or folder) into the pipeline."""
+def check_lora_path(path: str | os.PathLike) -> Path:
+    """The LoRA as a path that is safe to load: a ``.safetensors`` file, or a folder holding one.
+
+    Pickled weights (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) can run code when loaded, so they are refused
+    everywhere (FileNotFoundError if missing, ValueError otherwise, naming the file).
+    """
     lora = Path(path).expanduser()
     if not lora.exists():
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    if lora.is_file() and lora.suffix != ".safetensors":
-        raise ValueError(f"LoRA files must be .safetensors (pickled weights are not loaded), got {lora.name}")
+    if lora.is_file():
+        if lora.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"LoRA {lora.name} holds pickled weights, which can run code when loaded: only .safetensors "
+                "LoRAs are loaded (convert it with safetensors.torch.save_file)"
+            )
+        if lora.suffix.lower() != ".safetensors":
+            raise ValueError(f"LoRA files must be .safetensors (pickled weights are not loaded), got {lora.name}")
+        return lora
+    if lora.is_dir():
+        if not any(lora.glob("*.safetensors")):
+            pickled = sorted(p.name for p in lora.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+            found = f" (found pickled weights: {', '.join(pickled)}; they are not loaded)" if pickled else ""
+            raise ValueError(f"LoRA folder {path} holds no .safetensors file{found}")
+        return lora
+    raise ValueError(f"LoRA must be a .safetensors file or a folder holding one, got {path}")
+
+
+def load_lora(pipe: Any, path: str, scale: float) -> None:
+    """Load a diffusers-format LoRA (.safetensors file or a folder with one) into the pipeline.
+
+    Pickled weights are refused (see `check_lora_path`), and diffusers is told ``use_safetensors=True``.
+    """
+    scale = check_lora_scale(scale)
+    lora = check_lora_path(path)
     if not hasattr(pipe, "load_lora_weights"):
         raise NotImplementedError(f"{type(pipe).__name__} cannot load LoRA weights")
-    kwargs = {"weight_name": lora.name} if lora.is_file() else {}
+    kwargs: dict[str, Any] = {"weight_name": lora.name} if lora.is_file() else {}
     source = str(lora.parent if lora.is_file() else lora)
     try:
-        pipe.load_lora_weights(source, adapter_name="accel", **kwargs)
+        pipe.load_lora_weights(source, adapter_name="accel", use_safetensors=True, **kwargs)
     except Exception as err:
         raise ValueError(f"could not load LoRA {path}: {type(err).__name__}: {err}") from err
     pipe.set_adapters(["accel"], [scale])
+
+
+def _transformers(pipe: Any) -> list[torch.nn.Module]:
+    mods = [getattr(pipe, n, None) for n in ("transformer", "transformer_2")]
+    return [m for m in mods if isinstance(m, torch.nn.Module)]
 
 
 def run_generation(
@@ -169,31 +254,65 @@ def run_generation(
     on_unsupported: str = "error",
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> GenerationResult:
-    """Patch `pipe` with `method`, generate once, unpatch; return frames and measurements."""
+    """Patch `pipe` with `method`, generate once, unpatch; return frames and measurements.
+
+    Args:
+        on_step: called ``(0, total)`` when denoising starts (so a progress bar knows its total), then
+            ``(i, total)`` after each step i = 1..total.
+        should_stop: polled after every step and before every transformer forward; once it returns True
+            the pipeline stops at once (no further step, no VAE decode) and `Cancelled` is raised.
+        on_phase: called with ``"encoding"`` (text encoders), ``"denoising"`` (first transformer forward)
+            and ``"decoding"`` (after the last step: VAE decode and post-processing), see `PHASES`.
+    """
     settings = resolve_settings(pipe, request.model, request)
     device = getattr(pipe, "device", torch.device("cpu"))
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     total = settings["num_inference_steps"]
+    progress = {"started": False, "done": 0}
+
+    def stop_if_asked(where: str) -> None:
+        if should_stop is not None and should_stop():
+            done = progress["done"]
+            raise Cancelled(f"cancelled {where} (after {done}/{total} steps; nothing decoded)")
+
+    def before_forward(module: Any, args: Any) -> None:
+        stop_if_asked("before a transformer forward")
+        if not progress["started"]:
+            progress["started"] = True
+            if on_phase is not None:
+                on_phase("denoising")
+            if on_step is not None:
+                on_step(0, total)
 
     def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
+        steps = getattr(p, "_num_timesteps", None) or total
+        progress["done"] = i + 1
         if on_step is not None:
             on_step(i + 1, total)
-        if should_stop is not None and should_stop():
-            p._interrupt = True
+        stop_if_asked(f"after step {i + 1}")
+        if i + 1 >= steps and on_phase is not None:
+            on_phase("decoding")
         return kwargs
 
     handle = patch(pipe, method, schedule=schedule, on_unsupported=on_unsupported)
+    hooks = [m.register_forward_pre_hook(before_forward) for m in _transformers(pipe)]
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     try:
+        stop_if_asked("before the prompt was encoded")
+        if on_phase is not None:
+            on_phase("encoding")
         output = pipe(
             prompt=request.prompt, generator=generator, output_type="np", callback_on_step_end=on_step_end, **settings
         )
     finally:
+        for hook in hooks:
+            hook.remove()
         unpatch(pipe)
     if cuda:
         torch.cuda.synchronize(device)

@@ -12,6 +12,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from accel.pipelines.adapter import (
     AccelProcessor,
     FamilyAdapter,
+    forward_arg,
     key_padding_from_mask,
     latent_grid,
     project_added_qkv,
@@ -80,6 +81,10 @@ class HunyuanVideoAdapter(FamilyAdapter):
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
     self_attention_patterns = ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn")
     processor_class = HunyuanVideoJointAttnProcessor
+
+    def text_visible(self, transformer, args, kwargs):
+        mask = forward_arg(args, kwargs, "encoder_attention_mask", 3)
+        return None if mask is None else mask.bool()
 
     def grid(self, transformer, args, kwargs):
         p = transformer.config.patch_size

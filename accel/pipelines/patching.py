@@ -1,13 +1,13 @@
 """`accel.patch` / `accel.unpatch`: install our processors on a pipeline's self-attention modules.
 
-Only public mechanisms are used: `set_processor` on each self-attention module and a forward
-pre-hook on each transformer that tells the processors the token grid and the denoising step.
+Only public mechanisms are used: `set_processor` on each self-attention module and a diffusers hook
+(`diffusers.hooks.HookRegistry`) on each transformer that builds the per-forward context (token grid,
+denoising step, text padding) and runs extra branches (`accel.pipelines.context.Branch`).
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +15,16 @@ import torch
 
 from accel.methods.base import AttentionMethod
 from accel.methods.dense import Dense
-from accel.pipelines.adapter import FamilyAdapter, adapter_for, adapters
-from accel.pipelines.runtime import AttentionRuntime, AttentionStats, TransformerState
+from accel.pipelines.adapter import adapter_for, adapters
+from accel.pipelines.context import (
+    Branch,
+    ForwardContextHook,
+    StepTracker,
+    TransformerState,
+    install_context_hook,
+    remove_context_hook,
+)
+from accel.pipelines.runtime import AttentionRuntime, AttentionStats
 from accel.schedule import Schedule
 
 logger = logging.getLogger("accel")
@@ -29,52 +37,30 @@ class UnsupportedModelError(NotImplementedError):
     """The pipeline or transformer is not one of the families accel knows."""
 
 
-class StepTracker:
-    """Finds the denoising step of the current transformer call from the pipeline's scheduler.
-
-    diffusers pipelines store the loop's timestep in `pipe._current_timestep` (or pass it as the
-    transformer's `timestep`); its index in `pipe.scheduler.timesteps` is the step index.
-    """
-
-    def __init__(self, pipe: Any) -> None:
-        self._pipe = weakref.ref(pipe) if pipe is not None else None
-        self._last_step: int | None = None
-
-    def current(self, kwargs: dict) -> tuple[int | None, int | None]:
-        pipe = self._pipe() if self._pipe is not None else None
-        scheduler = getattr(pipe, "scheduler", None)
-        timesteps = getattr(scheduler, "timesteps", None)
-        if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0:
-            return None, None
-        t = getattr(pipe, "_current_timestep", None)
-        if t is None:
-            t = kwargs.get("timestep")
-        if t is None:
-            return None, len(timesteps)
-        t = torch.as_tensor(t).reshape(-1)[:1].to(device=timesteps.device, dtype=timesteps.dtype)
-        matches = (timesteps == t).nonzero().flatten().tolist()
-        if not matches:
-            return None, len(timesteps)
-        # Repeated timesteps: prefer the first match at or after the last step seen.
-        later = [m for m in matches if self._last_step is not None and m >= self._last_step]
-        step = later[0] if later else matches[0]
-        self._last_step = step
-        return step, len(timesteps)
-
-
 @dataclass
 class PatchHandle:
     """What `patch` changed, so `unpatch` can restore it exactly; also holds the run-time stats."""
 
     runtime: AttentionRuntime | None
-    adapter: FamilyAdapter | None
     originals: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)
-    hooks: list[Any] = field(default_factory=list)
+    hooked: list[torch.nn.Module] = field(default_factory=list)
     states: dict[str, TransformerState] = field(default_factory=dict)
 
     @property
     def stats(self) -> AttentionStats:
         return self.runtime.stats if self.runtime is not None else AttentionStats()
+
+    def add_branch(self, branch: Branch) -> None:
+        """Run `branch` inside every patched forward from now on (the branch hook point of guidance)."""
+        if self.runtime is None:
+            raise RuntimeError("this pipeline runs unpatched (unsupported model): it cannot take branches")
+        if not isinstance(branch, Branch):
+            raise TypeError(f"branch must be an accel.pipelines.context.Branch, got {type(branch).__name__}")
+        self.runtime.branches.append(branch)
+
+    def remove_branch(self, name: str) -> None:
+        if self.runtime is not None:
+            self.runtime.branches[:] = [b for b in self.runtime.branches if b.name != name]
 
 
 def _transformers(pipe: Any) -> dict[str, torch.nn.Module]:
@@ -107,7 +93,8 @@ def patch(
         pipe: a diffusers pipeline with `.transformer` (and `.transformer_2` for Wan 2.2), or a transformer.
         method: an attention method config such as `accel.Radial(decay=0.2)`; default `Dense()`.
         schedule: which steps and layers stay dense (`accel.Schedule`).
-        guidance: head-perturbation guidance; not available yet (raises NotImplementedError).
+        guidance: head-perturbation guidance; not available in this version (raises NotImplementedError).
+            The branch hook point it will build on exists: `PatchHandle.add_branch`.
         on_unsupported: "error" raises a clear error for unknown models or shapes the method cannot
             take; "dense" logs one warning and runs dense attention there instead.
 
@@ -129,7 +116,7 @@ def patch(
     transformers = _transformers(pipe)
     if not transformers:
         _unsupported(f"{type(pipe).__name__} has no `transformer` module accel can patch", on_unsupported)
-        return PatchHandle(None, None)
+        return PatchHandle(None)
     found = {name: adapter_for(module) for name, module in transformers.items()}
     missing = [f"{type(transformers[n]).__name__}" for n, a in found.items() if a is None]
     if missing:
@@ -139,10 +126,10 @@ def patch(
             f"(supported: {families})",
             on_unsupported,
         )
-        return PatchHandle(None, None)
+        return PatchHandle(None)
 
     runtime = AttentionRuntime(method, schedule, on_unsupported)
-    handle = PatchHandle(runtime, next(iter(found.values())))
+    handle = PatchHandle(runtime)
     tracker = StepTracker(pipe if not isinstance(pipe, torch.nn.Module) else None)
     try:
         for name, transformer in transformers.items():
@@ -158,9 +145,8 @@ def patch(
                 processor._parallel_config = getattr(site.module.processor, "_parallel_config", None)
                 handle.originals.append((site.module, site.module.processor))
                 site.module.set_processor(processor)
-            handle.hooks.append(
-                transformer.register_forward_pre_hook(_make_pre_hook(adapter, state, tracker), with_kwargs=True)
-            )
+            install_context_hook(transformer, ForwardContextHook(adapter, state, tracker, runtime))
+            handle.hooked.append(transformer)
     except Exception:
         _restore(handle)
         raise
@@ -168,30 +154,27 @@ def patch(
     return handle
 
 
-def _make_pre_hook(adapter: FamilyAdapter, state: TransformerState, tracker: StepTracker):
-    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        state.grid = adapter.grid(module, args, kwargs)
-        state.step, state.total_steps = tracker.current(kwargs)
-
-    return pre_hook
-
-
 def _restore(handle: PatchHandle) -> None:
-    for hook in handle.hooks:
-        hook.remove()
+    for transformer in handle.hooked:
+        remove_context_hook(transformer)
     for module, original in reversed(handle.originals):
         module.set_processor(original)
-    handle.hooks.clear()
+    handle.hooked.clear()
     handle.originals.clear()
 
 
-def unpatch(pipe: Any) -> None:
-    """Restore the processors `patch` replaced (the very same objects) and remove its hooks."""
+def unpatch(pipe: Any) -> bool:
+    """Restore the processors `patch` replaced (the very same objects) and remove its hooks.
+
+    Returns True; on a pipeline accel has not patched, logs a warning saying so and returns False.
+    """
     handle = getattr(pipe, _PATCH_ATTRIBUTE, None)
     if handle is None:
-        return
+        logger.warning("accel.unpatch: %s is not patched by accel; nothing to restore", type(pipe).__name__)
+        return False
     _restore(handle)
     object.__delattr__(pipe, _PATCH_ATTRIBUTE)
+    return True
 
 
 def patch_handle(pipe: Any) -> PatchHandle | None:

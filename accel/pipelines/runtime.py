@@ -1,7 +1,8 @@
-"""What a patched pipeline carries at run time: schedule decisions, cached plans, step state, stats.
+"""What a patched pipeline carries at run time: schedule decisions, cached plans, branches, stats.
 
-One `AttentionRuntime` belongs to one `accel.patch` call. Processors hold a reference to it and to
-the `TransformerState` of their transformer; nothing lives in class attributes or module globals.
+One `AttentionRuntime` belongs to one `accel.patch` call. Processors hold a reference to it and to the
+`TransformerState` of their transformer, whose `ForwardContext` (built once per forward by the context hook)
+carries the grid, the step and the padding facts; nothing lives in class attributes or module globals.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 import torch
 
 from accel.geometry import TokenLayout
-from accel.methods.base import AttentionMethod, check_qkv
+from accel.methods.base import AttentionCall, AttentionMethod, call_from_padding_mask, check_qkv
 from accel.methods.dense import Dense
+from accel.pipelines.context import Branch, ForwardContext, TransformerState
 from accel.schedule import Schedule
 
 logger = logging.getLogger("accel")
@@ -24,15 +26,6 @@ logger = logging.getLogger("accel")
 
 class UnsupportedInput(NotImplementedError):
     """A valid request the chosen method cannot serve (the runtime may fall back to dense)."""
-
-
-@dataclass
-class TransformerState:
-    """Per-transformer facts refreshed by a forward pre-hook before each call."""
-
-    grid: tuple[int, int, int] | None = None
-    step: int | None = None
-    total_steps: int | None = None
 
 
 @dataclass
@@ -54,10 +47,16 @@ class AttentionStats:
     layers: dict[int, LayerStats] = field(default_factory=lambda: defaultdict(LayerStats))
     fallbacks: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     plan_seconds: float = 0.0
+    branch_calls: int = 0
     # step index (None outside a pipeline loop) -> layer indices that ran at that step
     steps: dict[int | None, set[int]] = field(default_factory=lambda: defaultdict(set))
 
-    def record(self, layer: int, density: float, sparse: bool, step: int | None = None) -> None:
+    def record(self, layer: int, density: float | torch.Tensor, sparse: bool, step: int | None = None,
+               branch: bool = False) -> None:
+        """Count one call; `density` is what the method reported (a 0-dim tensor stays on the device)."""
+        if branch:
+            self.branch_calls += 1
+            return
         self.steps[step].add(layer)
         entry = self.layers[layer]
         if sparse:
@@ -79,10 +78,10 @@ class AttentionStats:
         calls = self.calls
         if not calls:
             return 1.0
-        return sum(s.density_sum + s.dense_calls for s in self.layers.values()) / calls
+        return float(sum(s.density_sum + s.dense_calls for s in self.layers.values())) / calls
 
     def per_layer_density(self) -> dict[int, float]:
-        return {layer: s.mean_density for layer, s in sorted(self.layers.items())}
+        return {layer: float(s.mean_density) for layer, s in sorted(self.layers.items())}
 
     def summary(self) -> str:
         text = (
@@ -98,17 +97,20 @@ class AttentionStats:
         self.fallbacks.clear()
         self.steps.clear()
         self.plan_seconds = 0.0
+        self.branch_calls = 0
 
 
 class AttentionRuntime:
-    """Chooses the method per (step, layer), caches plans per geometry, and falls back as configured."""
+    """Chooses the method per (step, layer), caches plans per geometry, runs branches, falls back as configured."""
 
-    def __init__(self, method: AttentionMethod, schedule: Schedule | None, on_unsupported: str) -> None:
+    def __init__(self, method: AttentionMethod, schedule: Schedule | None, on_unsupported: str,
+                 branches: tuple[Branch, ...] | list[Branch] = ()) -> None:
         if on_unsupported not in ("error", "dense"):
             raise ValueError(f"on_unsupported must be 'error' or 'dense', got {on_unsupported!r}")
         self.method = method
         self.schedule = schedule or Schedule()
         self.on_unsupported = on_unsupported
+        self.branches: list[Branch] = list(branches)
         self.dense = Dense()
         self.stats = AttentionStats()
         self._plans: dict[tuple, Any] = {}
@@ -121,28 +123,47 @@ class AttentionRuntime:
             self._warned.add(message)
             logger.warning(message)
 
-    def fallback(self, reason: str) -> None:
+    def fallback(self, reason: str, method: AttentionMethod | None = None) -> None:
         """Record a dense fallback, or raise when the user asked for errors."""
+        name = (method or self.method).name
         if self.on_unsupported == "error":
-            raise UnsupportedInput(f"{self.method.name} attention cannot run here: {reason}")
+            raise UnsupportedInput(f"{name} attention cannot run here: {reason}")
         self.stats.fallbacks[reason] += 1
-        self.warn_once(f"accel: {self.method.name} attention falls back to dense: {reason}")
+        self.warn_once(f"accel: {name} attention falls back to dense: {reason}")
 
-    def plan_for(self, layout: TokenLayout, heads: int, head_dim: int, q: torch.Tensor) -> Any:
+    def plan_for(self, layout: TokenLayout, heads: int, head_dim: int, q: torch.Tensor,
+                 method: AttentionMethod | None = None) -> Any:
         """The cached plan for this geometry, or raise UnsupportedInput with the reason."""
-        key = (self.method, layout.geometry_key(), heads, q.device)
+        method = method or self.method
+        key = (method, layout.geometry_key(), heads, q.device)
         if key in self._refused:
             raise UnsupportedInput(self._refused[key])
         if key not in self._plans:
-            try:
-                self.method.can_run(layout, heads, head_dim, q.dtype, q.device, raise_error=True)
-                start = time.perf_counter()
-                self._plans[key] = self.method.build_plan(layout, heads, q.device)
-                self.stats.plan_seconds += time.perf_counter() - start
-            except (ValueError, NotImplementedError) as err:
-                self._refused[key] = str(err)
-                raise UnsupportedInput(str(err)) from err
+            self._plans[key] = self._build_plan(method, key, layout, heads, head_dim, q.dtype, q.device)
         return self._plans[key]
+
+    @torch.compiler.disable
+    def _build_plan(self, method, key, layout, heads, head_dim, dtype, device) -> Any:
+        # Once per geometry, on the host: a compiled forward only looks the plan up.
+        try:
+            method.can_run(layout, heads, head_dim, dtype, device, raise_error=True)
+            start = time.perf_counter()
+            plan = method.build_plan(layout, heads, device)
+            self.stats.plan_seconds += time.perf_counter() - start
+            return plan
+        except (ValueError, NotImplementedError) as err:
+            self._refused[key] = str(err)
+            raise UnsupportedInput(str(err)) from err
+
+    # ------------------------------------------------------------------ per forward (called by the context hook)
+    def begin_forward(self, ctx: ForwardContext) -> None:
+        """Hook: a forward starts (its context is built)."""
+
+    def end_forward(self, ctx: ForwardContext) -> None:
+        """Hook: a forward ended; move the densities the layers reported into the stats."""
+        for layer, density, sparse in ctx.densities:
+            self.stats.record(layer, density, sparse=sparse, step=ctx.step, branch=ctx.branch is not None)
+        ctx.densities.clear()
 
     # ------------------------------------------------------------------ the call
     def attend(
@@ -163,31 +184,63 @@ class AttentionRuntime:
 
         `unsupported` names a reason the caller already knows the method cannot run (dense fallback or error).
         """
-        dense_here = isinstance(self.method, Dense) or self.schedule.is_dense(
-            state.step, state.total_steps, layer
-        )
+        ctx = state.context
+        call = self._call(ctx, q, text_tokens, text_position, key_padding_mask, scale)
+        out, density, sparse = self._run(self.method, ctx, layer, q, k, v, call, key_padding_mask, text_tokens,
+                                         text_position, unsupported)
+        branch = ctx.branch
+        if branch is not None and layer in branch.overrides:
+            method, heads = branch.overrides[layer]
+            idx = None if heads is None else torch.tensor(heads, device=q.device, dtype=torch.long)
+            pick = (lambda t: t) if idx is None else (lambda t: t.index_select(2, idx))
+            sub, _, _ = self._run(method, ctx, layer, pick(q), pick(k), pick(v), call, key_padding_mask,
+                                  text_tokens, text_position, unsupported)
+            out = sub if idx is None else out.index_copy(2, idx, sub)
+        ctx.densities.append((layer, density, sparse))
+        return out
+
+    def _call(self, ctx: ForwardContext, q: torch.Tensor, text_tokens: int, text_position: str,
+              key_padding_mask: torch.Tensor | None, scale: float | None) -> AttentionCall | None:
+        """This call's padding facts from the forward's context (None: only the layer's own mask is known)."""
+        if ctx.grid is not None:
+            video = q.shape[1] - text_tokens
+            call = ctx.call_for(q.shape[0], video, text_tokens, text_position, q.device, scale)
+            if call is not None and (key_padding_mask is None or ctx.text_visible is not None):
+                return call
+        if key_padding_mask is None:
+            return AttentionCall(scale=scale)
+        return None
+
+    def _run(self, method: AttentionMethod, ctx: ForwardContext, layer: int, q, k, v, call, layer_mask,
+             text_tokens, text_position, unsupported) -> tuple[torch.Tensor, Any, bool]:
+        """(output, density, sparse?) of `method` on this call; `call` None: padding known only from `layer_mask`."""
+        dense_here = isinstance(method, Dense) or (
+            method is self.method and self.schedule.is_dense(ctx.step, ctx.total_steps, layer))
         if not dense_here:
             try:
                 if unsupported is not None:
                     raise UnsupportedInput(unsupported)
-                layout = self.layout_for(state, q, text_tokens, text_position)
+                layout = self.layout_for(ctx, q, text_tokens, text_position)
                 check_qkv(q, k, v, layout)
-                plan = self.plan_for(layout, q.shape[2], q.shape[3], q)
-                out = self.method.attend(q, k, v, layout, plan, key_padding_mask=key_padding_mask, scale=scale)
-                self.stats.record(layer, self.method.plan_density(plan), sparse=True, step=state.step)
-                return out
+                plan = self.plan_for(layout, q.shape[2], q.shape[3], q, method)
+                if call is None:
+                    self.warn_once("accel: this model's text padding is read per layer (one host check each)")
+                    call = call_from_padding_mask(layer_mask, layout)
+                attended = method.run(q, k, v, layout, plan, call)
+                return attended.out, attended.density, True
             except UnsupportedInput as err:
-                self.fallback(str(err).removeprefix(f"{self.method.name} attention cannot run here: "))
+                self.fallback(str(err).removeprefix(f"{method.name} attention cannot run here: "), method)
             except NotImplementedError as err:
-                self.fallback(str(err))
-        self.stats.record(layer, 1.0, sparse=False, step=state.step)
-        return self.dense.attend(q, k, v, None, None, key_padding_mask=key_padding_mask, scale=scale)
+                self.fallback(str(err), method)
+        if call is None:
+            return self.dense.attend(q, k, v, key_padding_mask=layer_mask), 1.0, False
+        return self.dense.run(q, k, v, None, None, call).out, 1.0, False
 
     @staticmethod
-    def layout_for(state: TransformerState, q: torch.Tensor, text_tokens: int, text_position: str) -> TokenLayout:
-        if state.grid is None:
+    def layout_for(ctx: ForwardContext, q: torch.Tensor, text_tokens: int, text_position: str) -> TokenLayout:
+        if ctx.grid is None:
             raise UnsupportedInput("the video token grid of this call is unknown")
-        frames, height, width = state.grid
+        frames, height, width = ctx.grid
         video = frames * height * width
         if video + text_tokens != q.shape[1]:
             raise UnsupportedInput(

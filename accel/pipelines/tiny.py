@@ -17,7 +17,8 @@ caller's global RNG, and two builds give identical weights.
 
 Public API: one builder per family (``wan``, ``wan_i2v``, ``wan22``, ``hunyuan_video``, ``cogvideox``,
 ``ltx``, ``flux``, ``sd3``), the ``TINY_MODELS`` registry of :class:`TinySpec`, :func:`build_tiny`,
-:func:`valid_size` and :func:`size_rules` (the latter also works for real hub pipelines).
+:func:`valid_size`, :func:`size_rules` and :func:`size_limits` (the latter two also work for real hub
+pipelines).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ __all__ = [
     "example_image",
     "valid_size",
     "size_rules",
+    "size_limits",
+    "GENERIC_LIMITS",
     "wan",
 ]
 
@@ -607,6 +610,14 @@ class TinySpec:
     fps: int = 8
     needs_image: bool = False  # image-to-video: pass ``image=`` (e.g. :func:`example_image`)
 
+    @property
+    def limits(self) -> dict[str, tuple[int, str]]:
+        """Largest height, width, num_frames and num_inference_steps, each with its reason.
+
+        Equal to ``size_limits(build_tiny(name))`` without building (see :func:`size_limits`).
+        """
+        return {**GENERIC_LIMITS, **_TINY_LIMITS.get(self.family, {})}
+
 
 TINY_MODELS: dict[str, TinySpec] = {}
 
@@ -765,13 +776,69 @@ def _lcm(a: int, b: int) -> int:
     return a * b // math.gcd(a, b)
 
 
-def valid_size(name: str, height: int, width: int, num_frames: int) -> None:
-    """Raise ``ValueError`` if the tiny model ``name`` cannot generate at ``height x width x num_frames``."""
+def valid_size(name: str, height: int, width: int, num_frames: int, steps: int | None = None) -> None:
+    """Raise ``ValueError`` if the tiny model ``name`` cannot generate at ``height x width x num_frames``
+    (and ``steps`` denoising steps, when given): the multiples of :func:`size_rules` and the maxima of
+    :attr:`TinySpec.limits`."""
     spec = TINY_MODELS.get(name)
     if spec is None:
         raise ValueError(f"Unknown tiny model {name!r}; choose one of: {', '.join(sorted(TINY_MODELS))}")
     spatial, tmul, toff = _TINY_RULES[spec.family]
-    _check(name, spatial, tmul, toff, height, width, num_frames, spec.is_video)
+    _check(name, spatial, tmul, toff, height, width, num_frames, spec.is_video, limits=spec.limits, steps=steps)
+
+
+# Limits every model gets, so that a typo (1e9) is refused before it reaches the allocator.
+GENERIC_LIMITS: dict[str, tuple[int, str]] = {
+    "height": (8192, "accel's limit: a larger frame does not fit in GPU memory"),
+    "width": (8192, "accel's limit: a larger frame does not fit in GPU memory"),
+    "num_frames": (2049, "accel's limit: a longer video does not fit in GPU memory"),
+    "num_inference_steps": (1000, "accel's limit"),
+}
+
+
+def size_limits(pipe) -> dict[str, tuple[int, str]]:
+    """Largest ``height``, ``width``, ``num_frames`` and ``num_inference_steps`` a pipeline instance can run,
+    each as ``(maximum, reason)``.
+
+    Read from the model's config where it bounds the size: Wan's rotary table (``rope_max_seq_len`` tokens
+    per axis), SD3's positional embedding (``pos_embed_max_size`` patches), CogVideoX's learned positional
+    embedding (its sample size), and the scheduler's ``num_train_timesteps``; otherwise `GENERIC_LIMITS`.
+    """
+    limits = dict(GENERIC_LIMITS)
+
+    def lower(key: str, value: int, reason: str) -> None:
+        if 1 <= value <= limits[key][0]:  # on a tie the model's own reason wins
+            limits[key] = (int(value), reason)
+
+    name = type(pipe).__name__
+    tr = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
+    cfg = getattr(tr, "config", None)
+    if cfg is not None and name.startswith("Wan") and getattr(cfg, "rope_max_seq_len", None):
+        rope = int(cfg.rope_max_seq_len)
+        patch = cfg.patch_size if isinstance(cfg.patch_size, (tuple, list)) else (1, cfg.patch_size, cfg.patch_size)
+        p_t, p_h, p_w = (int(x) for x in patch)
+        vs, vt = int(pipe.vae_scale_factor_spatial), int(pipe.vae_scale_factor_temporal)
+        lower("height", rope * vs * p_h, f"its rotary embedding table covers {rope * vs * p_h} px")
+        lower("width", rope * vs * p_w, f"its rotary embedding table covers {rope * vs * p_w} px")
+        lower("num_frames", (rope * p_t - 1) * vt + 1,
+              f"its rotary embedding table covers {rope * p_t} latent frames")
+    elif cfg is not None and name.startswith("StableDiffusion3") and getattr(cfg, "pos_embed_max_size", None):
+        px = int(cfg.pos_embed_max_size) * int(cfg.patch_size) * int(pipe.vae_scale_factor)
+        for key in ("height", "width"):
+            lower(key, px, f"its positional embedding covers {px} px")
+    elif (
+        cfg is not None and name.startswith("CogVideoX") and getattr(cfg, "use_learned_positional_embeddings", False)
+        and not getattr(cfg, "use_rotary_positional_embeddings", False)
+    ):
+        vs = int(pipe.vae_scale_factor_spatial)
+        reason = "its learned positional embedding is fixed to the training size"
+        lower("height", int(cfg.sample_height) * vs, reason)
+        lower("width", int(cfg.sample_width) * vs, reason)
+        lower("num_frames", int(cfg.sample_frames), reason)
+    timesteps = getattr(getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None)
+    if isinstance(timesteps, int):
+        lower("num_inference_steps", timesteps, f"its scheduler has {timesteps} training timesteps")
+    return limits
 
 
 # Per-family rules of the tiny configs (equal to size_rules(build_tiny(name)) without building).
@@ -784,21 +851,58 @@ _TINY_RULES: dict[str, tuple[int, int | None, int]] = {
     "sd3": (16, None, 0),
 }
 
+# Per-family maxima of the tiny configs (equal to size_limits(build_tiny(name))): Wan's rotary table has
+# rope_max_seq_len=64 tokens per axis (16 px each: VAE 8 x patch 2), SD3's positional embedding 32 patches.
+_WAN_ROPE = "its rotary embedding table covers 1024 px"
+_TINY_LIMITS: dict[str, dict[str, tuple[int, str]]] = {
+    "wan": {"height": (1024, _WAN_ROPE), "width": (1024, _WAN_ROPE),
+            "num_frames": (253, "its rotary embedding table covers 64 latent frames"),
+            "num_inference_steps": (1000, "its scheduler has 1000 training timesteps")},
+    "hunyuan_video": {"num_inference_steps": (1000, "its scheduler has 1000 training timesteps")},
+    "cogvideox": {"num_inference_steps": (1000, "its scheduler has 1000 training timesteps")},
+    "ltx": {"num_inference_steps": (1000, "its scheduler has 1000 training timesteps")},
+    "flux": {"num_inference_steps": (1000, "its scheduler has 1000 training timesteps")},
+    "sd3": {"height": (512, "its positional embedding covers 512 px"),
+            "width": (512, "its positional embedding covers 512 px"),
+            "num_inference_steps": (1000, "its scheduler has 1000 training timesteps")},
+}
 
-def _check(name, spatial, tmul, toff, height, width, num_frames, is_video) -> None:
+
+def _check(name, spatial, tmul, toff, height, width, num_frames, is_video, *, limits=None, steps=None) -> None:
+    """Raise one ValueError listing every problem; each names its field and the allowed values.
+
+    ``limits`` (``{field: (maximum, reason)}``, e.g. from :func:`size_limits`) adds maxima; ``steps`` is
+    checked (a whole number >= 1, within ``limits["num_inference_steps"]``) when given.
+    """
+    limits = GENERIC_LIMITS if limits is None else limits
     problems = []
+
+    def too_big(key: str, v) -> bool:
+        if key in limits and isinstance(v, int) and v > limits[key][0]:
+            maximum, reason = limits[key]
+            problems.append(f"{key}: {v} exceeds the maximum {maximum} for {name} ({reason})")
+            return True
+        return False
+
     for label, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % spatial:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % spatial:
             problems.append(f"{label}={v} must be a positive multiple of {spatial}")
+        else:
+            too_big(label, v)
     if is_video:
-        bad = not isinstance(num_frames, int) or num_frames <= 0
-        if tmul is not None and (bad or num_frames % tmul != toff):
-            problems.append(
-                f"num_frames={num_frames} must satisfy num_frames % {tmul} == {toff} "
-                f"(e.g. {_examples(tmul, toff)})"
-            )
+        bad = isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0
+        if bad or (tmul is not None and num_frames % tmul != toff):
+            rule = f"num_frames % {tmul} == {toff} (e.g. {_examples(tmul, toff)})" if tmul else "num_frames >= 1"
+            problems.append(f"num_frames={num_frames} must satisfy {rule}")
+        else:
+            too_big("num_frames", num_frames)
     elif num_frames != 1:
         problems.append(f"num_frames={num_frames} must be 1 for an image model")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            problems.append(f"num_inference_steps={steps} must be a whole number >= 1")
+        else:
+            too_big("num_inference_steps", steps)
     if problems:
         raise ValueError(f"{name}: invalid size {height}x{width}x{num_frames}: " + "; ".join(problems))
 

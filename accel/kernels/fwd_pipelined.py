@@ -1,0 +1,166 @@
+"""Pipelined block-sparse forward (any GPU, the interpreter): kernel, then launcher.
+
+FlashAttention-2 online softmax over the (query block, key block) tiles a CSR layout lists, then the
+text keys (``EK``/``EV``: views of the joint K/V buffer) with an optional per-batch int8 visibility mask.
+On Hopper the video K/V tiles may come through tensor descriptors (``USE_TMA``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import (
+    LOG2E,
+    _fwd_tile,
+    _load_kv,
+    _rows_desc,
+    dot_precision,
+    ensure_allocator,
+    head_dim_pad,
+    launch_opts,
+    strides4,
+)
+from .configs import KernelConfig
+from .layout import BlockLayout
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, EK, EV, EMask, Out, Lse, Offsets, Indices,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ekb, stride_ekn, stride_ekh, stride_ekd,
+    stride_evb, stride_evn, stride_evh, stride_evd,
+    stride_emb,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh,
+    stride_offl, stride_idxl,
+    H, Sq, Sk, T, num_k_blocks, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAYOUT_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_MASK: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    SUB_M: tl.constexpr = BLOCK_Q // BLOCK_M
+    SUB_N: tl.constexpr = BLOCK_K // BLOCK_N
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    qb = pid_m // SUB_M
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < Sq
+
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+    k_base = (K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn
+              + offs_d[:, None] * stride_kd)
+    v_base = (V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn
+              + offs_d[None, :] * stride_vd)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    if LAYOUT_PER_HEAD:
+        layout_off = off_h
+    else:
+        layout_off = 0
+    row_offsets = Offsets + layout_off * stride_offl + qb
+    row_idx = Indices + layout_off * stride_idxl
+    lo = tl.load(row_offsets)
+    hi = tl.load(row_offsets + 1)
+    # Only the last key block can be a partial one (indices are sorted): it alone is masked.
+    n_full = hi
+    if hi > lo:
+        last = tl.load(row_idx + hi - 1)
+        if (last + 1) * BLOCK_K > Sk:
+            n_full = hi - 1
+    all_n = offs_n < BLOCK_N
+    if USE_TMA:
+        # Hopper bulk copies; rows past Sk and columns past HEAD_DIM arrive as zeros.
+        k_desc = _rows_desc(K + off_b * stride_kb + off_h * stride_kh, Sk, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+        v_desc = _rows_desc(V + off_b * stride_vb + off_h * stride_vh, Sk, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    for it in range(lo * SUB_N, n_full * SUB_N):
+        kb = tl.load(row_idx + it // SUB_N)
+        start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
+        if USE_TMA:
+            k = k_desc.load([start_n, 0]).T
+            v = v_desc.load([start_n, 0])
+        else:
+            k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
+                            all_n, d_mask, False, EVEN_D)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, all_n, qk_scale, False, DOT_PRECISION)
+    for it in range(n_full * SUB_N, hi * SUB_N):
+        kb = tl.load(row_idx + it // SUB_N)
+        start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
+        n_valid = start_n + offs_n < Sk
+        if USE_TMA:  # rows past Sk arrive as zeros; n_valid hides them from the softmax
+            k = k_desc.load([start_n, 0]).T
+            v = v_desc.load([start_n, 0])
+        else:
+            k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
+                            n_valid, d_mask, True, EVEN_D)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, True, DOT_PRECISION)
+    if HAS_EXTRA:
+        ek_base = (EK + off_b * stride_ekb + off_h * stride_ekh
+                   + offs_n[None, :] * stride_ekn + offs_d[:, None] * stride_ekd)
+        ev_base = (EV + off_b * stride_evb + off_h * stride_evh
+                   + offs_n[:, None] * stride_evn + offs_d[None, :] * stride_evd)
+        for start_n in range(0, T, BLOCK_N):
+            n_valid = start_n + offs_n < T
+            if HAS_EXTRA_MASK:
+                vis = tl.load(EMask + off_b * stride_emb + start_n + offs_n, mask=n_valid, other=0)
+                n_valid = n_valid & (vis != 0)
+            k, v = _load_kv(ek_base + start_n * stride_ekn, ev_base + start_n * stride_evn, n_valid, d_mask,
+                            True, EVEN_D)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, True, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+        tl.store(Lse + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=m_mask)
+
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor | None, ev: torch.Tensor | None,
+           emask: torch.Tensor | None, layout: BlockLayout, scale: float, out: torch.Tensor,
+           lse: torch.Tensor | None, cfg: KernelConfig) -> None:
+    """Run the pipelined forward: k, v the video keys, ek, ev the text keys (views), emask int8 (B, T)."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    T = ek.shape[1] if ek is not None else 0
+    if cfg.tma:
+        ensure_allocator()
+    lse_t = lse if lse is not None else out  # dummy pointer when not written
+    grid = (triton.cdiv(Sq, cfg.block_m), B * H)
+    _fwd_kernel[grid](
+        q, k, v, ek if ek is not None else q, ev if ev is not None else q, emask if emask is not None else q,
+        out, lse_t, layout.offsets, layout.indices,
+        *q.stride(), *k.stride(), *v.stride(), *strides4(ek), *strides4(ev),
+        emask.stride(0) if emask is not None else 0,
+        *out.stride(),
+        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+        layout.offsets.stride(0), layout.indices.stride(0),
+        H, Sq, Sk, T, layout.num_k_blocks, scale * LOG2E,
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_Q=layout.block_m, BLOCK_K=layout.block_n,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        LAYOUT_PER_HEAD=layout.heads > 1, HAS_EXTRA=T > 0, HAS_EXTRA_MASK=emask is not None,
+        WRITE_LSE=lse is not None, DOT_PRECISION=dot_precision(q.dtype), USE_TMA=cfg.tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_opts(cfg),
+    )

@@ -1,0 +1,230 @@
+"""The per-forward context: what every self-attention layer of one transformer call shares.
+
+A diffusers hook (`diffusers.hooks.ModelHook`, registered through `HookRegistry`) on each patched transformer
+builds a `ForwardContext` once per forward, before the first layer: the token grid, the denoising step, the
+schedule's decision for this step, and the text padding facts (one host check per forward, never per layer).
+Processors read it; they never inspect masks or the scheduler themselves.
+
+The same hook is the branch hook point: `Branch`es run the transformer again within the same call with a
+per-(layer, head) method override and combine their output with the main one (head-perturbation guidance).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from accel.methods.base import AttentionCall, AttentionMethod, padding_facts
+
+HOOK_NAME = "accel_forward_context"
+
+
+@dataclass(frozen=True)
+class Branch:
+    """An extra transformer pass run inside each patched forward, e.g. a perturbed-attention branch.
+
+    Attributes:
+        name: label (stats, logs).
+        overrides: layer index -> (method, heads): on this branch those heads of that layer run `method`
+            (heads=None: every head); other heads and layers run as in the main pass.
+        combine: (main output, branch output, context) -> output the transformer returns. Outputs are what the
+            transformer's forward returns (a tuple or a diffusers output object); `first_tensor` helps.
+        active: (step, total_steps) -> whether the branch runs at this call (default: always).
+    """
+
+    name: str
+    overrides: dict[int, tuple[AttentionMethod, tuple[int, ...] | None]]
+    combine: Callable[[Any, Any, ForwardContext], Any]
+    active: Callable[[int | None, int | None], bool] | None = None
+
+    def runs_at(self, step: int | None, total: int | None) -> bool:
+        return self.active is None or bool(self.active(step, total))
+
+
+@dataclass
+class ForwardContext:
+    """Facts of one transformer forward, computed once before its first layer.
+
+    Attributes:
+        grid: (frames, height, width) of the video tokens in this call, or None when it cannot be told.
+        step, total_steps: the denoising step (from the pipeline's scheduler) and the number of steps.
+        text_visible: (B, T) bool text-padding mask as the model received it (None: no padding known).
+        call: `AttentionCall` padding facts for the joint sequences of this forward (built once).
+        branch: the branch this pass belongs to (None: the main pass).
+        densities: per-layer densities the methods reported in this pass (float or 0-dim tensor).
+    """
+
+    grid: tuple[int, int, int] | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    text_visible: torch.Tensor | None = None
+    text_facts: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+    branch: Branch | None = None
+    densities: list[tuple[int, Any]] = field(default_factory=list)
+    _calls: dict[tuple, AttentionCall] = field(default_factory=dict)
+
+    def call_for(self, batch: int, video_tokens: int, text_tokens: int, text_position: str, device: torch.device,
+                 scale: float | None = None) -> AttentionCall | None:
+        """The `AttentionCall` for a joint sequence of this forward, or None when the padding is unknown here."""
+        key = (batch, video_tokens, text_tokens, text_position, scale)
+        if key in self._calls:
+            return self._calls[key]
+        if self.text_visible is None:
+            call = AttentionCall(scale=scale)
+        elif text_tokens != self.text_visible.shape[1] or batch != self.text_visible.shape[0]:
+            return None
+        elif self.text_facts is None:
+            call = AttentionCall(scale=scale)  # nothing hidden
+        else:
+            lengths, text_mask = self.text_facts
+            visible = self.text_visible.to(device)
+            ones = torch.ones(batch, video_tokens, dtype=torch.bool, device=device)
+            parts = [visible, ones] if text_position == "before" else [ones, visible]
+            call = AttentionCall(scale=scale, text_lengths=lengths, text_mask=text_mask,
+                                 key_padding_mask=torch.cat(parts, 1))
+        self._calls[key] = call
+        return call
+
+
+class StepTracker:
+    """The denoising step of the current transformer call, read from the pipeline's scheduler.
+
+    Schedulers with a ``step_index`` (every flow-matching and multistep scheduler diffusers' video pipelines
+    use) give it without touching the GPU: None before the first `scheduler.step`, then the index of the step
+    about to run. Other schedulers: the loop's timestep is looked up in ``scheduler.timesteps`` (one host
+    sync per forward).
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = weakref.ref(pipe) if pipe is not None else None
+        self._last_step: int | None = None
+
+    def current(self, kwargs: dict) -> tuple[int | None, int | None]:
+        pipe = self._pipe() if self._pipe is not None else None
+        scheduler = getattr(pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0:
+            return None, None
+        total = len(timesteps)
+        if hasattr(scheduler, "step_index") and hasattr(scheduler, "begin_index"):
+            index = scheduler.step_index
+            if index is None:
+                index = scheduler.begin_index or 0
+            return (int(index) if index < total else None), total
+        return self._lookup(pipe, timesteps, kwargs), total
+
+    def _lookup(self, pipe: Any, timesteps: torch.Tensor, kwargs: dict) -> int | None:
+        t = getattr(pipe, "_current_timestep", None)
+        if t is None:
+            t = kwargs.get("timestep")
+        if t is None:
+            return None
+        t = torch.as_tensor(t).reshape(-1)[:1].to(device=timesteps.device, dtype=timesteps.dtype)
+        matches = (timesteps == t).nonzero().flatten().tolist()
+        if not matches:
+            return None
+        later = [m for m in matches if self._last_step is not None and m >= self._last_step]
+        step = later[0] if later else matches[0]
+        self._last_step = step
+        return step
+
+
+class TransformerState:
+    """What the processors of one transformer share: the current `ForwardContext`."""
+
+    def __init__(self, grid: tuple[int, int, int] | None = None) -> None:
+        self.context = ForwardContext(grid=grid)
+
+    @property
+    def grid(self) -> tuple[int, int, int] | None:
+        return self.context.grid
+
+    @property
+    def step(self) -> int | None:
+        return self.context.step
+
+    @property
+    def total_steps(self) -> int | None:
+        return self.context.total_steps
+
+
+class ForwardContextHook(ModelHook):
+    """Builds the `ForwardContext` before each forward and runs the registered branches after the main pass."""
+
+    def __init__(self, adapter: Any, state: TransformerState, tracker: StepTracker, runtime: Any) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.state = state
+        self.tracker = tracker
+        self.runtime = runtime
+
+    @torch.compiler.disable
+    def _prepare(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> ForwardContext:
+        # Host-side work, outside any compiled graph: compiled processors then only read plain values.
+        grid = self.adapter.grid(module, args, kwargs)
+        step, total = self.tracker.current(kwargs)
+        visible = self.adapter.text_visible(module, args, kwargs)
+        facts = padding_facts(visible) if visible is not None else None
+        ctx = ForwardContext(grid=grid, step=step, total_steps=total, text_visible=visible, text_facts=facts)
+        self.runtime.begin_forward(ctx)
+        return ctx
+
+    @torch.compiler.disable
+    def _finish(self, ctx: ForwardContext) -> None:
+        self.runtime.end_forward(ctx)
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ctx = self._prepare(module, args, kwargs)
+        self.state.context = ctx
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self._finish(ctx)
+        for branch in self.runtime.branches:
+            if not branch.runs_at(ctx.step, ctx.total_steps):
+                continue
+            branch_ctx = ForwardContext(grid=ctx.grid, step=ctx.step, total_steps=ctx.total_steps,
+                                        text_visible=ctx.text_visible, text_facts=ctx.text_facts, branch=branch)
+            self.state.context = branch_ctx
+            branch_output = self.fn_ref.original_forward(*args, **kwargs)
+            self._finish(branch_ctx)
+            output = branch.combine(output, branch_output, branch_ctx)
+        self.state.context = ctx
+        return output
+
+
+def install_context_hook(transformer: torch.nn.Module, hook: ForwardContextHook) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(hook, HOOK_NAME)
+
+
+def remove_context_hook(transformer: torch.nn.Module) -> None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The sample tensor of a transformer output (tuple, diffusers output object or tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    return output.sample
+
+
+def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
+    """`output` with its sample tensor replaced (same container type)."""
+    if isinstance(output, torch.Tensor):
+        return value
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    output.sample = value
+    return output
+
+
+__all__ = ["Branch", "ForwardContext", "ForwardContextHook", "StepTracker", "TransformerState", "first_tensor",
+           "install_context_hook", "remove_context_hook", "replace_first_tensor"]

@@ -1,0 +1,177 @@
+"""`accel bench e2e` on CPU: extrapolation, the `--compile` rows, table, JSON and plot from fake timings.
+
+The timings themselves need a GPU; everything that turns timings into rows is checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from accel.bench import e2e
+from accel.bench.e2e import CONFIGS, _extrapolate, _extrapolate_compiled, format_table, table_rows
+from accel.presets import radial_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPILED_LABELS = ["dense cuDNN + torch.compile", "radial + torch.compile"]
+
+
+def _fake_timings(name: str, compiled_scale: float | None = None) -> list[dict]:
+    """Linear-in-depth fake timings (per layer: dense 20, sparse 12, dense FA 30 ms, double and single alike)."""
+    timings = []
+    for depth in e2e._depths(CONFIGS[name]):
+        layers = sum(depth.values())
+        t = {"depth": depth, "dense_ms": 5 + 20 * layers, "sparse_ms": 5 + 12 * layers,
+             "dense_fa_ms": 5 + 30 * layers, "peak_gib": 1.0}
+        if compiled_scale is not None:
+            t.update(dense_compiled_ms=compiled_scale * t["dense_ms"],
+                     sparse_compiled_ms=compiled_scale * t["sparse_ms"],
+                     dense_compile_s=30.0 + layers, sparse_compile_s=40.0 + layers, compiled_peak_gib=1.5)
+        timings.append(t)
+    return timings
+
+
+def _fake_row(name: str, compiled_scale: float | None = None) -> dict:
+    cfg = CONFIGS[name]
+    _, schedule = radial_preset(cfg.preset)
+    timings = _fake_timings(name, compiled_scale)
+    row = {"config": name, "reference_speedup": cfg.reference_speedup, "reduced_depth_timings": timings,
+           "attention": {"dense_cudnn_ms": 150.0, "radial_ms": 50.0, "density": 0.287, "flex_ms": 66.0}}
+    row.update(_extrapolate(cfg, timings, schedule))
+    if compiled_scale is not None:
+        row["compiled"] = _extrapolate_compiled(cfg, timings, schedule, row)
+    return row
+
+
+def test_extrapolation_reproduces_the_committed_e2e_results() -> None:
+    """The committed e2e.json was computed by `_extrapolate` from its own reduced-depth timings."""
+    data = json.loads((ROOT / "benchmarks" / "results" / "e2e.json").read_text())
+    checked = 0
+    for row in data["configs"]:
+        if row["config"] not in CONFIGS:
+            continue
+        cfg = CONFIGS[row["config"]]
+        out = _extrapolate(cfg, row["reduced_depth_timings"], radial_preset(cfg.preset)[1])
+        assert out == {k: row[k] for k in out}  # same arithmetic, same floats
+        checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("name", ["wan14b-768p-69f", "hunyuan-768p-117f"])
+def test_compiled_rows_from_fake_timings(name: str) -> None:
+    row = _fake_row(name, compiled_scale=0.8)
+    c = row["compiled"]
+    # Compiled timings are the eager ones x 0.8 at every depth: the fit scales exactly.
+    assert c["forward_dense_ms"] == pytest.approx(0.8 * row["forward_dense_ms"])
+    assert c["forward_sparse_phase_ms"] == pytest.approx(0.8 * row["forward_sparse_phase_ms"])
+    assert c["total_dense_s"] == pytest.approx(0.8 * row["total_dense_s"])
+    assert c["total_radial_s"] == pytest.approx(0.8 * row["total_radial_s"])
+    assert c["total_speedup"] == pytest.approx(row["total_speedup"])
+    assert c["dense_speedup_vs_eager"] == pytest.approx(1.25)
+    assert c["total_speedup_vs_eager_dense"] == pytest.approx(1.25 * row["total_speedup"])
+    depths = e2e._depths(CONFIGS[name])
+    assert c["compile_s"]["depths"] == depths and len(c["compile_s"]["dense"]) == len(depths)
+    assert [r["label"] for r in c["rows"]] == COMPILED_LABELS
+    assert not any("dense_fa" in k for k in c["per_layer"])
+    # The eager numbers do not depend on whether compiled timings are present.
+    eager_only = _fake_row(name)
+    assert {k: row[k] for k in eager_only if k != "reduced_depth_timings"} == {
+        k: v for k, v in eager_only.items() if k != "reduced_depth_timings"}
+    json.dumps(row)  # JSON-ready
+
+
+def test_table_rows_and_printed_table() -> None:
+    plain, compiled = _fake_row("wan1.3b-480p-81f"), _fake_row("wan14b-768p-69f", compiled_scale=0.8)
+    assert [r["label"] for r in table_rows(plain)] == ["dense cuDNN", "dense FA SDPA", "radial"]
+    rows = table_rows(compiled)
+    assert [r["label"] for r in rows] == ["dense cuDNN", "dense FA SDPA", "radial", *COMPILED_LABELS]
+    assert rows[0]["speedup_vs_dense_cudnn"] == 1.0
+    assert rows[3]["speedup_vs_dense_cudnn"] == pytest.approx(1.25)
+    assert rows[4]["speedup_vs_dense_cudnn"] == pytest.approx(1.25 * compiled["total_speedup"])
+    assert rows[4]["compile_s"] == [42.0, 44.0]
+    text = format_table({"configs": [plain, compiled]})
+    print(text)
+    lines = text.splitlines()
+    assert len(lines) == 2 + 3 + 5 + 1
+    assert "wan14b-768p-69f      radial + torch.compile" in text and "42 / 44" in text
+    assert not any("torch.compile" in line for line in lines if line.startswith("wan1.3b"))
+
+
+def _plotted(monkeypatch, results: dict) -> tuple[list[str], list]:
+    captured = {}
+    monkeypatch.setattr(e2e, "save_figure", lambda fig, path, dpi=None: captured.setdefault("fig", fig))
+    e2e.plot(results, Path("unused.png"))
+    ax = captured["fig"].axes[0]
+    return [t.get_text() for t in ax.get_legend().get_texts()], ax.containers
+
+
+def test_plot_has_the_compiled_bars_only_with_compile(monkeypatch, tmp_path) -> None:
+    env = {"environment": {"device": "fake GPU"}}
+    labels, bars = _plotted(monkeypatch, {**env, "configs": [_fake_row("wan1.3b-480p-81f")]})
+    assert len(labels) == 5 and not any("compile" in label for label in labels)
+    assert [round(b.get_width(), 6) for b in bars[0]] == [0.16]  # the layout of the plot without --compile
+    results = {**env, "configs": [_fake_row("wan1.3b-480p-81f"), _fake_row("hunyuan-768p-117f", compiled_scale=0.8)]}
+    labels, bars = _plotted(monkeypatch, results)
+    assert len(labels) == 7
+    assert labels[-2:] == ["50 steps, dense cuDNN + torch.compile, vs cuDNN",
+                           "50 steps, radial + torch.compile, vs cuDNN"]
+    radial_compiled = [b.get_height() for b in bars[-1]]
+    assert math.isnan(radial_compiled[0])  # the config measured without --compile
+    assert radial_compiled[1] == pytest.approx(results["configs"][1]["compiled"]["total_speedup_vs_eager_dense"])
+    monkeypatch.undo()
+    e2e.plot(results, tmp_path / "e2e.png")
+    assert (tmp_path / "e2e.png").stat().st_size > 0
+
+
+def test_main_assembles_json_table_and_plot(tmp_path, monkeypatch, capsys, committed_results_unchanged) -> None:
+    """`main` with the GPU work faked: output under outputs/bench/ of the cwd, compiled rows with --compile only."""
+    calls = []
+
+    def fake_run_config(cfg, compile=False):
+        calls.append((cfg.name, compile))
+        return _fake_row(cfg.name, compiled_scale=0.8 if compile else None)
+
+    monkeypatch.setattr(e2e.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(e2e, "run_config", fake_run_config)
+    monkeypatch.setattr(e2e, "_environment", lambda: {"device": "fake GPU"})
+    monkeypatch.chdir(tmp_path)
+    configs = "wan14b-768p-69f,hunyuan-768p-117f"
+    assert e2e.main(["--configs", configs, "--compile"]) == 0
+    printed = capsys.readouterr().out
+    assert calls == [("wan14b-768p-69f", True), ("hunyuan-768p-117f", True)]
+    data = json.loads((tmp_path / "outputs/bench/e2e.json").read_text())
+    assert [[r["label"] for r in row["compiled"]["rows"]] for row in data["configs"]] == [COMPILED_LABELS] * 2
+    assert (tmp_path / "outputs/bench/e2e.png").stat().st_size > 0
+    assert "hunyuan-768p-117f + torch.compile" in printed and "radial + torch.compile" in printed
+    calls.clear()
+    assert e2e.main(["--configs", configs, "--out", "plain"]) == 0
+    assert calls == [("wan14b-768p-69f", False), ("hunyuan-768p-117f", False)]
+    data = json.loads((tmp_path / "plain/e2e.json").read_text())
+    assert not any("compiled" in row for row in data["configs"])
+    assert "torch.compile" not in capsys.readouterr().out
+    committed_results_unchanged()
+
+
+def test_main_without_a_gpu_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(e2e.torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert e2e.main(["--compile"]) == 3
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        e2e.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--compile" in help_text and "default: outputs/bench" in help_text
+
+
+def test_other_benchmarks_default_outside_the_source_tree() -> None:
+    import inspect
+
+    from accel.bench import multigpu
+
+    assert 'default="outputs/bench"' in inspect.getsource(multigpu.main)
+    script = (ROOT / "benchmarks" / "bench_radial_mask.py").read_text()
+    assert 'default=os.path.join("outputs", "bench")' in script
