@@ -10,7 +10,7 @@ import torch
 from test_patching import _call_kwargs
 
 import accel
-from accel.methods.base import AttentionMethod, Attended
+from accel.methods.base import Attended, AttentionMethod
 from accel.pipelines import context as context_module
 from accel.pipelines.context import Branch, ForwardContext, StepTracker, first_tensor, replace_first_tensor
 from accel.pipelines.patching import patch_handle

@@ -23,8 +23,14 @@ import time
 import torch
 
 from accel.bench.plotting import save_figure
-from accel.kernels import BlockLayout, block_sparse_attention, reference_block_sparse_attention
-from accel.kernels import block_sparse as bs
+from accel.kernels import (
+    BlockLayout,
+    KernelConfig,
+    KernelConfigs,
+    block_sparse_attention,
+    reference_block_sparse_attention,
+)
+from accel.kernels import configs as kc
 
 SHAPES = [  # (name, heads, tokens, head_dim)
     ("wan1.3b-480p-81f", 12, 32760, 128),
@@ -74,21 +80,14 @@ def check_correctness(log) -> list[dict]:
         mask = torch.rand(L, nq, nk, device=dev) < 0.4
         mask[:, 0] = False  # an empty row (extras still visible unless padded)
         lay = BlockLayout.from_mask(mask, blk)
-        base = torch.randn(B, max(Sq, Sk), 3, H, D, device=dev, dtype=dt)  # strided views of one buffer
-        q, k, v = base[:, :Sq, 0], base[:, :Sk, 1], base[:, :Sk, 2]
-        ek = ev = em = None
-        if T:
-            ekv = torch.randn(B, T, 2, H, D, device=dev, dtype=dt)
-            ek, ev = ekv[:, :, 0], ekv[:, :, 1]
-            em = torch.rand(B, T, device=dev) < 0.7
+        # Strided views of one joint buffer, text keys after the video keys (as diffusers builds them).
+        base = torch.randn(B, max(Sq, Sk + T), 3, H, D, device=dev, dtype=dt)
+        q, k, v = base[:, :Sq, 0], base[:, :Sk + T, 1], base[:, :Sk + T, 2]
+        text = dict(text_keys=(Sk, T), text_mask=torch.rand(B, T, device=dev) < 0.7) if T else {}
         out = torch.full_like(q, float("nan"))
-        o, lse = block_sparse_attention(q, k, v, lay, extra_k=ek, extra_v=ev, extra_mask=em, return_lse=True)
-        block_sparse_attention(q, k, v, lay, extra_k=ek, extra_v=ev, extra_mask=em, out=out)
-        def f(t):
-            return t.float() if t is not None else None
-
-        ro, rl = reference_block_sparse_attention(f(q), f(k), f(v), lay, extra_k=f(ek), extra_v=f(ev),
-                                                  extra_mask=em, return_lse=True)
+        o, lse = block_sparse_attention(q, k, v, lay, return_lse=True, **text)
+        block_sparse_attention(q, k, v, lay, out=out, **text)
+        ro, rl = reference_block_sparse_attention(q.float(), k.float(), v.float(), lay, return_lse=True, **text)
         fin = torch.isfinite(rl)
         r = dict(case=f"B{B} Sq{Sq} Sk{Sk} H{H} D{D} T{T} blk{blk} {dt} L{L}", fwd=rel(o, ro),
                  out_poison_nan=int(out.isnan().sum()), out_eq=bool(torch.equal(out, o)),
@@ -96,17 +95,16 @@ def check_correctness(log) -> list[dict]:
                  lse_inf_ok=bool(torch.equal(~fin, lse.isinf())))
         # gradients
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        eg = [t.detach().clone().requires_grad_() for t in (ek, ev)] if T else [None, None]
-        o2 = block_sparse_attention(qq, kk, vv, lay, extra_k=eg[0], extra_v=eg[1], extra_mask=em)
+        o2 = block_sparse_attention(qq, kk, vv, lay, **text)
         do = torch.randn_like(o2)
         o2.backward(do)
         rq, rk, rv = (t.detach().float().requires_grad_() for t in (q, k, v))
-        re_ = [t.detach().float().requires_grad_() for t in (ek, ev)] if T else [None, None]
-        ro2 = reference_block_sparse_attention(rq, rk, rv, lay, extra_k=re_[0], extra_v=re_[1], extra_mask=em)
+        ro2 = reference_block_sparse_attention(rq, rk, rv, lay, **text)
         ro2.backward(do.float())
-        r["dq"], r["dk"], r["dv"] = rel(qq.grad, rq.grad), rel(kk.grad, rk.grad), rel(vv.grad, rv.grad)
-        if T:
-            r["dek"], r["dev"] = rel(eg[0].grad, re_[0].grad), rel(eg[1].grad, re_[1].grad)
+        r["dq"] = rel(qq.grad, rq.grad)
+        r["dk"], r["dv"] = rel(kk.grad[:, :Sk], rk.grad[:, :Sk]), rel(vv.grad[:, :Sk], rv.grad[:, :Sk])
+        if T:  # the text rows of the joint buffer
+            r["dek"], r["dev"] = rel(kk.grad[:, Sk:], rk.grad[:, Sk:]), rel(vv.grad[:, Sk:], rv.grad[:, Sk:])
         tol = 1e-5 if dt == torch.float32 else 1e-2
         errs = [r[x] for x in ("fwd", "dq", "dk", "dv", "dek", "dev") if x in r]
         r["ok"] = bool(max(errs) <= tol and r["out_poison_nan"] == 0 and r["lse_inf_ok"])
@@ -134,7 +132,7 @@ def flex_block_mask(lay: BlockLayout, S: int):
     )
 
 
-def run_shape(name, H, S, D, densities, args, log, flex_fns):
+def run_shape(name, H, S, D, densities, args, log, flex_fns, configs: KernelConfigs | None = None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dev, dt = "cuda", torch.bfloat16
     blk = args.block
@@ -168,7 +166,7 @@ def run_shape(name, H, S, D, densities, args, log, flex_fns):
         d = lay.density()
         row = dict(target=dens, density=d)
         out = torch.empty_like(q)
-        row["ours_fwd"] = bench(lambda: block_sparse_attention(q, k, v, lay, out=out))
+        row["ours_fwd"] = bench(lambda: block_sparse_attention(q, k, v, lay, out=out, configs=configs))
         row["eff_fwd"] = d * res["dense"]["cudnn_fwd"] / row["ours_fwd"]
         if args.flex:
             bm = flex_block_mask(lay, S)
@@ -178,7 +176,7 @@ def run_shape(name, H, S, D, densities, args, log, flex_fns):
             row["vs_flex_fwd"] = row["flex_fwd"] / row["ours_fwd"]
         if args.bwd:
             def ours_fb():
-                block_sparse_attention(qg, kg, vg, lay).backward(dog)
+                block_sparse_attention(qg, kg, vg, lay, configs=configs).backward(dog)
             row["ours_fwdbwd"] = bench(ours_fb)
             row["eff_fwdbwd"] = d * res["dense"]["cudnn_fwdbwd"] / row["ours_fwdbwd"]
             if args.flex:
@@ -193,14 +191,18 @@ def run_shape(name, H, S, D, densities, args, log, flex_fns):
     return res
 
 
-def sweep(args, log):
-    """Time compute-tile / warps / stages variants at one shape per head dim; report the best."""
-    KC = bs.KernelConfig
+def sweep(args, log) -> tuple[list[dict], dict[int, KernelConfigs]]:
+    """Time compute-tile / warps / stages variants at one shape per head dim; report the best.
+
+    Returns the timings and, per head dim, the winners (passed as ``configs=`` to the timed runs).
+    """
+    KC = KernelConfig
     fwd_cfgs = [KC(128, 128, 8, 3), KC(128, 64, 8, 4), KC(128, 128, 8, 3, True), KC(128, 128, 8, 2, True),
                 KC(128, 64, 8, 3, True), KC(128, 64, 8, 4, True), KC(128, 64, 4, 3, True)]
     dkdv_cfgs = [KC(32, 128, 8, 4), KC(64, 128, 8, 2), KC(64, 64, 4, 3), KC(32, 64, 4, 3)]
     dq_cfgs = [KC(128, 64, 8, 2), KC(64, 64, 4, 3), KC(128, 32, 4, 3)]
     out = []
+    winners: dict[int, KernelConfigs] = {}
     for name, H, S, D in (SHAPES[0], SHAPES[1]):
         base = torch.randn(1, S, 3, H, D, device="cuda", dtype=torch.bfloat16)
         q, k, v = base[:, :, 0], base[:, :, 1], base[:, :, 2]
@@ -208,42 +210,40 @@ def sweep(args, log):
         o = torch.empty_like(q)
         ref = None
         for c in fwd_cfgs:
-            bs._CONFIG_OVERRIDE[0] = c
+            cfgs = KernelConfigs(fwd=c)
             try:
-                block_sparse_attention(q, k, v, lay, out=o)
+                block_sparse_attention(q, k, v, lay, out=o, configs=cfgs)
                 if ref is None:
                     ref = o.clone()
                 err = rel(o, ref)
-                t = bench(lambda: block_sparse_attention(q, k, v, lay, out=o), rep=100)
+                t = bench(lambda: block_sparse_attention(q, k, v, lay, out=o, configs=cfgs), rep=100)
             except Exception as e:  # a config that does not compile (shared memory) is just skipped
                 t, err = float("nan"), repr(e)[:200]
             log(f"  sweep fwd {name} {c}: {t:.3f} ms err={err}")
             out.append(dict(kind="fwd", shape=name, cfg=c.__dict__, ms=t, err=err))
-        bs._CONFIG_OVERRIDE[0] = None
         best = min((r for r in out if r["kind"] == "fwd" and r["shape"] == name and r["ms"] == r["ms"]
                     and isinstance(r["err"], float) and r["err"] < 1e-2), key=lambda r: r["ms"])
-        bs._FWD_CONFIGS[(9, D)] = KC(**best["cfg"])
+        won = KernelConfigs(fwd=KC(**best["cfg"]))
         log(f"  fwd winner D={D}: {best['cfg']}")
         qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
         dog = torch.randn_like(q)
-        for kind, cfgs in ((1, dkdv_cfgs), (2, dq_cfgs)):
+        for kname, cfgs in (("dkdv", dkdv_cfgs), ("dq", dq_cfgs)):
             for c in cfgs:
-                bs._CONFIG_OVERRIDE[kind] = c
+                trial = dataclasses.replace(won, **{kname: c})
                 try:
-                    t = bench(lambda: block_sparse_attention(qg, kg, vg, lay).backward(dog), rep=100)
+                    t = bench(lambda: block_sparse_attention(qg, kg, vg, lay, configs=trial).backward(dog), rep=100)
                 except Exception as e:
                     t = float("nan")
                     log(f"  sweep failed {e!r}"[:300])
-                kname = "dkdv" if kind == 1 else "dq"
                 log(f"  sweep {kname} {name} {c}: fwd+bwd {t:.3f} ms")
                 out.append(dict(kind=kname, shape=name, cfg=c.__dict__, ms=t))
-            bs._CONFIG_OVERRIDE[kind] = None
             best = min((r for r in out if r["kind"] == kname and r["shape"] == name and r["ms"] == r["ms"]),
                        key=lambda r: r["ms"])
-            (bs._BWD_DKDV_CONFIGS if kind == 1 else bs._BWD_DQ_CONFIGS)[(9, D)] = KC(**best["cfg"])
+            won = dataclasses.replace(won, **{kname: KC(**best["cfg"])})
             log(f"  {kname} winner D={D}: {best['cfg']}")
+        winners[D] = won
         del base
-    return out
+    return out, winners
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,14 +282,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
 
+    winners: dict[int, KernelConfigs] = {}
     if args.sweep:
-        result["sweep"] = sweep(args, log)
+        result["sweep"], winners = sweep(args, log)
         save()
     if args.check:
         result["correctness"] = check_correctness(log)
         save()
     result["configs"] = {n: {str(k): dataclasses.asdict(v) for k, v in t.items()} for n, t in (
-        ("fwd", bs._FWD_CONFIGS), ("dkdv", bs._BWD_DKDV_CONFIGS), ("dq", bs._BWD_DQ_CONFIGS))}
+        ("fwd", kc.FWD_CONFIGS), ("dkdv", kc.BWD_DKDV_CONFIGS), ("dq", kc.BWD_DQ_CONFIGS))}
+    result["sweep_winners"] = {str(d): dataclasses.asdict(c) for d, c in winners.items()}
     flex_fns = {}
     if args.flex:
         from torch.nn.attention.flex_attention import flex_attention
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     densities = [float(x) for x in args.densities.split(",") if x]
     for i in [int(x) for x in args.shapes.split(",") if x]:
         name, H, S, D = SHAPES[i]
-        result["shapes"].append(run_shape(name, H, S, D, densities, args, log, flex_fns))
+        result["shapes"].append(run_shape(name, H, S, D, densities, args, log, flex_fns, winners.get(D)))
         save()
         torch.cuda.empty_cache()
     log("summary (ms; eff = density x cudnn / ours)")

@@ -81,36 +81,6 @@ class BlockLayout:
         return cls(offsets, indices, block_m, block_n, mq, nk)
 
     @classmethod
-    def from_csr(
-        cls,
-        offsets: torch.Tensor,
-        indices: torch.Tensor,
-        block_m: int,
-        num_k_blocks: int,
-        block_n: int | None = None,
-    ) -> BlockLayout:
-        """Build from CSR arrays (1-D for a shared layout, 2-D for per-head); rows are sorted here."""
-        if offsets.dim() == 1:
-            offsets, indices = offsets.unsqueeze(0), indices.unsqueeze(0)
-        offsets = offsets.to(torch.int32)
-        indices = indices.to(torch.int32)
-        heads, mq = offsets.shape[0], offsets.shape[1] - 1
-        # Sort each row's indices: sort by (row, col) via a combined key.
-        max_nnz = indices.shape[1]
-        pos = torch.arange(max_nnz, device=indices.device).expand(heads, -1)
-        row = torch.searchsorted(offsets[:, 1:].contiguous(), pos.to(torch.int32), right=True)
-        valid = pos < offsets[:, -1:].long()
-        key = torch.where(
-            valid, row.long() * (num_k_blocks + 1) + indices.long(), torch.iinfo(torch.long).max)
-        if indices.numel():
-            if bool(((indices < 0) | (indices >= num_k_blocks))[valid].any()):
-                raise ValueError(f"CSR indices must lie in [0, {num_k_blocks}), got values outside")
-            order = key.argsort(dim=-1)
-            indices = torch.gather(indices, 1, order)
-        block_n = block_m if block_n is None else block_n
-        return cls(offsets, indices.contiguous(), block_m, block_n, mq, num_k_blocks)
-
-    @classmethod
     def dense(
         cls, q_len: int, k_len: int, block_m: int, block_n: int | None = None,
         device: torch.device | str = "cpu",
@@ -184,9 +154,6 @@ class BlockLayout:
             t._cache["transpose"] = self
             self._cache["transpose"] = t
         return self._cache["transpose"]
-
-    def max_row_nnz(self) -> int:
-        return int((self.offsets[:, 1:] - self.offsets[:, :-1]).max().item()) if self.num_q_blocks else 0
 
     def check_shapes(self, q_len: int, k_len: int, heads: int) -> None:
         """Raise ValueError unless this layout fits a (q_len, k_len, heads) attention call."""

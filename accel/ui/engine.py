@@ -154,7 +154,10 @@ def to_form(opt: Option, value: Any) -> Any:
 
 
 def form_value(opt: Option, raw: Any) -> Any:
-    """A control's value as the option's config value; errors name the control ("Decay: ...")."""
+    """A control's value as the option's config value; errors name the control ("Decay: ...").
+
+    An empty number means "auto" where the option has ``none_means``, else the option's default.
+    """
     label = opt.label
     if opt.choices is not None:
         if raw is None or raw == "" or raw == AUTO:
@@ -171,10 +174,8 @@ def form_value(opt: Option, raw: Any) -> Any:
             raise ValueError(f"{label}: must be true or false, got {raw!r}")
         return raw
     if opt.kind in (int, float):
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
-            if opt.none_means is not None:
-                return None
-            raise ValueError(f"{label}: a value is needed ({opt.range_text()})")
+        if raw is None or (isinstance(raw, str) and not raw.strip()):  # empty: auto, else the default
+            return None if opt.none_means is not None else opt.default
         if isinstance(raw, str):
             try:
                 raw = float(raw)
@@ -298,7 +299,10 @@ def describe_method(method: AttentionMethod, schedule: Schedule) -> str:
 
 
 def optional_int(label: str, value: Any, *, zero_is_default: bool = True) -> int | None:
-    """Form number -> int >= 1, where empty (or 0) means the model's default; errors name the field."""
+    """Form number -> int >= 1, where empty (or 0) means the model's default; errors name the field.
+
+    With ``zero_is_default=False`` (the seed): an int >= 0, empty -> None.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, str):
@@ -311,11 +315,13 @@ def optional_int(label: str, value: Any, *, zero_is_default: bool = True) -> int
     if not float(value).is_integer():
         raise ValueError(f"{label}: {value:g} is not a whole number")
     value = int(value)
-    if value == 0 and zero_is_default:
-        return None
-    if value < 1:
-        default = " (0 or empty: the model's default)" if zero_is_default else ""
-        raise ValueError(f"{label}: {value} must be a positive whole number{default}")
+    if zero_is_default:
+        if value == 0:
+            return None
+        if value < 0:
+            raise ValueError(f"{label}: {value} must be a positive whole number (0 or empty: the model's default)")
+    elif value < 0:
+        raise ValueError(f"{label}: {value} must be a whole number >= 0")
     return value
 
 

@@ -12,10 +12,15 @@ import torch
 from triton.testing import do_bench
 
 from accel.bench.kernels import make_layout, rel
-from accel.kernels import BlockLayout, block_sparse_attention, reference_block_sparse_attention
-from accel.kernels import block_sparse as bs
+from accel.kernels import (
+    BlockLayout,
+    KernelConfig,
+    KernelConfigs,
+    block_sparse_attention,
+    reference_block_sparse_attention,
+)
 
-KC = bs.KernelConfig
+KC = KernelConfig
 CANDIDATES = {  # head_dim_pad -> kind -> [pipelined baseline, warp-specialised candidates...]
     128: {"dkdv": [KC(32, 64, 4, 3)] + [KC(m, 128, 4, s, warp_specialize=True)
                                         for m, s in ((64, 2), (32, 2), (64, 3), (128, 2))],
@@ -31,11 +36,8 @@ CASES = [(2, 1000, 1000, 2, 128, torch.bfloat16, False), (1, 777, 1001, 2, 64, t
 
 
 def grads(cfgs, q, k, v, lay, g):
-    bs._CONFIG_OVERRIDE[:] = [None, *cfgs]
-    try:
-        return torch.autograd.grad(block_sparse_attention(q, k, v, lay), (q, k, v), g)
-    finally:
-        bs._CONFIG_OVERRIDE[:] = [None, None, None]
+    configs = KernelConfigs(dkdv=cfgs[0], dq=cfgs[1])
+    return torch.autograd.grad(block_sparse_attention(q, k, v, lay, configs=configs), (q, k, v), g)
 
 
 def main() -> None:

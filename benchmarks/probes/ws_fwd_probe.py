@@ -14,10 +14,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from accel.bench.kernels import make_layout, rel
-from accel.kernels import BlockLayout, block_sparse_attention, reference_block_sparse_attention
-from accel.kernels import block_sparse as bs
+from accel.kernels import (
+    BlockLayout,
+    KernelConfig,
+    KernelConfigs,
+    block_sparse_attention,
+    reference_block_sparse_attention,
+)
 
-KC = bs.KernelConfig
+KC = KernelConfig
 PIPELINED = KC(128, 128, 8, 3, tma=True)
 WS = KC(128, 128, 4, 2, warp_specialize=True)
 CASES = [  # B, Sq, Sk, H, D, dtype, per-head layout
@@ -30,11 +35,7 @@ SHAPES = [("wan1.3b", 12, 32760, 128), ("s32768-d128", 12, 32768, 128), ("d64", 
 
 
 def run(cfg, *args, **kw):
-    bs._CONFIG_OVERRIDE[0] = cfg
-    try:
-        return block_sparse_attention(*args, **kw)
-    finally:
-        bs._CONFIG_OVERRIDE[0] = None
+    return block_sparse_attention(*args, configs=KernelConfigs(fwd=cfg), **kw)
 
 
 def main() -> None:

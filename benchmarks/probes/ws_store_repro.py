@@ -3,7 +3,7 @@ accumulator after the loop writes wrong values; a tensor-descriptor store of the
 
 Seen on 2026-11-24: relative error 0.77-1.06 with pointer stores, 0.0 with descriptor stores, for every
 combination of loop bounds, per-(batch, head) bases and empty-row handling we tried. This is why the
-warp-specialised kernels in `accel/kernels/block_sparse.py` do all I/O through descriptors. Rerun on a
+warp-specialised kernels in `accel/kernels/fwd_ws.py` and `bwd_ws.py` do all I/O through descriptors. Rerun on a
 newer Triton to see whether the restriction can go: `python benchmarks/probes/ws_store_repro.py`.
 """
 

@@ -1,8 +1,9 @@
 """Device probe (H100): text keys in the warp-specialised forward vs the pipelined kernel.
 
-Text after the video in one buffer (as diffusers' joint attention builds it), none / unpadded / trailing
-padding, 25% of the video tiles; kernel launches alone and through the public function (which adds the
-host-side work and, for padded text, one sync). Produced `benchmarks/results/ws_text_probe.json`.
+Text after the video in one joint buffer (as diffusers' joint attention builds it), none / unpadded /
+trailing padding (as ``text_lengths``: no host sync), 25% of the video tiles; kernel launches alone and
+through the public function (which adds the host-side work). Produced `benchmarks/results/ws_text_probe.json`
+(measured with the old API, whose padded calls paid a host sync for the trailing-padding check).
 """
 
 # ruff: noqa: B023  (closures are timed immediately, inside their loop iteration)
@@ -13,10 +14,10 @@ import torch
 from triton.testing import do_bench
 
 from accel.bench.kernels import make_layout, rel
-from accel.kernels import block_sparse as bs
-from accel.kernels import block_sparse_attention
+from accel.kernels import KernelConfig, KernelConfigs, block_sparse_attention, fwd_ws, triton_impl
+from accel.kernels._common import KeyParts, alloc_lse
 
-KC = bs.KernelConfig
+KC = KernelConfig
 WS = KC(128, 128, 4, 2, warp_specialize=True)
 PIPELINED = KC(128, 128, 8, 3, tma=True)
 CASES = [("s32k-t0", 12, 32760, 0, 0), ("s32k-t256", 12, 32760, 256, 256), ("s32k-t256-pad", 12, 32760, 256, 200),
@@ -30,28 +31,26 @@ def main() -> None:
     scale = 128 ** -0.5
     for name, H, S, T, visible in CASES:
         qkv = torch.randn(3, 1, S + T, H, 128, device="cuda", dtype=torch.bfloat16)
-        q, k, v = (x[:, :S] for x in qkv)
-        ek, ev = (qkv[1][:, S:], qkv[2][:, S:]) if T else (None, None)
-        em = None
+        q, k, v = qkv[0][:, :S], qkv[1], qkv[2]
+        parts = KeyParts(0, S, S, T)
+        lengths = None
         if T and visible < T:
-            em = torch.zeros(1, T, dtype=torch.int8, device="cuda")
-            em[:, :visible] = 1
+            lengths = torch.full((1,), visible, dtype=torch.int32, device="cuda")
         lay = make_layout(-(-S // 128), -(-S // 128), 0.25, 128, "cuda")
         out = torch.empty_like(q)
-        lse = bs._alloc_lse(1, H, S, q.device)
+        lse = alloc_lse(1, H, S, q.device)
         row = dict(shape=name)
-        bs._CONFIG_OVERRIDE[0] = PIPELINED
-        row["pipelined"] = do_bench(lambda: bs._fwd(q, k, v, lay, ek, ev, em, scale, out, lse), rep=100,
-                                    return_mode="median")
-        bs._CONFIG_OVERRIDE[0] = None
+        pipelined = KernelConfigs(fwd=PIPELINED)
+        row["pipelined"] = do_bench(lambda: triton_impl.forward(q, k, v, lay, parts, lengths, None, scale, out, lse,
+                                                                pipelined), rep=100, return_mode="median")
         ref = out.clone()
-        bs._ensure_allocator()
-        row["ws"] = do_bench(lambda: bs._fwd_ws(q, k, v, lay, scale, out, lse, WS, ek, ev, em), rep=100,
-                             return_mode="median")
+        row["ws"] = do_bench(lambda: fwd_ws.launch(q, k, v, lay, scale, out, lse, WS, video_row=0, video_len=S,
+                                                   text_row=S, text_len=T, text_lengths=lengths),
+                             rep=100, return_mode="median")
         row["err_ws"] = rel(out, ref)
-        mask = em.bool() if em is not None else None
-        row["api_default"] = do_bench(lambda: block_sparse_attention(q, k, v, lay, extra_k=ek, extra_v=ev,
-                                                                     extra_mask=mask), rep=100, return_mode="median")
+        text = dict(text_keys=(S, T), text_lengths=lengths) if T else {}
+        row["api_default"] = do_bench(lambda: block_sparse_attention(q, k, v, lay, **text), rep=100,
+                                      return_mode="median")
         print(row, flush=True)
         res.append(row)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "ws_text_probe.json"), "w") as f:
