@@ -255,7 +255,8 @@ def test_configs_are_used(monkeypatch):
     q, k, v, _, txt = make_joint(1, 64, 64, 2, 16, 5, torch.float32, grad=False)
     lay = random_layout(1, 64, 64, 32, 32)
     assert select_forward(q, k, lay, text_keys=txt, configs=cfgs).config == KernelConfig(16, 16)
-    assert select_forward(q, k, lay, text_keys=txt).config == KernelConfig(32, 32, 1, 1)  # interpreter default
+    if not q.is_cuda:
+        assert select_forward(q, k, lay, text_keys=txt).config == KernelConfig(32, 32, 1, 1)  # interpreter default
     assert select_backward(q, k, lay, text_keys=txt, configs=cfgs).dq.config.block_m == 32
     assert KernelConfigs(fwd=KernelConfig(16, 16)).encode() and kc.decode_configs(cfgs.encode()) == cfgs
     ws = kc.FWD_CONFIGS[(9, 128)]

@@ -332,17 +332,19 @@ def build_app(
                     info="a tiny-* built-in (offline), or type a Hub id (org/name) or a local diffusers folder",
                 )
                 prompt = gr.Textbox(
-                    value="a dog running on the beach at sunset", label="Prompt", lines=2, max_lines=6,
-                    info="Enter generates (Shift+Enter: new line)", elem_id="prompt",
+                    value="a dog running on the beach at sunset", label="Prompt", lines=1, max_lines=6,
+                    info="Enter generates", elem_id="prompt",
                 )
                 negative_prompt = gr.Textbox(value="", label="Negative prompt", placeholder="(none)")
                 with gr.Row():
-                    height = gr.Number(value=spec.height, label="Height", elem_id="height", info="pixels; a multiple of the model's "
-                                       "patch (16 for tiny-wan)")
+                    height = gr.Number(value=spec.height, label="Height", elem_id="height",
+                                       info="pixels; a multiple of the model's patch (16 for tiny-wan)")
                     width = gr.Number(value=spec.width, label="Width", elem_id="width", info="pixels")
-                    frames = gr.Number(value=spec.num_frames, label="Frames", elem_id="frames", info="Wan: 4k+1 (5, 9, 13, 17, ...)")
+                    frames = gr.Number(value=spec.num_frames, label="Frames", elem_id="frames",
+                                       info="Wan: 4k+1 (5, 9, 13, 17, ...)")
                 with gr.Row():
-                    steps = gr.Number(value=spec.num_inference_steps, label="Steps", elem_id="steps", info="denoising steps")
+                    steps = gr.Number(value=spec.num_inference_steps, label="Steps", elem_id="steps",
+                                      info="denoising steps")
                     guidance = gr.Number(value=spec.call_defaults.get("guidance_scale"), label="Guidance scale",
                                          info="classifier-free guidance strength")
                     with gr.Column(min_width=160):
