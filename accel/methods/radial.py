@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 
 from accel.geometry import TokenLayout
-from accel.methods.base import Attended, AttentionCall, AttentionMethod, check_qkv, split_joint
+from accel.methods.base import (
+    Attended,
+    AttentionCall,
+    AttentionMethod,
+    check_qkv,
+    render_mask_image,
+    split_joint,
+)
 from accel.methods.dense import sdpa_bshd
 from accel.methods.radial_mask import radial_block_layout
 from accel.options import check_options, option
@@ -41,20 +48,13 @@ class RadialPlan:
         block_layout: video x video `BlockLayout` (heads == 1) in video-token order.
         block_size: tokens per query and key block.
         density: fraction of video x video tiles computed.
-        grid: (frames, height, width) of the video tokens.
-        text_tokens, text_position: where the text sits in the joint sequence (handled densely).
+        grid: (frames, height, width) of the video tokens (text, if any, is handled densely).
     """
 
     block_layout: BlockLayout
     block_size: int
     density: float
     grid: tuple[int, int, int]
-    text_tokens: int = 0
-    text_position: str = "none"
-
-    @property
-    def video_tokens(self) -> int:
-        return self.grid[0] * self.grid[1] * self.grid[2]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,8 @@ class Radial(AttentionMethod):
     """
 
     name: ClassVar[str] = "radial"
+    # The UI starts radial at the shipped presets' decay: decay 1.0 is 75 % dense at the tiny models' size.
+    ui_defaults: ClassVar[dict] = {"decay": 0.2}
 
     decay: float = option(
         1.0, "how fast the spatial window shrinks with frame distance: smaller is sparser and faster "
@@ -160,9 +162,7 @@ class Radial(AttentionMethod):
             frames, height, width, block_size=block, decay=self.decay, sink=self.sink,
             spatial=self.spatial, decay_near=self.decay_near, thinning=self.thinning, device=device,
         )
-        return RadialPlan(
-            block_layout, block, block_layout.density(), layout.grid, layout.text_tokens, layout.text_position
-        )
+        return RadialPlan(block_layout, block, block_layout.density(), layout.grid)
 
     def plan_density(self, plan: RadialPlan) -> float:
         """Fraction of video x video tiles computed (text rows and columns, always dense, excluded)."""
@@ -215,7 +215,9 @@ class Radial(AttentionMethod):
         max_pixels: int = 1024,
     ) -> Path | np.ndarray:
         """Render the video x video block mask; see `visualize_plan`."""
-        return visualize_plan(plan, path, max_pixels=max_pixels, title=str(self))
+        spatial = f"{self.spatial} window" + (", decayed adjacent frames" if self.decay_near else "")
+        title = f"radial decay={self.decay:g}, {spatial}, {'frame-0 sink' if self.sink else 'no sink'}"
+        return visualize_plan(plan, path, max_pixels=max_pixels, title=title)
 
 
 def _kernel_text_args(k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, call: AttentionCall) -> dict:
@@ -249,53 +251,16 @@ def pooled_block_mask(plan: RadialPlan, max_pixels: int = 1024) -> tuple[torch.T
 def visualize_plan(
     plan: RadialPlan, path: str | Path | None = None, *, max_pixels: int = 1024, title: str | None = None
 ) -> Path | np.ndarray:
-    """PNG of the block mask (white = computed) with its density in the title.
+    """PNG of the block mask (white = computed): axes in latent frames, frame boundaries, density in the title.
 
-    Masks wider than ``max_pixels`` blocks are OR-pooled. Writes ``path`` and returns it, or returns the
-    rendered RGB image as a (H, W, 3) uint8 numpy array when ``path`` is None. Needs matplotlib.
+    Masks wider than ``max_pixels`` blocks are OR-pooled from the CSR lists (no blocks x blocks tensor).
+    Writes ``path`` and returns it, or returns the RGB image as a (H, W, 3) uint8 array when ``path`` is None.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - matplotlib is a core dependency
-        raise ImportError("visualize needs matplotlib: pip install matplotlib") from err
-    import numpy as np
-
     img, factor = pooled_block_mask(plan, max_pixels)
-    frames, height, width = plan.grid
-    fig = Figure(figsize=(7, 7.4), dpi=150)
-    ax = fig.add_subplot(1, 1, 1)
-    nb = plan.block_layout.num_q_blocks
-    extent = (0, nb, nb, 0)
-    ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", extent=extent)
-    tpf = height * width
-    if frames <= 64:
-        for f in range(1, frames):
-            pos = f * tpf / plan.block_size
-            ax.axhline(pos, color="tab:red", lw=0.3, alpha=0.5)
-            ax.axvline(pos, color="tab:red", lw=0.3, alpha=0.5)
-    pooled = f", {factor}x{factor} OR-pooled" if factor > 1 else ""
-    head = f"{title}\n" if title else ""
-    ax.set_title(
-        f"{head}{frames}x{height}x{width} tokens, block {plan.block_size}{pooled}: "
-        f"density {plan.density:.1%}",
-        fontsize=8,
-    )
-    ax.set_xlabel("key block")
-    ax.set_ylabel("query block")
-    fig.tight_layout()
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        return path
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    layout = TokenLayout(1, *plan.grid)
+    head = f"{title}, block {plan.block_size}" if title else f"block {plan.block_size}"
+    return render_mask_image(img, layout, path, title=head, max_pixels=max_pixels, cell=plan.block_size * factor,
+                             density=plan.density)
 
 
 def expand_plan_mask(plan: RadialPlan, layout: TokenLayout) -> torch.Tensor:

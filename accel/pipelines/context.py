@@ -25,6 +25,73 @@ HOOK_NAME = "accel_forward_context"
 
 
 @dataclass(frozen=True)
+class TokenStream:
+    """Where a family's video tokens can be put into a method's order once per forward.
+
+    Attributes:
+        blocks: the transformer blocks, in order, whose ``hidden_states`` carry the (video) tokens.
+        permute_inputs: (args, kwargs, permute, first) -> (args, kwargs): applies ``permute`` (a function of a
+            tensor and its token dim) to a block's per-token inputs: hidden states on the first block only,
+            per-token side inputs (rotary tables, per-token timestep embeddings) on every block.
+        video_slice: (seq_len) -> slice of the video tokens inside ``hidden_states``.
+    """
+
+    blocks: list[torch.nn.Module]
+    permute_inputs: Callable[[tuple, dict, Callable[[torch.Tensor, int], torch.Tensor], bool], tuple[tuple, dict]]
+    video_slice: Callable[[int], slice] = lambda seq: slice(0, seq)
+
+
+def permute_tokens(t: torch.Tensor, perm: torch.Tensor, dim: int, video: slice) -> torch.Tensor:
+    """``t`` with its video tokens along ``dim`` reordered: position i takes raster token ``perm[i]``."""
+    if video == slice(0, t.shape[dim]) or (video.start == 0 and video.stop >= t.shape[dim]):
+        return t.index_select(dim, perm)
+    out = t.clone()
+    index = [slice(None)] * t.dim()
+    index[dim] = video
+    out[tuple(index)] = t[tuple(index)].index_select(dim, perm)
+    return out
+
+
+def install_token_stream(stream: TokenStream, state: TransformerState) -> list[Any]:
+    """Forward hooks that permute the video tokens before the first block and restore them after the last.
+
+    The permutation (`ForwardContext.token_order`) is set per forward by the context hook; with none set the
+    hooks do nothing. Returns the hook handles (removed by `accel.unpatch`).
+    """
+    first, last = stream.blocks[0], stream.blocks[-1]
+
+    def pre(block: torch.nn.Module, args: tuple, kwargs: dict):
+        ctx = state.context
+        perm = ctx.token_order
+        if perm is None or not ctx.order_in_stream:
+            return None
+
+        def permute(t: torch.Tensor, dim: int) -> torch.Tensor:
+            key = id(t)
+            if key not in ctx._permuted or ctx._permuted[key][0] is not t:
+                ctx._permuted[key] = (t, permute_tokens(t, perm, dim, stream.video_slice(t.shape[dim])))
+            return ctx._permuted[key][1]
+
+        return stream.permute_inputs(args, kwargs, permute, block is first)
+
+    def post(block: torch.nn.Module, args: tuple, kwargs: dict, output: Any):
+        ctx = state.context
+        perm = ctx.token_order
+        if perm is None or not ctx.order_in_stream:
+            return None
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        ctx._permuted.clear()
+        if isinstance(output, torch.Tensor):
+            return permute_tokens(output, inverse, 1, stream.video_slice(output.shape[1]))
+        return (permute_tokens(output[0], inverse, 1, stream.video_slice(output[0].shape[1])), *output[1:])
+
+    handles = [block.register_forward_pre_hook(pre, with_kwargs=True) for block in stream.blocks]
+    handles.append(last.register_forward_hook(post, with_kwargs=True))
+    return handles
+
+
+@dataclass(frozen=True)
 class Branch:
     """An extra transformer pass run inside each patched forward, e.g. a perturbed-attention branch.
 
@@ -66,7 +133,10 @@ class ForwardContext:
     text_facts: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
     branch: Branch | None = None
     densities: list[tuple[int, Any]] = field(default_factory=list)
+    token_order: torch.Tensor | None = None
+    order_in_stream: bool = False
     _calls: dict[tuple, AttentionCall] = field(default_factory=dict)
+    _permuted: dict[int, Any] = field(default_factory=dict)
 
     def call_for(self, batch: int, video_tokens: int, text_tokens: int, text_position: str, device: torch.device,
                  scale: float | None = None) -> AttentionCall | None:
@@ -156,12 +226,14 @@ class TransformerState:
 class ForwardContextHook(ModelHook):
     """Builds the `ForwardContext` before each forward and runs the registered branches after the main pass."""
 
-    def __init__(self, adapter: Any, state: TransformerState, tracker: StepTracker, runtime: Any) -> None:
+    def __init__(self, adapter: Any, state: TransformerState, tracker: StepTracker, runtime: Any,
+                 has_stream: bool = False) -> None:
         super().__init__()
         self.adapter = adapter
         self.state = state
         self.tracker = tracker
         self.runtime = runtime
+        self.has_stream = has_stream
 
     @torch.compiler.disable
     def _prepare(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> ForwardContext:
@@ -171,6 +243,10 @@ class ForwardContextHook(ModelHook):
         visible = self.adapter.text_visible(module, args, kwargs)
         facts = padding_facts(visible) if visible is not None else None
         ctx = ForwardContext(grid=grid, step=step, total_steps=total, text_visible=visible, text_facts=facts)
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if grid is not None and device is not None:
+            ctx.token_order = self.runtime.token_order_for(grid, device)
+            ctx.order_in_stream = ctx.token_order is not None and self.has_stream
         self.runtime.begin_forward(ctx)
         return ctx
 
@@ -187,7 +263,8 @@ class ForwardContextHook(ModelHook):
             if not branch.runs_at(ctx.step, ctx.total_steps):
                 continue
             branch_ctx = ForwardContext(grid=ctx.grid, step=ctx.step, total_steps=ctx.total_steps,
-                                        text_visible=ctx.text_visible, text_facts=ctx.text_facts, branch=branch)
+                                        text_visible=ctx.text_visible, text_facts=ctx.text_facts, branch=branch,
+                                        token_order=ctx.token_order, order_in_stream=ctx.order_in_stream)
             self.state.context = branch_ctx
             branch_output = self.fn_ref.original_forward(*args, **kwargs)
             self._finish(branch_ctx)
@@ -226,5 +303,6 @@ def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
     return output
 
 
-__all__ = ["Branch", "ForwardContext", "ForwardContextHook", "StepTracker", "TransformerState", "first_tensor",
-           "install_context_hook", "remove_context_hook", "replace_first_tensor"]
+__all__ = ["Branch", "ForwardContext", "ForwardContextHook", "StepTracker", "TokenStream", "TransformerState",
+           "first_tensor", "install_context_hook", "install_token_stream", "permute_tokens", "remove_context_hook",
+           "replace_first_tensor"]

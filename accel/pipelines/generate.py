@@ -131,7 +131,7 @@ def load_pipeline(model: str, *, device: torch.device | None = None, dtype: torc
         )
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(local) if local.is_dir() else model, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(local) if local.is_dir() else model, dtype=dtype)
     except Exception as err:  # diffusers/hub raise many kinds; one clear message for the user
         raise ModelLoadError(f"could not load model {model!r}: {type(err).__name__}: {err}") from err
     return pipe.to(device)

@@ -22,6 +22,7 @@ from accel.pipelines.context import (
     StepTracker,
     TransformerState,
     install_context_hook,
+    install_token_stream,
     remove_context_hook,
 )
 from accel.pipelines.runtime import AttentionRuntime, AttentionStats
@@ -44,6 +45,7 @@ class PatchHandle:
     runtime: AttentionRuntime | None
     originals: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)
     hooked: list[torch.nn.Module] = field(default_factory=list)
+    stream_hooks: list[Any] = field(default_factory=list)
     states: dict[str, TransformerState] = field(default_factory=dict)
 
     @property
@@ -145,7 +147,11 @@ def patch(
                 processor._parallel_config = getattr(site.module.processor, "_parallel_config", None)
                 handle.originals.append((site.module, site.module.processor))
                 site.module.set_processor(processor)
-            install_context_hook(transformer, ForwardContextHook(adapter, state, tracker, runtime))
+            stream_of = getattr(adapter, "token_stream", None)
+            stream = stream_of(transformer) if stream_of is not None else None
+            if stream is not None:
+                handle.stream_hooks.extend(install_token_stream(stream, state))
+            install_context_hook(transformer, ForwardContextHook(adapter, state, tracker, runtime, stream is not None))
             handle.hooked.append(transformer)
     except Exception:
         _restore(handle)
@@ -157,6 +163,9 @@ def patch(
 def _restore(handle: PatchHandle) -> None:
     for transformer in handle.hooked:
         remove_context_hook(transformer)
+    for hook in handle.stream_hooks:
+        hook.remove()
+    handle.stream_hooks.clear()
     for module, original in reversed(handle.originals):
         module.set_processor(original)
     handle.hooked.clear()

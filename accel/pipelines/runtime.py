@@ -18,7 +18,7 @@ import torch
 from accel.geometry import TokenLayout
 from accel.methods.base import AttentionCall, AttentionMethod, call_from_padding_mask, check_qkv
 from accel.methods.dense import Dense
-from accel.pipelines.context import Branch, ForwardContext, TransformerState
+from accel.pipelines.context import Branch, ForwardContext, TransformerState, permute_tokens
 from accel.schedule import Schedule
 
 logger = logging.getLogger("accel")
@@ -114,6 +114,7 @@ class AttentionRuntime:
         self.dense = Dense()
         self.stats = AttentionStats()
         self._plans: dict[tuple, Any] = {}
+        self._orders: dict[tuple, torch.Tensor | None] = {}
         self._refused: dict[tuple, str] = {}
         self._warned: set[str] = set()
 
@@ -154,6 +155,22 @@ class AttentionRuntime:
         except (ValueError, NotImplementedError) as err:
             self._refused[key] = str(err)
             raise UnsupportedInput(str(err)) from err
+
+    def token_order_for(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor | None:
+        """The method's video-token permutation for this grid (cached per geometry), or None (raster order)."""
+        key = (self.method, grid, device)
+        if key not in self._orders:
+            perm = None
+            if not isinstance(self.method, Dense):
+                perm = self.method.token_order(TokenLayout(1, *grid), device)
+                if perm is not None:
+                    perm = perm.to(device=device, dtype=torch.long)
+                    expected = grid[0] * grid[1] * grid[2]
+                    if perm.shape != (expected,) or not torch.equal(perm.sort().values.cpu(), torch.arange(expected)):
+                        raise ValueError(f"{self.method.name}.token_order must return a permutation of the {expected} "
+                                         f"video tokens, got shape {tuple(perm.shape)}")
+            self._orders[key] = perm
+        return self._orders[key]
 
     # ------------------------------------------------------------------ per forward (called by the context hook)
     def begin_forward(self, ctx: ForwardContext) -> None:
@@ -226,8 +243,18 @@ class AttentionRuntime:
                 if call is None:
                     self.warn_once("accel: this model's text padding is read per layer (one host check each)")
                     call = call_from_padding_mask(layer_mask, layout)
+                perm = ctx.token_order if method is self.method and not ctx.order_in_stream else None
+                if perm is not None:  # this family has no token stream: reorder around this layer instead
+                    self.warn_once(f"accel: {method.name}'s token order is applied per layer for this model")
+                    vs = layout.video_slice
+                    q, k, v = (permute_tokens(t, perm, 1, vs) for t in (q, k, v))
                 attended = method.run(q, k, v, layout, plan, call)
-                return attended.out, attended.density, True
+                out = attended.out
+                if perm is not None:
+                    inverse = torch.empty_like(perm)
+                    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+                    out = permute_tokens(out, inverse, 1, layout.video_slice)
+                return out, attended.density, True
             except UnsupportedInput as err:
                 self.fallback(str(err).removeprefix(f"{method.name} attention cannot run here: "), method)
             except NotImplementedError as err:
