@@ -249,7 +249,7 @@ def all_dense_error(schedule, steps: int, layers: int, method_name: str) -> str 
 
 def count_attention_layers(pipe: Any) -> int | None:
     """Self-attention layers of the pipeline's transformer, as the schedule numbers them (None: unknown)."""
-    from accel.pipelines.adapter import adapter_for
+    from accel.pipelines.families import adapter_for
 
     transformer = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
     if transformer is None:

@@ -1,7 +1,7 @@
 """Radial mask build time, density and peak memory at the reference's geometries (CPU or CUDA).
 
 For each geometry: median build time of `radial_block_layout` (after one warm-up), video x video tile
-density next to the reference table (shared/reference/radial.md §1.6), tiles kept, and peak memory of
+density next to the reference implementation's published table, tiles kept, and peak memory of
 one build: `torch.cuda.max_memory_allocated` on CUDA, tensor-size accounting (peak bytes of live
 tensors created by the build, via a TorchDispatchMode) on CPU. An (S x S) bool mask would need
 S^2 bytes (97 GB at 311 040 tokens).

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import accel
-from accel.pipelines.adapter import adapter_for, adapters
+from accel.pipelines.families import adapter_for, adapters
 from accel.pipelines.patching import UnsupportedModelError, patch_handle
 from accel.pipelines.tiny import TINY_MODELS, build_tiny
 

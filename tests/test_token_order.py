@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import accel
 from accel.methods.base import Attended, AttentionMethod
+from accel.pipelines.families import adapter_for
 from accel.pipelines.tiny import build_tiny
 
 WINDOW = 3
@@ -60,28 +61,30 @@ def _forward(method, monkeypatch=None, no_stream: bool = False):
     pipe = build_tiny("tiny-wan")
     tr = pipe.transformer
     if no_stream:
-        monkeypatch.setattr(type(accel.pipelines.adapter.adapter_for(tr)), "token_stream", lambda self, t: None,
+        monkeypatch.setattr(type(adapter_for(tr)), "token_stream", lambda self, t: None,
                             raising=False)
     cfg = tr.config
     torch.manual_seed(3)
     inputs = dict(hidden_states=torch.randn(2, cfg.in_channels, 3, 8, 8), timestep=torch.tensor([500, 500]),
                   encoder_hidden_states=torch.randn(2, 8, cfg.text_dim), return_dict=False)
     handle = accel.patch(tr, method)
+    streamed = bool(handle.stream_hooks)
     with torch.no_grad():
         out = tr(**inputs)[0]
     accel.unpatch(tr)
-    return out, handle
+    assert not any(block._forward_pre_hooks for block in tr.blocks)  # unpatch removes the stream hooks
+    return out, handle, streamed
 
 
 @pytest.mark.parametrize("no_stream", [False, True], ids=["once-per-forward", "per-layer"])
 def test_token_order_equals_the_raster_reference(monkeypatch, no_stream: bool) -> None:
-    ours, handle = _forward(WindowInOrder(), monkeypatch, no_stream)
-    reference, _ = _forward(WindowRaster())
+    ours, handle, streamed = _forward(WindowInOrder(), monkeypatch, no_stream)
+    reference, _, _ = _forward(WindowRaster())
     err = float((ours - reference).abs().max())
     print(f"max abs diff {err:.2e}")
     assert err < 1e-5
     assert handle.stats.sparse_calls > 0
-    assert bool(handle.stream_hooks) == (not no_stream)
+    assert streamed == (not no_stream)
 
 
 def test_a_wrong_token_order_is_refused() -> None:

@@ -317,7 +317,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Register ``eval`` (``accel eval``) on an argparse subparsers object."""
     p = subparsers.add_parser(
         "eval", help="quality (PSNR/SSIM/LPIPS vs dense) and time of sparse-attention configs",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="tiny-wan", help="tiny-* built-in model, local diffusers folder or Hub id")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",

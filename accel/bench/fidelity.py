@@ -719,7 +719,7 @@ def add_fidelity_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     """Register ``fidelity`` (for ``accel bench fidelity``) on an argparse subparsers object."""
     p = subparsers.add_parser(
         "fidelity", help="relative L2 error vs dense attention of sparse methods on synthetic video q/k/v",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--shape", choices=sorted(SHAPES), help="named shape (sets grid, heads, head dim); "
                    "default cpu-small on CPU, wan1.3b-480p-81f on CUDA")

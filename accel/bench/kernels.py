@@ -1,6 +1,6 @@
 """Block-sparse attention benchmark: ours vs dense cuDNN / FlashAttention SDPA vs compiled flex_attention.
 
-Protocol (shared/design/BENCHMARKS.md): correctness first (relative L2 vs the reference, poisoned output),
+Protocol: correctness first (relative L2 vs the reference, poisoned output),
 then triton.testing.do_bench medians at the standard shapes and tile densities, forward and fwd+bwd.
 Efficiency = density x dense cuDNN time / our time.
 
@@ -249,7 +249,8 @@ def sweep(args, log) -> tuple[list[dict], dict[int, KernelConfigs]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accel bench kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="outputs/bench",
+                   help="result folder (default: %(default)s; --out benchmarks/results updates the committed ones)")
     p.add_argument("--shapes", default="0,1,2")
     p.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
     p.add_argument("--block", type=int, default=128)

@@ -168,11 +168,14 @@ def call_from_padding_mask(
 def padding_facts(text_visible: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
     """Classify a (B, T) bool text mask once: None if all visible, else (lengths, None) for trailing padding
     or (None, mask) for scattered padding. One host sync; callers do this once per forward."""
-    if text_visible.numel() == 0 or bool(text_visible.all()):
+    if text_visible.numel() == 0:
         return None
     lengths = text_visible.sum(1, dtype=torch.int32)
     prefix = torch.arange(text_visible.shape[1], device=text_visible.device)[None, :] < lengths[:, None]
-    if bool((prefix == text_visible).all()):
+    all_visible, trailing = torch.stack([text_visible.all(), (prefix == text_visible).all()]).tolist()  # one sync
+    if all_visible:
+        return None
+    if trailing:
         return lengths, None
     return None, text_visible
 

@@ -18,7 +18,7 @@ Tile rule (the reference's ``shrinkMaskStrict``): a (query block, key block) til
 among its key columns that some query row of the tile sees, more than 60 % are seen by more than
 a third of the tile's query rows.
 
-Differences from mit-han-lab/radial-attention (main, see shared/reference/radial.md):
+Differences from mit-han-lab/radial-attention (its main branch):
 - The tile rule is evaluated on the true token positions of the whole tile. The reference shrinks
   every frame pair separately inside a block-aligned padded canvas that is cut to ceil(tpf / B)
   blocks, so when frames are not block aligned it drops frame tails and judges straddling tiles

@@ -1,8 +1,12 @@
-"""The per-family adapter contract and the registry that maps transformer classes to adapters.
+"""The per-family adapter contract and the helpers family modules share.
 
 An adapter knows three things about one model family: which attention modules are self-attention
 (and their layer index), how to read the video token grid off the transformer's forward inputs,
-and which processor to install. Everything else (schedules, plans, fallbacks) is shared.
+and which processor to install. Everything else (schedules, plans, fallbacks) is shared; the family's
+other facts (sizes, token geometry, ...) are `accel.pipelines.family.FamilyFacts`.
+
+This module knows no family: each family module (`accel.pipelines.wan`, ...) subclasses
+`FamilyAdapter`, and `accel.pipelines.families` lists them (`FAMILIES`, `adapter_for`).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class AccelProcessor:
 
 
 class FamilyAdapter:
-    """Subclass per model family; register with `register_adapter`."""
+    """Subclass per model family (with its `FamilyFacts`); list it in `accel.pipelines.families`."""
 
     family: ClassVar[str]
     transformer_classes: ClassVar[tuple[str, ...]]
@@ -88,6 +92,11 @@ class FamilyAdapter:
     def grid(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
         """(frames, height, width) in tokens of this forward call, or None if it cannot be told."""
         raise NotImplementedError
+
+    def token_stream(self, transformer: torch.nn.Module) -> Any:
+        """A `accel.pipelines.context.TokenStream` when a method's token order can be applied once per forward
+        around this family's block stack; None (the default) reorders per layer instead."""
+        return None
 
     def text_visible(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """(B, T) bool visibility of the text tokens joined into self-attention, or None (no padding known)."""
@@ -199,26 +208,3 @@ def key_padding_from_mask(mask: torch.Tensor | None, batch: int, seq: int) -> to
         )
     mask = mask.reshape(batch, seq)
     return mask if mask.dtype == torch.bool else mask > -1.0  # additive masks: 0 keep, -inf/-large drop
-
-
-_ADAPTERS: dict[str, FamilyAdapter] = {}
-
-
-def register_adapter(adapter_cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
-    """Class decorator: make an adapter findable by its family name and transformer class names."""
-    _ADAPTERS[adapter_cls.family] = adapter_cls()
-    return adapter_cls
-
-
-def adapters() -> dict[str, FamilyAdapter]:
-    from accel.pipelines import families  # noqa: F401  (registers the built-in adapters)
-
-    return dict(_ADAPTERS)
-
-
-def adapter_for(transformer: torch.nn.Module) -> FamilyAdapter | None:
-    names = {cls.__name__ for cls in type(transformer).__mro__}
-    for adapter in adapters().values():
-        if names.intersection(adapter.transformer_classes):
-            return adapter
-    return None

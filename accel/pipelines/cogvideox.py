@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, latent_grid, project_qkv, register_adapter
+from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, latent_grid, project_qkv
+from accel.pipelines.family import FamilyFacts, Geometry, Limits
 
 
 class CogVideoXJointAttnProcessor(AccelProcessor):
@@ -37,13 +38,49 @@ class CogVideoXJointAttnProcessor(AccelProcessor):
         return hidden_states, encoder_hidden_states
 
 
-@register_adapter
+def _limits(cfg, geometry: Geometry) -> Limits:
+    """A learned positional embedding (without rotary embeddings) is fixed to the training size."""
+    if not getattr(cfg, "use_learned_positional_embeddings", False) or getattr(
+        cfg, "use_rotary_positional_embeddings", False
+    ):
+        return {}
+    vs = geometry.vae_spatial
+    reason = "its learned positional embedding is fixed to the training size"
+    return {
+        "height": (int(cfg.sample_height) * vs, reason),
+        "width": (int(cfg.sample_width) * vs, reason),
+        "num_frames": (int(cfg.sample_frames), reason),
+    }
+
+
+FACTS = FamilyFacts(
+    name="cogvideox",
+    label="CogVideoX",
+    transformer_classes=("CogVideoXTransformer3DModel",),
+    pipeline_prefixes=("CogVideoX",),
+    is_video=True,
+    text_position="before",  # [text, video]
+    text_tokens=226,
+    vae_spatial=8,
+    vae_temporal=4,
+    patch=(1, 2, 2),
+    # check_inputs: % 8; CogVideoX 1.5 (patch_size_t) pads latent frames itself, so frames stay 4k+1.
+    spatial_multiple=8,
+    limits=_limits,
+    tiny_models=("tiny-cogvideox",),
+    name_hints=("cogvideo",),
+)
+
+
 class CogVideoXAdapter(FamilyAdapter):
-    family = "cogvideox"
-    transformer_classes = ("CogVideoXTransformer3DModel",)
+    family = FACTS.name
+    transformer_classes = FACTS.transformer_classes
     self_attention_patterns = ("transformer_blocks.*.attn1",)
     processor_class = CogVideoXJointAttnProcessor
 
     def grid(self, transformer, args, kwargs):
         p = transformer.config.patch_size
         return latent_grid(args, kwargs, (transformer.config.patch_size_t or 1, p, p), dims="BFCHW")
+
+
+ADAPTER = CogVideoXAdapter()

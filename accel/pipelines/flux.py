@@ -13,8 +13,8 @@ from accel.pipelines.adapter import (
     key_padding_from_mask,
     project_added_qkv,
     project_qkv,
-    register_adapter,
 )
+from accel.pipelines.family import FamilyFacts
 
 
 class FluxJointAttnProcessor(AccelProcessor):
@@ -60,10 +60,29 @@ class FluxJointAttnProcessor(AccelProcessor):
         return hidden_states, encoder_hidden_states
 
 
-@register_adapter
+FACTS = FamilyFacts(
+    name="flux",
+    label="Flux",
+    transformer_classes=("FluxTransformer2DModel",),
+    pipeline_prefixes=("Flux",),
+    is_video=False,
+    text_position="before",  # [text, image]
+    text_tokens=512,
+    vae_spatial=8,
+    vae_temporal=1,
+    patch=(1, 1, 1),
+    latent_packing=2,  # latents are packed in 2x2 patches (the pipeline resizes with a warning otherwise)
+    vae_spatial_attr="vae_scale_factor",
+    vae_temporal_attr=None,
+    context_parallel=True,
+    tiny_models=("tiny-flux",),
+    name_hints=("flux",),
+)
+
+
 class FluxAdapter(FamilyAdapter):
-    family = "flux"
-    transformer_classes = ("FluxTransformer2DModel",)
+    family = FACTS.name
+    transformer_classes = FACTS.transformer_classes
     self_attention_patterns = ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn")
     processor_class = FluxJointAttnProcessor
 
@@ -78,3 +97,6 @@ class FluxAdapter(FamilyAdapter):
         if height * width != latents.shape[1]:
             return None  # extra conditioning tokens (Kontext, ...): layout unknown
         return (1, height, width)
+
+
+ADAPTER = FluxAdapter()

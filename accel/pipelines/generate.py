@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from accel.methods.base import AttentionMethod
+from accel.pipelines.families import FAMILIES, family_for_pipeline, family_for_transformer
 from accel.pipelines.patching import patch, unpatch
 from accel.pipelines.runtime import AttentionStats
 from accel.pipelines.tiny import TINY_MODELS, build_tiny, size_limits, size_rules
@@ -148,10 +149,13 @@ def enable_ulysses(pipe: Any, world_size: int) -> None:
         module = getattr(pipe, name, None)
         if module is None:
             continue
-        if getattr(module, "_cp_plan", None) is None:
+        fam = family_for_transformer(module)
+        if getattr(module, "_cp_plan", None) is None or (fam is not None and not fam.facts.context_parallel):
+            labels = [f.facts.label for f in FAMILIES if f.facts.context_parallel]
+            supported = ", ".join(labels[:-1]) + " and " + labels[-1] if len(labels) > 1 else "".join(labels)
             raise NotImplementedError(
                 f"{type(module).__name__} has no context-parallel plan in diffusers; multi-GPU generation "
-                "supports Wan, LTX and Flux transformers (xDiT serves the others)"
+                f"supports {supported} transformers (xDiT serves the others)"
             )
         module.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
 
@@ -192,7 +196,8 @@ def resolve_settings(pipe: Any, model: str, request: GenerationRequest) -> dict:
 
 
 def _is_video_pipeline(pipe: Any) -> bool:
-    return any(k in type(pipe).__name__ for k in ("Wan", "HunyuanVideo", "CogVideoX", "LTX", "Mochi"))
+    fam = family_for_pipeline(pipe)
+    return fam is not None and fam.facts.is_video
 
 
 def check_lora_path(path: str | os.PathLike) -> Path:

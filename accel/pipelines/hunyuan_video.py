@@ -17,8 +17,8 @@ from accel.pipelines.adapter import (
     latent_grid,
     project_added_qkv,
     project_qkv,
-    register_adapter,
 )
+from accel.pipelines.family import FamilyFacts
 
 
 class HunyuanVideoJointAttnProcessor(AccelProcessor):
@@ -75,10 +75,27 @@ class HunyuanVideoJointAttnProcessor(AccelProcessor):
         return hidden_states, encoder_hidden_states
 
 
-@register_adapter
+FACTS = FamilyFacts(
+    name="hunyuan_video",
+    label="HunyuanVideo",
+    transformer_classes=("HunyuanVideoTransformer3DModel",),
+    pipeline_prefixes=("HunyuanVideo",),
+    is_video=True,
+    text_position="after",  # [video, text]
+    text_tokens=256,
+    vae_spatial=8,
+    vae_temporal=4,
+    patch=(1, 2, 2),
+    spatial_multiple=16,
+    frames_per_patch=True,
+    tiny_models=("tiny-hunyuan-video",),
+    name_hints=("hunyuan",),
+)
+
+
 class HunyuanVideoAdapter(FamilyAdapter):
-    family = "hunyuan_video"
-    transformer_classes = ("HunyuanVideoTransformer3DModel",)
+    family = FACTS.name
+    transformer_classes = FACTS.transformer_classes
     self_attention_patterns = ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn")
     processor_class = HunyuanVideoJointAttnProcessor
 
@@ -89,3 +106,6 @@ class HunyuanVideoAdapter(FamilyAdapter):
     def grid(self, transformer, args, kwargs):
         p = transformer.config.patch_size
         return latent_grid(args, kwargs, (transformer.config.patch_size_t, p, p))
+
+
+ADAPTER = HunyuanVideoAdapter()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
-from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, forward_arg, project_qkv, register_adapter
+from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, forward_arg, project_qkv
+from accel.pipelines.family import FamilyFacts
 
 
 class LTXSelfAttnProcessor(AccelProcessor):
@@ -33,10 +34,29 @@ class LTXSelfAttnProcessor(AccelProcessor):
         return attn.to_out[1](hidden_states)
 
 
-@register_adapter
+FACTS = FamilyFacts(
+    name="ltx",
+    label="LTX",
+    transformer_classes=("LTXVideoTransformer3DModel",),
+    pipeline_prefixes=("LTX",),
+    is_video=True,
+    text_position="none",  # text enters through cross-attention (attn2)
+    text_tokens=0,
+    vae_spatial=32,
+    vae_temporal=8,
+    patch=(1, 1, 1),
+    vae_spatial_attr="vae_spatial_compression_ratio",
+    vae_temporal_attr="vae_temporal_compression_ratio",
+    spatial_multiple=32,
+    context_parallel=True,
+    tiny_models=("tiny-ltx",),
+    name_hints=("ltx",),
+)
+
+
 class LTXAdapter(FamilyAdapter):
-    family = "ltx"
-    transformer_classes = ("LTXVideoTransformer3DModel",)
+    family = FACTS.name
+    transformer_classes = FACTS.transformer_classes
     self_attention_patterns = ("transformer_blocks.*.attn1",)
     processor_class = LTXSelfAttnProcessor
 
@@ -53,3 +73,6 @@ class LTXAdapter(FamilyAdapter):
         if latents is not None and latents.shape[1] != grid[0] * grid[1] * grid[2]:
             return None
         return grid
+
+
+ADAPTER = LTXAdapter()

@@ -15,7 +15,6 @@ import torch
 
 from accel.methods.base import AttentionMethod
 from accel.methods.dense import Dense
-from accel.pipelines.adapter import adapter_for, adapters
 from accel.pipelines.context import (
     Branch,
     ForwardContextHook,
@@ -25,6 +24,7 @@ from accel.pipelines.context import (
     install_token_stream,
     remove_context_hook,
 )
+from accel.pipelines.families import adapter_for, adapters
 from accel.pipelines.runtime import AttentionRuntime, AttentionStats
 from accel.schedule import Schedule
 
@@ -147,8 +147,7 @@ def patch(
                 processor._parallel_config = getattr(site.module.processor, "_parallel_config", None)
                 handle.originals.append((site.module, site.module.processor))
                 site.module.set_processor(processor)
-            stream_of = getattr(adapter, "token_stream", None)
-            stream = stream_of(transformer) if stream_of is not None else None
+            stream = adapter.token_stream(transformer)
             if stream is not None:
                 handle.stream_hooks.extend(install_token_stream(stream, state))
             install_context_hook(transformer, ForwardContextHook(adapter, state, tracker, runtime, stream is not None))

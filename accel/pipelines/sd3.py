@@ -11,8 +11,8 @@ from accel.pipelines.adapter import (
     latent_grid,
     project_added_qkv,
     project_qkv,
-    register_adapter,
 )
+from accel.pipelines.family import FamilyFacts, Geometry, Limits
 
 
 class SD3JointAttnProcessor(AccelProcessor):
@@ -60,13 +60,42 @@ class SD3JointAttnProcessor(AccelProcessor):
         return hidden_states
 
 
-@register_adapter
+def _limits(cfg, geometry: Geometry) -> Limits:
+    """SD3's positional embedding covers `pos_embed_max_size` patches per axis."""
+    if not getattr(cfg, "pos_embed_max_size", None):
+        return {}
+    px = int(cfg.pos_embed_max_size) * geometry.stride[0]
+    return {key: (px, f"its positional embedding covers {px} px") for key in ("height", "width")}
+
+
+FACTS = FamilyFacts(
+    name="sd3",
+    label="Stable Diffusion 3",
+    transformer_classes=("SD3Transformer2DModel",),
+    pipeline_prefixes=("StableDiffusion3",),
+    is_video=False,
+    text_position="after",  # [image, text]
+    text_tokens=333,
+    vae_spatial=8,
+    vae_temporal=1,
+    patch=(1, 2, 2),
+    vae_spatial_attr="vae_scale_factor",
+    vae_temporal_attr=None,
+    limits=_limits,
+    tiny_models=("tiny-sd3",),
+    name_hints=("stable-diffusion-3", "sd3"),
+)
+
+
 class SD3Adapter(FamilyAdapter):
-    family = "sd3"
-    transformer_classes = ("SD3Transformer2DModel",)
+    family = FACTS.name
+    transformer_classes = FACTS.transformer_classes
     self_attention_patterns = ("transformer_blocks.*.attn", "transformer_blocks.*.attn2")
     processor_class = SD3JointAttnProcessor
 
     def grid(self, transformer, args, kwargs):
         p = transformer.config.patch_size
         return latent_grid(args, kwargs, (1, p, p), dims="BCHW")
+
+
+ADAPTER = SD3Adapter()

@@ -30,6 +30,9 @@ from typing import Any
 
 import torch
 
+from accel.pipelines.families import FAMILIES, family_for_pipeline
+from accel.pipelines.family import FamilyFacts, Geometry
+
 __all__ = [
     "TinySpec",
     "TINY_MODELS",
@@ -592,6 +595,11 @@ def sd3():
 class TinySpec:
     """One registered tiny model: how to build it and the call arguments that work for it.
 
+    Its family is the one whose `FamilyFacts.tiny_models` names it (``family``, ``is_video`` and the size
+    rules come from there). ``vae``/``patch`` give the tiny config's VAE factors (spatial, temporal) and
+    transformer patch where they differ from the family's released models, so that its token grid and
+    size rules are known without building it.
+
     ``height``/``width``/``num_frames`` are defaults that satisfy :func:`valid_size` and give enough
     tokens for sparse-attention tests (video: 5 latent frames x 4x4 tokens = 80; image: 8x8 = 64).
     ``call_defaults`` holds extra pipeline kwargs the tiny configs need (short ``max_sequence_length``
@@ -599,9 +607,7 @@ class TinySpec:
     """
 
     name: str
-    family: str
     build: Callable[[], Any]
-    is_video: bool
     height: int
     width: int
     num_frames: int
@@ -609,6 +615,33 @@ class TinySpec:
     call_defaults: dict = field(default_factory=dict)
     fps: int = 8
     needs_image: bool = False  # image-to-video: pass ``image=`` (e.g. :func:`example_image`)
+    vae: tuple[int, int] | None = None  # (spatial, temporal) when the tiny VAE differs from the family's
+    patch: tuple[int, int, int] | None = None  # (t, h, w) when the tiny patch differs from the family's
+
+    @property
+    def facts(self) -> FamilyFacts:
+        for fam in FAMILIES:
+            if self.name in fam.facts.tiny_models:
+                return fam.facts
+        raise ValueError(f"tiny model {self.name!r} is in no family's tiny_models")
+
+    @property
+    def family(self) -> str:
+        return self.facts.name
+
+    @property
+    def is_video(self) -> bool:
+        return self.facts.is_video
+
+    @property
+    def geometry(self) -> Geometry:
+        """VAE factors and patch of the built pipeline (equal to ``facts.geometry(build_tiny(name))``)."""
+        return self.facts.default_geometry(vae=self.vae, patch=self.patch)
+
+    @property
+    def rules(self) -> tuple[int, int | None, int]:
+        """Equal to ``size_rules(build_tiny(name))`` without building."""
+        return self.facts.size_rules(self.geometry)
 
     @property
     def limits(self) -> dict[str, tuple[int, str]]:
@@ -626,13 +659,12 @@ def _register(spec: TinySpec) -> None:
     TINY_MODELS[spec.name] = spec
 
 
-_VIDEO = dict(is_video=True, height=64, width=64, num_frames=17, num_inference_steps=2)
-_IMAGE = dict(is_video=False, height=128, width=128, num_frames=1, num_inference_steps=2, fps=1)
+_VIDEO = dict(height=64, width=64, num_frames=17, num_inference_steps=2)
+_IMAGE = dict(height=128, width=128, num_frames=1, num_inference_steps=2, fps=1)
 
 for _spec in (
     TinySpec(
         name="tiny-wan",
-        family="wan",
         build=wan,
         call_defaults={"max_sequence_length": 16, "guidance_scale": 5.0},
         fps=16,
@@ -640,7 +672,6 @@ for _spec in (
     ),
     TinySpec(
         name="tiny-wan-i2v",
-        family="wan",
         build=wan_i2v,
         needs_image=True,
         call_defaults={"max_sequence_length": 16, "guidance_scale": 5.0},
@@ -649,7 +680,6 @@ for _spec in (
     ),
     TinySpec(
         name="tiny-wan22",
-        family="wan",
         build=wan22,
         call_defaults={"max_sequence_length": 16, "guidance_scale": 4.0, "guidance_scale_2": 3.0},
         fps=16,
@@ -657,7 +687,6 @@ for _spec in (
     ),
     TinySpec(
         name="tiny-hunyuan-video",
-        family="hunyuan_video",
         build=hunyuan_video,
         call_defaults={
             "max_sequence_length": 16,
@@ -669,7 +698,6 @@ for _spec in (
     ),
     TinySpec(
         name="tiny-cogvideox",
-        family="cogvideox",
         build=cogvideox,
         call_defaults={"max_sequence_length": 16, "guidance_scale": 6.0},
         fps=8,
@@ -677,22 +705,20 @@ for _spec in (
     ),
     TinySpec(
         name="tiny-ltx",
-        family="ltx",
         build=ltx,
+        vae=(16, 4),  # the tiny LTX VAE compresses 16x spatially and 4x in time (the released one 32x, 8x)
         call_defaults={"max_sequence_length": 16, "guidance_scale": 3.0},
         fps=24,
         **_VIDEO,
     ),
     TinySpec(
         name="tiny-flux",
-        family="flux",
         build=flux,
         call_defaults={"max_sequence_length": 16, "guidance_scale": 3.5},
         **_IMAGE,
     ),
     TinySpec(
         name="tiny-sd3",
-        family="sd3",
         build=sd3,
         call_defaults={"max_sequence_length": 16, "guidance_scale": 5.0},
         **_IMAGE,
@@ -733,47 +759,18 @@ def size_rules(pipe) -> tuple[int, int | None, int]:
     multiples of ``spatial_multiple``; for video pipelines ``num_frames % temporal_multiple ==
     temporal_offset`` (``temporal_multiple`` is ``None`` for image pipelines, offset 0). The rules are the
     ones the pipeline classes enforce (``check_inputs``) or silently round to, combined with the VAE
-    stride times the transformer patch size so that the latent grid divides into whole patches.
+    stride times the transformer patch size so that the latent grid divides into whole patches: the
+    family's `FamilyFacts.size_rules` on the pipeline's own geometry.
     """
     name = type(pipe).__name__
     tr = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
     if tr is None:
         raise ValueError(f"size_rules: {name} has no transformer")
-    cfg = tr.config
-
-    def _p(v):  # spatial patch size from an int or a (t, h, w) tuple
-        return int(v[-1]) if isinstance(v, (tuple, list)) else int(v)
-
-    if name.startswith("Wan"):
-        # check_inputs: height/width % 16; __call__ rounds to vae_spatial * patch and frames to 4k+1.
-        spatial = _lcm(16, pipe.vae_scale_factor_spatial * _p(cfg.patch_size))
-        return spatial, int(pipe.vae_scale_factor_temporal), 1
-    if name.startswith("HunyuanVideo"):
-        spatial = _lcm(16, pipe.vae_scale_factor_spatial * _p(cfg.patch_size))
-        return spatial, int(pipe.vae_scale_factor_temporal) * int(cfg.patch_size_t or 1), 1
-    if name.startswith("CogVideoX"):
-        # check_inputs: % 8; latent grid must divide by patch_size. CogVideoX 1.5 (patch_size_t) pads latent
-        # frames itself, so the pixel-frame rule stays 4k+1.
-        spatial = _lcm(8, pipe.vae_scale_factor_spatial * _p(cfg.patch_size))
-        return spatial, int(pipe.vae_scale_factor_temporal), 1
-    if name.startswith("LTX"):
-        spatial = _lcm(32, pipe.vae_spatial_compression_ratio * pipe.transformer_spatial_patch_size)
-        return spatial, int(pipe.vae_temporal_compression_ratio), 1
-    if name.startswith("Flux"):
-        # latents are packed in 2x2 patches (the pipeline resizes with a warning otherwise)
-        return pipe.vae_scale_factor * 2 * _p(getattr(cfg, "patch_size", 1)), None, 0
-    if name.startswith("StableDiffusion3"):
-        return pipe.vae_scale_factor * pipe.patch_size, None, 0
-    raise ValueError(
-        f"size_rules: unsupported pipeline class {name} "
-        "(known: Wan*, HunyuanVideo*, CogVideoX*, LTX*, Flux*, StableDiffusion3*)"
-    )
-
-
-def _lcm(a: int, b: int) -> int:
-    import math
-
-    return a * b // math.gcd(a, b)
+    fam = family_for_pipeline(pipe)
+    if fam is None:
+        known = ", ".join(f"{p}*" for f in FAMILIES for p in f.facts.pipeline_prefixes)
+        raise ValueError(f"size_rules: unsupported pipeline class {name} (known: {known})")
+    return fam.facts.size_rules(fam.facts.geometry(pipe))
 
 
 def valid_size(name: str, height: int, width: int, num_frames: int, steps: int | None = None) -> None:
@@ -783,7 +780,7 @@ def valid_size(name: str, height: int, width: int, num_frames: int, steps: int |
     spec = TINY_MODELS.get(name)
     if spec is None:
         raise ValueError(f"Unknown tiny model {name!r}; choose one of: {', '.join(sorted(TINY_MODELS))}")
-    spatial, tmul, toff = _TINY_RULES[spec.family]
+    spatial, tmul, toff = spec.rules
     _check(name, spatial, tmul, toff, height, width, num_frames, spec.is_video, limits=spec.limits, steps=steps)
 
 
@@ -810,31 +807,12 @@ def size_limits(pipe) -> dict[str, tuple[int, str]]:
         if 1 <= value <= limits[key][0]:  # on a tie the model's own reason wins
             limits[key] = (int(value), reason)
 
-    name = type(pipe).__name__
     tr = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
     cfg = getattr(tr, "config", None)
-    if cfg is not None and name.startswith("Wan") and getattr(cfg, "rope_max_seq_len", None):
-        rope = int(cfg.rope_max_seq_len)
-        patch = cfg.patch_size if isinstance(cfg.patch_size, (tuple, list)) else (1, cfg.patch_size, cfg.patch_size)
-        p_t, p_h, p_w = (int(x) for x in patch)
-        vs, vt = int(pipe.vae_scale_factor_spatial), int(pipe.vae_scale_factor_temporal)
-        lower("height", rope * vs * p_h, f"its rotary embedding table covers {rope * vs * p_h} px")
-        lower("width", rope * vs * p_w, f"its rotary embedding table covers {rope * vs * p_w} px")
-        lower("num_frames", (rope * p_t - 1) * vt + 1,
-              f"its rotary embedding table covers {rope * p_t} latent frames")
-    elif cfg is not None and name.startswith("StableDiffusion3") and getattr(cfg, "pos_embed_max_size", None):
-        px = int(cfg.pos_embed_max_size) * int(cfg.patch_size) * int(pipe.vae_scale_factor)
-        for key in ("height", "width"):
-            lower(key, px, f"its positional embedding covers {px} px")
-    elif (
-        cfg is not None and name.startswith("CogVideoX") and getattr(cfg, "use_learned_positional_embeddings", False)
-        and not getattr(cfg, "use_rotary_positional_embeddings", False)
-    ):
-        vs = int(pipe.vae_scale_factor_spatial)
-        reason = "its learned positional embedding is fixed to the training size"
-        lower("height", int(cfg.sample_height) * vs, reason)
-        lower("width", int(cfg.sample_width) * vs, reason)
-        lower("num_frames", int(cfg.sample_frames), reason)
+    fam = family_for_pipeline(pipe)
+    if cfg is not None and fam is not None:
+        for key, (value, reason) in fam.facts.model_limits(cfg, fam.facts.geometry(pipe)).items():
+            lower(key, value, reason)
     timesteps = getattr(getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None)
     if isinstance(timesteps, int):
         lower("num_inference_steps", timesteps, f"its scheduler has {timesteps} training timesteps")
@@ -842,14 +820,7 @@ def size_limits(pipe) -> dict[str, tuple[int, str]]:
 
 
 # Per-family rules of the tiny configs (equal to size_rules(build_tiny(name)) without building).
-_TINY_RULES: dict[str, tuple[int, int | None, int]] = {
-    "wan": (16, 4, 1),
-    "hunyuan_video": (16, 4, 1),
-    "cogvideox": (16, 4, 1),
-    "ltx": (32, 4, 1),
-    "flux": (16, None, 0),
-    "sd3": (16, None, 0),
-}
+_TINY_RULES: dict[str, tuple[int, int | None, int]] = {spec.family: spec.rules for spec in TINY_MODELS.values()}
 
 # Per-family maxima of the tiny configs (equal to size_limits(build_tiny(name))): Wan's rotary table has
 # rope_max_seq_len=64 tokens per axis (16 px each: VAE 8 x patch 2), SD3's positional embedding 32 patches.

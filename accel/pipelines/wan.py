@@ -10,8 +10,9 @@ from accel.pipelines.adapter import (
     as_tuple3,
     latent_grid,
     project_qkv,
-    register_adapter,
 )
+from accel.pipelines.context import TokenStream
+from accel.pipelines.family import FamilyFacts, Geometry, Limits
 
 
 def _rotate(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -51,12 +52,78 @@ class WanSelfAttnProcessor(AccelProcessor):
         return attn.to_out[1](hidden_states)
 
 
-@register_adapter
+def _limits(cfg, geometry: Geometry) -> Limits:
+    """Wan's rotary table covers `rope_max_seq_len` tokens per axis."""
+    if not getattr(cfg, "rope_max_seq_len", None):
+        return {}
+    rope = int(cfg.rope_max_seq_len)
+    p_t, p_h, p_w = geometry.patch
+    vs, vt = geometry.vae_spatial, geometry.vae_temporal
+    return {
+        "height": (rope * vs * p_h, f"its rotary embedding table covers {rope * vs * p_h} px"),
+        "width": (rope * vs * p_w, f"its rotary embedding table covers {rope * vs * p_w} px"),
+        "num_frames": ((rope * p_t - 1) * vt + 1, f"its rotary embedding table covers {rope * p_t} latent frames"),
+    }
+
+
+FACTS = FamilyFacts(
+    name="wan",
+    label="Wan",
+    transformer_classes=("WanTransformer3DModel", "WanVACETransformer3DModel", "WanAnimateTransformer3DModel"),
+    pipeline_prefixes=("Wan",),
+    is_video=True,
+    text_position="none",  # text enters through cross-attention (attn2)
+    text_tokens=0,
+    vae_spatial=8,
+    vae_temporal=4,
+    patch=(1, 2, 2),
+    spatial_multiple=16,  # check_inputs: height/width % 16; __call__ rounds to VAE x patch and frames to 4k+1
+    limits=_limits,
+    context_parallel=True,
+    tiny_models=("tiny-wan", "tiny-wan-i2v", "tiny-wan22"),
+    name_hints=("wan",),
+)
+
+
 class WanAdapter(FamilyAdapter):
-    family = "wan"
-    transformer_classes = ("WanTransformer3DModel", "WanVACETransformer3DModel", "WanAnimateTransformer3DModel")
+    family = FACTS.name
+    transformer_classes = FACTS.transformer_classes
     self_attention_patterns = ("blocks.*.attn1",)
     processor_class = WanSelfAttnProcessor
 
     def grid(self, transformer, args, kwargs):
         return latent_grid(args, kwargs, as_tuple3(transformer.config.patch_size))
+
+    def token_stream(self, transformer: torch.nn.Module) -> TokenStream | None:
+        """Plain Wan transformers: the blocks carry video tokens only; rotary tables (and Wan 2.2 TI2V's
+        per-token timestep embeddings) are per-token inputs of every block. VACE and Animate add raster-order
+        hints between blocks, so they reorder per layer instead."""
+        if type(transformer).__name__ != "WanTransformer3DModel" or not len(getattr(transformer, "blocks", ())):
+            return None
+        return TokenStream(list(transformer.blocks), _permute_wan_block_inputs)
+
+
+_WAN_BLOCK_ARGS = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
+
+
+def _permute_wan_block_inputs(args: tuple, kwargs: dict, permute, first: bool) -> tuple[tuple, dict]:
+    """Reorder a `WanTransformerBlock` call's per-token inputs (see `accel.pipelines.context.TokenStream`)."""
+    values = dict(zip(_WAN_BLOCK_ARGS, args, strict=False))
+    values.update(kwargs)
+    hidden = values["hidden_states"]
+    seq = hidden.shape[1]
+    if first:
+        values["hidden_states"] = permute(hidden, 1)
+    temb = values.get("temb")
+    if isinstance(temb, torch.Tensor) and temb.dim() == 4 and temb.shape[1] == seq:
+        values["temb"] = permute(temb, 1)
+    rotary = values.get("rotary_emb")
+    if isinstance(rotary, (tuple, list)):
+        values["rotary_emb"] = tuple(permute(r, 1) if r.shape[1] == seq else r for r in rotary)
+    elif isinstance(rotary, torch.Tensor) and rotary.dim() >= 2 and rotary.shape[1] == seq:
+        values["rotary_emb"] = permute(rotary, 1)
+    positional = tuple(values.pop(name) for name in _WAN_BLOCK_ARGS[: len(args)])
+    return positional, values
+
+
+ADAPTER = WanAdapter()

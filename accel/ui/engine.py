@@ -342,35 +342,19 @@ def optional_float(label: str, value: Any) -> float | None:
 def pipeline_token_grid(pipe: Any, frames: int, height: int, width: int) -> tuple[int, int, int]:
     """(latent frames, token rows, token columns) this pipeline's transformer sees for a pixel size.
 
-    Uses the pipeline's own VAE factors and the transformer's patch size, so tiny test models (whose
-    VAEs compress less than the full-size ones) get their real grid.
+    Uses the pipeline's own VAE factors and the transformer's patch size (its family's
+    `FamilyFacts.geometry`), so tiny test models (whose VAEs compress less than the full-size ones) get
+    their real grid.
     """
+    from accel.pipelines.families import family_for_pipeline
+
     tr = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
     if tr is None:
         raise ValueError(f"{type(pipe).__name__} has no transformer")
-    cfg = tr.config
-    patch = getattr(cfg, "patch_size", None) or 1
-    if isinstance(patch, (tuple, list)):
-        p_t, p_h, p_w = (1, *patch) if len(patch) == 2 else patch
-    else:
-        p_t, p_h, p_w = getattr(cfg, "patch_size_t", None) or 1, patch, patch
-    if hasattr(pipe, "transformer_spatial_patch_size"):  # LTX
-        p_h = p_w = pipe.transformer_spatial_patch_size
-        p_t = pipe.transformer_temporal_patch_size
-    spatial = next(
-        (getattr(pipe, a) for a in ("vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_scale_factor")
-         if getattr(pipe, a, None)),
-        8,
-    )
-    temporal = next(
-        (getattr(pipe, a) for a in ("vae_scale_factor_temporal", "vae_temporal_compression_ratio")
-         if getattr(pipe, a, None)),
-        None,
-    )
-    if type(pipe).__name__.startswith("Flux"):
-        p_h = p_w = 2  # latents are packed in 2x2 patches
-    latent_frames = 1 if temporal is None else (frames - 1) // temporal + 1
-    return (-(-latent_frames // p_t), height // (spatial * p_h), width // (spatial * p_w))
+    fam = family_for_pipeline(pipe)
+    if fam is None:
+        raise ValueError(f"{type(pipe).__name__} is not a supported model family")
+    return fam.facts.geometry(pipe).token_grid(frames, height, width)
 
 
 # ------------------------------------------------------------------------------------------ one job

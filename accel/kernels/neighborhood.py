@@ -1,0 +1,571 @@
+"""Neighborhood attention (NATTEN / GNA semantics) in Triton: kernels, launchers, custom ops, public function.
+
+Video tokens come in tile-major order (`neighborhood_reference.tile_major_order`): one program owns one query
+tile (a 3-D box of the token grid, ``block`` rows) and visits only the key tiles its plan lists
+(`neighborhood_reference.build_tile_plan`, computed once per geometry at tile granularity). Per key tile the
+element mask is computed in the kernel from token coordinates (NATTEN's window rule with stride, dilation and
+causality per axis); tile pairs wholly inside every query's window come first in each list and skip the mask.
+Text keys (views of the joint K/V buffer) are extra keys in the same online softmax, with per-batch visibility.
+
+Backward: FlashAttention-2's two kernels, dK/dV key-major over the transposed tile lists (plus the text-key
+blocks, which every video query reaches) and dQ query-major. Both passes are Triton; ``accel::neighborhood_fwd``
+and ``accel::neighborhood_bwd`` are ``torch.library`` custom ops, so ``torch.compile`` sees one node per call.
+"""
+
+# No `from __future__ import annotations`: torch.library reads the schema from real annotation objects.
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import resolve_key_parts, text_visibility
+from ._triton_common import LOG2E, dot_precision, head_dim_pad, strides4
+from .neighborhood_reference import TilePlan
+
+__all__ = ["can_run_neighborhood", "neighborhood_attention"]
+
+
+# ---------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _tile_coords(Tiles, tile, offs):
+    """Start row, token count and (t, h, w) coordinates of rows ``offs`` of one tile."""
+    base = Tiles + tile * 8
+    start = tl.load(base)
+    count = tl.load(base + 1)
+    t0 = tl.load(base + 2)
+    h0 = tl.load(base + 3)
+    w0 = tl.load(base + 4)
+    eh = tl.load(base + 6)
+    ew = tl.load(base + 7)
+    t = t0 + offs // (eh * ew)
+    h = h0 + (offs // ew) % eh
+    w = w0 + offs % ew
+    return start, count, t, h, w
+
+
+@triton.jit
+def _axis_ok(i, j, L, K, S, D, C):
+    """NATTEN's per-axis rule: key coordinate j in the window of query coordinate i (broadcast shapes)."""
+    gi = i % D
+    ii = i // D
+    lg = (L - gi + D - 1) // D
+    base = (ii // S) * S
+    lead = tl.minimum(base + S // 2, lg - 1)
+    start = tl.minimum(tl.maximum(lead - K // 2, 0), lg - K)
+    end = start + K
+    lead_c = tl.minimum(base + S - 1, lg - 1)
+    start_c = tl.maximum(lead_c - K + 1, 0)
+    end_c = tl.minimum(ii + 1, lg)
+    start = tl.where(C != 0, start_c, start)
+    end = tl.where(C != 0, end_c, end)
+    jj = j // D
+    return (j % D == gi) & (jj >= start) & (jj < end)
+
+
+@triton.jit
+def _window_mask(qt, qh, qw, kt, kh, kw,
+                 LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW):
+    """(BLOCK_M, BLOCK_N) mask from query coordinates (rows) and key coordinates (columns)."""
+    ok = _axis_ok(qt[:, None], kt[None, :], LT, KT, ST, DT, CT)
+    ok = ok & _axis_ok(qh[:, None], kh[None, :], LH, KH, SH, DH, CH)
+    return ok & _axis_ok(qw[:, None], kw[None, :], LW, KW, SW, DW, CW)
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, q, kT, v, mask, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        qk = tl.where(mask, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _nbhd_fwd_kernel(
+    Q, K, V, EK, EV, EMask, Out, Lse, Tiles, Offsets, NFull, Indices,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ekb, stride_ekn, stride_ekh, stride_ekd,
+    stride_evb, stride_evn, stride_evh, stride_evd,
+    stride_emb,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh,
+    H, T, qk_scale,
+    LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    q_start, q_count, qt, qh, qw = _tile_coords(Tiles, tile_q, offs)
+    m_valid = offs < q_count
+    q_rows = (q_start + offs).to(tl.int64)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + q_rows[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=m_valid[:, None] & d_mask[None, :], other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[:, None] * stride_kd
+    v_base = V + off_b * stride_vb + off_h * stride_vh + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+    lo = tl.load(Offsets + tile_q)
+    hi = tl.load(Offsets + tile_q + 1)
+    mid = lo + tl.load(NFull + tile_q)
+    # Tiles wholly inside every query's window (both complete): no element mask.
+    for it in range(lo, mid):
+        tile_k = tl.load(Indices + it)
+        k_start = tl.load(Tiles + tile_k * 8).to(tl.int64)
+        rows = k_start + offs
+        kT = tl.load(k_base + rows[None, :] * stride_kn, mask=d_mask[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn, mask=d_mask[None, :], other=0.0)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, kT, v, m_valid[:, None], qk_scale, False, DOT_PRECISION)
+    for it in range(mid, hi):
+        tile_k = tl.load(Indices + it)
+        k_start, k_count, kt, kh, kw = _tile_coords(Tiles, tile_k, offs)
+        n_valid = offs < k_count
+        rows = (k_start + offs).to(tl.int64)
+        kT = tl.load(k_base + rows[None, :] * stride_kn, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn, mask=n_valid[:, None] & d_mask[None, :], other=0.0)
+        mask = n_valid[None, :] & _window_mask(qt, qh, qw, kt, kh, kw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH,
+                                               LW, KW, SW, DW, CW)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, kT, v, mask, qk_scale, True, DOT_PRECISION)
+    if HAS_TEXT:
+        ek_base = EK + off_b * stride_ekb + off_h * stride_ekh + offs_d[:, None] * stride_ekd
+        ev_base = EV + off_b * stride_evb + off_h * stride_evh + offs_d[None, :] * stride_evd
+        for start_n in range(0, T, BLOCK):
+            n_in = start_n + offs < T
+            n_valid = n_in
+            if HAS_TEXT_MASK:
+                vis = tl.load(EMask + off_b * stride_emb + start_n + offs, mask=n_in, other=0)
+                n_valid = n_valid & (vis != 0)
+            rows = start_n + offs
+            kT = tl.load(ek_base + rows[None, :] * stride_ekn, mask=n_in[None, :] & d_mask[:, None], other=0.0)
+            v = tl.load(ev_base + rows[:, None] * stride_evn, mask=n_in[:, None] & d_mask[None, :], other=0.0)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, kT, v, n_valid[None, :], qk_scale, True,
+                                          DOT_PRECISION)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + q_rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+        tl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_rows, lse, mask=m_valid)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q, do, lse, delta, maskT, qk_scale, MASKED: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Key-major: k, v (BLOCK_N, D); q, do (BLOCK_M, D); lse (log2 units), delta (BLOCK_M,); maskT (N, M)."""
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+    if MASKED:
+        pT = tl.where(maskT, pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _load_q_side(Q, DO, Lse, Delta, q_off, do_off, l_off, rows, m_valid, d_mask, stride_qm, stride_dom):
+    """q, dO rows and their LSE (log2 units, +inf for hidden rows: P = 0) and Delta."""
+    q = tl.load(Q + q_off + rows[:, None] * stride_qm, mask=m_valid[:, None] & d_mask[None, :], other=0.0)
+    do = tl.load(DO + do_off + rows[:, None] * stride_dom, mask=m_valid[:, None] & d_mask[None, :], other=0.0)
+    lse = tl.load(Lse + l_off + rows, mask=m_valid, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + l_off + rows, mask=m_valid, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _nbhd_dkdv_kernel(
+    Q, K, V, EK, EV, EMask, DO, Lse, Delta, DK, DV, DEK, DEV, Tiles, TOffsets, TNFull, TIndices,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ekb, stride_ekn, stride_ekh, stride_ekd,
+    stride_evb, stride_evn, stride_evh, stride_evd,
+    stride_emb,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_dekb, stride_dekn, stride_dekh, stride_dekd,
+    stride_devb, stride_devn, stride_devh, stride_devd,
+    stride_lb, stride_lh,
+    H, Sq, T, num_tiles, sm_scale, qk_scale,
+    LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_TEXT_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    q_off = off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
+    do_off = off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
+    l_off = off_b * stride_lb + off_h * stride_lh
+    dk = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+    if pid < num_tiles:
+        k_start, k_count, kt, kh, kw = _tile_coords(Tiles, pid, offs)
+        n_valid = offs < k_count
+        k_rows = (k_start + offs).to(tl.int64)
+        kv_mask = n_valid[:, None] & d_mask[None, :]
+        k = tl.load(K + off_b * stride_kb + off_h * stride_kh + k_rows[:, None] * stride_kn
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + off_b * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        lo = tl.load(TOffsets + pid)
+        hi = tl.load(TOffsets + pid + 1)
+        mid = lo + tl.load(TNFull + pid)
+        all_m = offs < BLOCK
+        for it in range(lo, mid):
+            tile_q = tl.load(TIndices + it)
+            rows = (tl.load(Tiles + tile_q * 8) + offs).to(tl.int64)
+            q, do, lse, delta = _load_q_side(Q, DO, Lse, Delta, q_off, do_off, l_off, rows, all_m, d_mask,
+                                             stride_qm, stride_dom)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, n_valid[:, None], qk_scale, False, DOT_PRECISION)
+        for it in range(mid, hi):
+            tile_q = tl.load(TIndices + it)
+            q_start, q_count, qt, qh, qw = _tile_coords(Tiles, tile_q, offs)
+            m_valid = offs < q_count
+            rows = (q_start + offs).to(tl.int64)
+            q, do, lse, delta = _load_q_side(Q, DO, Lse, Delta, q_off, do_off, l_off, rows, m_valid, d_mask,
+                                             stride_qm, stride_dom)
+            maskT = tl.trans(_window_mask(qt, qh, qw, kt, kh, kw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH,
+                                          LW, KW, SW, DW, CW))
+            maskT = maskT & n_valid[:, None] & m_valid[None, :]
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, maskT, qk_scale, True, DOT_PRECISION)
+        dk *= sm_scale
+        tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + k_rows[:, None] * stride_dkn
+                 + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + k_rows[:, None] * stride_dvn
+                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    else:
+        start_n = (pid - num_tiles) * BLOCK
+        n_in = start_n + offs < T
+        n_valid = n_in
+        if HAS_TEXT_MASK:
+            vis = tl.load(EMask + off_b * stride_emb + start_n + offs, mask=n_in, other=0)
+            n_valid = n_valid & (vis != 0)
+        e_rows = (start_n + offs).to(tl.int64)
+        kv_mask = n_in[:, None] & d_mask[None, :]
+        k = tl.load(EK + off_b * stride_ekb + off_h * stride_ekh + e_rows[:, None] * stride_ekn
+                    + offs_d[None, :] * stride_ekd, mask=kv_mask, other=0.0)
+        v = tl.load(EV + off_b * stride_evb + off_h * stride_evh + e_rows[:, None] * stride_evn
+                    + offs_d[None, :] * stride_evd, mask=kv_mask, other=0.0)
+        for start_m in range(0, Sq, BLOCK):
+            m_valid = start_m + offs < Sq
+            rows = (start_m + offs).to(tl.int64)
+            q, do, lse, delta = _load_q_side(Q, DO, Lse, Delta, q_off, do_off, l_off, rows, m_valid, d_mask,
+                                             stride_qm, stride_dom)
+            maskT = n_valid[:, None] & m_valid[None, :]
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, maskT, qk_scale, True, DOT_PRECISION)
+        dk *= sm_scale
+        tl.store(DEK + off_b * stride_dekb + off_h * stride_dekh + e_rows[:, None] * stride_dekn
+                 + offs_d[None, :] * stride_dekd, dk.to(DEK.dtype.element_ty), mask=kv_mask)
+        tl.store(DEV + off_b * stride_devb + off_h * stride_devh + e_rows[:, None] * stride_devn
+                 + offs_d[None, :] * stride_devd, dv.to(DEV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, kT, vT, mask, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+    p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(mask, p, 0.0)
+    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _nbhd_dq_kernel(
+    Q, K, V, EK, EV, EMask, DO, Lse, Delta, DQ, Tiles, Offsets, NFull, Indices,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ekb, stride_ekn, stride_ekh, stride_ekd,
+    stride_evb, stride_evn, stride_evh, stride_evd,
+    stride_emb,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_lb, stride_lh,
+    H, T, sm_scale, qk_scale,
+    LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    q_start, q_count, qt, qh, qw = _tile_coords(Tiles, tile_q, offs)
+    m_valid = offs < q_count
+    q_rows = (q_start + offs).to(tl.int64)
+    q_off = off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
+    do_off = off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
+    l_off = off_b * stride_lb + off_h * stride_lh
+    q, do, lse, delta = _load_q_side(Q, DO, Lse, Delta, q_off, do_off, l_off, q_rows, m_valid, d_mask,
+                                     stride_qm, stride_dom)
+    dq = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+    k_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[:, None] * stride_kd
+    v_base = V + off_b * stride_vb + off_h * stride_vh + offs_d[:, None] * stride_vd
+    lo = tl.load(Offsets + tile_q)
+    hi = tl.load(Offsets + tile_q + 1)
+    mid = lo + tl.load(NFull + tile_q)
+    for it in range(lo, mid):
+        tile_k = tl.load(Indices + it)
+        rows = (tl.load(Tiles + tile_k * 8) + offs).to(tl.int64)
+        kT = tl.load(k_base + rows[None, :] * stride_kn, mask=d_mask[:, None], other=0.0)
+        vT = tl.load(v_base + rows[None, :] * stride_vn, mask=d_mask[:, None], other=0.0)
+        dq = _dq_step(dq, q, do, lse, delta, kT, vT, m_valid[:, None], qk_scale, False, DOT_PRECISION)
+    for it in range(mid, hi):
+        tile_k = tl.load(Indices + it)
+        k_start, k_count, kt, kh, kw = _tile_coords(Tiles, tile_k, offs)
+        n_valid = offs < k_count
+        rows = (k_start + offs).to(tl.int64)
+        kT = tl.load(k_base + rows[None, :] * stride_kn, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
+        vT = tl.load(v_base + rows[None, :] * stride_vn, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
+        mask = n_valid[None, :] & _window_mask(qt, qh, qw, kt, kh, kw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH,
+                                               LW, KW, SW, DW, CW)
+        dq = _dq_step(dq, q, do, lse, delta, kT, vT, mask, qk_scale, True, DOT_PRECISION)
+    if HAS_TEXT:
+        ek_base = EK + off_b * stride_ekb + off_h * stride_ekh + offs_d[:, None] * stride_ekd
+        ev_base = EV + off_b * stride_evb + off_h * stride_evh + offs_d[:, None] * stride_evd
+        for start_n in range(0, T, BLOCK):
+            n_in = start_n + offs < T
+            n_valid = n_in
+            if HAS_TEXT_MASK:
+                vis = tl.load(EMask + off_b * stride_emb + start_n + offs, mask=n_in, other=0)
+                n_valid = n_valid & (vis != 0)
+            rows = start_n + offs
+            kT = tl.load(ek_base + rows[None, :] * stride_ekn, mask=n_in[None, :] & d_mask[:, None], other=0.0)
+            vT = tl.load(ev_base + rows[None, :] * stride_evn, mask=n_in[None, :] & d_mask[:, None], other=0.0)
+            dq = _dq_step(dq, q, do, lse, delta, kT, vT, n_valid[None, :], qk_scale, True, DOT_PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + q_rows[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _num_warps(block: int, hdp: int) -> int:
+    return 8 if block * hdp >= 128 * 128 else 4
+
+
+def _launch_fwd(q, kv, ekv, emask, plan_t, params, block, scale, out, lse) -> None:
+    k, v = kv
+    ek, ev = ekv
+    tiles, offsets, nfull, indices = plan_t
+    B, _, H, D = q.shape
+    T = ek.shape[1] if ek is not None else 0
+    hdp = head_dim_pad(D)
+    _nbhd_fwd_kernel[(tiles.shape[0], B * H)](
+        q, k, v, ek if ek is not None else q, ev if ev is not None else q, emask if emask is not None else q,
+        out, lse, tiles, offsets, nfull, indices,
+        *q.stride(), *k.stride(), *v.stride(), *strides4(ek), *strides4(ev),
+        emask.stride(0) if emask is not None else 0, *out.stride(), lse.stride(0), lse.stride(1),
+        H, T, scale * LOG2E, *params,
+        HEAD_DIM=D, HEAD_DIM_PAD=hdp, BLOCK=block, HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None,
+        WRITE_LSE=True, DOT_PRECISION=dot_precision(q.dtype), num_warps=_num_warps(block, hdp), num_stages=2,
+    )
+
+
+def _launch_bwd(do, q, kv, ekv, emask, lse, delta, plan_t, params, block, scale, dq, dkv, dekv) -> None:
+    k, v = kv
+    ek, ev = ekv
+    dk, dv = dkv
+    dek, dev_ = dekv
+    tiles, offsets, nfull, indices, t_offsets, t_nfull, t_indices = plan_t
+    B, Sq, H, D = q.shape
+    T = ek.shape[1] if ek is not None else 0
+    hdp = head_dim_pad(D)
+    nt = tiles.shape[0]
+    common = dict(HEAD_DIM=D, HEAD_DIM_PAD=hdp, BLOCK=block, HAS_TEXT_MASK=emask is not None,
+                  DOT_PRECISION=dot_precision(q.dtype), num_warps=_num_warps(block, hdp), num_stages=1)
+    ekp = (ek if ek is not None else q, ev if ev is not None else q, emask if emask is not None else q)
+    _nbhd_dkdv_kernel[(nt + (triton.cdiv(T, block) if T else 0), B * H)](
+        q, k, v, *ekp, do, lse, delta, dk, dv, dek if dek is not None else dk, dev_ if dev_ is not None else dv,
+        tiles, t_offsets, t_nfull, t_indices,
+        *q.stride(), *k.stride(), *v.stride(), *strides4(ek), *strides4(ev),
+        emask.stride(0) if emask is not None else 0,
+        *do.stride(), *dk.stride(), *dv.stride(), *strides4(dek), *strides4(dev_),
+        lse.stride(0), lse.stride(1), H, Sq, T, nt, scale, scale * LOG2E, *params, **common,
+    )
+    _nbhd_dq_kernel[(nt, B * H)](
+        q, k, v, *ekp, do, lse, delta, dq, tiles, offsets, nfull, indices,
+        *q.stride(), *k.stride(), *v.stride(), *strides4(ek), *strides4(ev),
+        emask.stride(0) if emask is not None else 0,
+        *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1), H, T, scale, scale * LOG2E, *params,
+        HAS_TEXT=T > 0, **common,
+    )
+
+
+def _parts(k: Tensor, parts: list[int]):
+    v0, vl, t0, tl_ = parts
+    kv = k[:, v0:v0 + vl]
+    ek = k[:, t0:t0 + tl_] if tl_ else None
+    return kv, ek
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("accel::neighborhood_fwd", mutates_args=())
+def neighborhood_fwd(
+    q: Tensor, k: Tensor, v: Tensor, text_vis: Tensor | None,
+    tiles: Tensor, offsets: Tensor, nfull: Tensor, indices: Tensor,
+    t_offsets: Tensor, t_nfull: Tensor, t_indices: Tensor,
+    params: list[int], parts: list[int], block: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Triton forward over tile-major video queries q (B, V, H, D) and the joint k, v: (out, lse (B, H, V))."""
+    B, V, H, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, V, dtype=torch.float32, device=q.device)
+    kv, ek = _parts(k, parts)
+    vv, ev = _parts(v, parts)
+    _launch_fwd(q, (kv, vv), (ek, ev), text_vis, (tiles, offsets, nfull, indices), params, block, scale, out, lse)
+    return out, lse
+
+
+@neighborhood_fwd.register_fake
+def _(q, k, v, text_vis, tiles, offsets, nfull, indices, t_offsets, t_nfull, t_indices, params, parts, block,
+      scale):
+    B, V, H, _ = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(B, H, V, dtype=torch.float32, device=q.device))
+
+
+@torch.library.custom_op("accel::neighborhood_bwd", mutates_args=())
+def neighborhood_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, text_vis: Tensor | None,
+    tiles: Tensor, offsets: Tensor, nfull: Tensor, indices: Tensor,
+    t_offsets: Tensor, t_nfull: Tensor, t_indices: Tensor,
+    params: list[int], parts: list[int], block: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton backward: dq and the gradients of the whole joint k, v (zero on rows that are neither part)."""
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    kv, ek = _parts(k, parts)
+    vv, ev = _parts(v, parts)
+    dkv, dek = _parts(dk, parts)
+    dvv, dev_ = _parts(dv, parts)
+    _launch_bwd(dout, q, (kv, vv), (ek, ev), text_vis, lse, delta,
+                (tiles, offsets, nfull, indices, t_offsets, t_nfull, t_indices), params, block, scale, dq,
+                (dkv, dvv), (dek, dev_))
+    return dq, dk, dv
+
+
+@neighborhood_bwd.register_fake
+def _(dout, q, k, v, out, lse, *args):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, text_vis, *plan_t = inputs[:11]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, text_vis, *plan_t)
+    ctx.meta = inputs[11:]
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, text_vis, *plan_t = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.accel.neighborhood_bwd(dout, q, k, v, out, lse, text_vis, *plan_t, *ctx.meta)
+    return (dq, dk, dv) + (None,) * 12
+
+
+torch.library.register_autograd("accel::neighborhood_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def can_run_neighborhood(q: Tensor, raise_error: bool = False) -> bool:
+    """Whether the Triton kernel can run on q's device and dtype (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    reason = None
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        reason = f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device={q.device}"
+    elif q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reason = f"supports float16/bfloat16/float32, got dtype={q.dtype}"
+    elif q.shape[-1] > 256:
+        reason = f"supports head_dim <= 256, got {q.shape[-1]}"
+    if reason and raise_error:
+        raise NotImplementedError(f"neighborhood kernel cannot run: {reason}")
+    return reason is None
+
+
+def neighborhood_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: TilePlan,
+    *,
+    video_keys: tuple[int, int] | None = None,
+    text_keys: tuple[int, int] | None = None,
+    text_lengths: Tensor | None = None,
+    text_mask: Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Neighborhood attention of tile-major video queries over the joint k/v (NATTEN semantics per `plan`).
+
+    Args:
+        q: (B, V, H, D) video queries in the plan's tile-major order (any strides); fp16/bf16/fp32, D <= 256.
+        k, v: (B, S, H, D) joint buffers read in place: rows ``video_keys`` (start, V) are the video keys in
+            the same tile-major order, rows ``text_keys`` (start, T) keys every query sees.
+        plan: `build_tile_plan` result for the grid (on q's device).
+        text_lengths: (B,) int: only the first ``text_lengths[b]`` text keys are visible; or ``text_mask``
+            (B, T) bool, True = visible. Read on the device (no host sync).
+        scale: softmax scale (default 1/sqrt(D)).
+        return_lse: also return the (B, H, V) float32 log-sum-exp.
+
+    Returns:
+        (B, V, H, D) output (and LSE). Differentiable in q, k, v (Triton backward).
+    """
+    can_run_neighborhood(q, raise_error=True)
+    B, V, H, D = q.shape
+    if V != plan.video_tokens:
+        raise ValueError(f"q has {V} video tokens, the plan's grid {plan.grid} has {plan.video_tokens}")
+    if k.shape != v.shape or k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (H, D):
+        raise ValueError(f"k and v must be (B, S, H, D) matching q, got q={tuple(q.shape)}, k={tuple(k.shape)}, "
+                         f"v={tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    parts = resolve_key_parts(k.shape[1], video_keys, text_keys)
+    if parts.video_len != V:
+        raise ValueError(f"video_keys cover {parts.video_len} rows, q has {V} video tokens")
+    if text_lengths is not None and text_mask is not None:
+        raise ValueError("give text_lengths (trailing padding) or text_mask, not both")
+    vis = text_visibility(parts.text_len, text_lengths, text_mask, torch.int8) if parts.text_len else None
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    plan = plan.to(q.device) if plan.tiles.device != q.device else plan
+    out, lse = torch.ops.accel.neighborhood_fwd(
+        q, k, v, vis, plan.tiles, plan.offsets, plan.nfull, plan.indices, plan.t_offsets, plan.t_nfull,
+        plan.t_indices, plan.params(), list(parts), plan.block, scale)
+    return (out, lse) if return_lse else out
