@@ -47,31 +47,43 @@ def _tile_coords(Tiles, tile, offs):
 
 
 @triton.jit
-def _axis_ok(i, j, L, K, S, D, C):
-    """NATTEN's per-axis rule: key coordinate j in the window of query coordinate i (broadcast shapes)."""
+def _axis_window(i, L, K, S, D, C):
+    """NATTEN's per-axis rule for query coordinates i (1-D): (dilation group, in-group [start, end))."""
     gi = i % D
     ii = i // D
     lg = (L - gi + D - 1) // D
     base = (ii // S) * S
     lead = tl.minimum(base + S // 2, lg - 1)
     start = tl.minimum(tl.maximum(lead - K // 2, 0), lg - K)
-    end = start + K
     lead_c = tl.minimum(base + S - 1, lg - 1)
     start_c = tl.maximum(lead_c - K + 1, 0)
-    end_c = tl.minimum(ii + 1, lg)
+    end = tl.where(C != 0, tl.minimum(ii + 1, lg), start + K)
     start = tl.where(C != 0, start_c, start)
-    end = tl.where(C != 0, end_c, end)
-    jj = j // D
-    return (j % D == gi) & (jj >= start) & (jj < end)
+    return gi, start, end
 
 
 @triton.jit
-def _window_mask(qt, qh, qw, kt, kh, kw,
-                 LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW):
-    """(BLOCK_M, BLOCK_N) mask from query coordinates (rows) and key coordinates (columns)."""
-    ok = _axis_ok(qt[:, None], kt[None, :], LT, KT, ST, DT, CT)
-    ok = ok & _axis_ok(qh[:, None], kh[None, :], LH, KH, SH, DH, CH)
-    return ok & _axis_ok(qw[:, None], kw[None, :], LW, KW, SW, DW, CW)
+def _query_windows(qt, qh, qw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW):
+    """Per-row windows of a query tile along T, H, W (computed once per query tile, not per key tile)."""
+    gt, st, et = _axis_window(qt, LT, KT, ST, DT, CT)
+    gh, sh, eh = _axis_window(qh, LH, KH, SH, DH, CH)
+    gw, sw, ew = _axis_window(qw, LW, KW, SW, DW, CW)
+    return gt, st, et, gh, sh, eh, gw, sw, ew
+
+
+@triton.jit
+def _axis_in(j, g, start, end, D):
+    """(rows, columns) mask: key coordinate j (columns) inside the rows' windows (g, start, end)."""
+    jj = (j // D)[None, :]
+    return ((j % D)[None, :] == g[:, None]) & (jj >= start[:, None]) & (jj < end[:, None])
+
+
+@triton.jit
+def _window_mask(win, kt, kh, kw, DT, DH, DW):
+    """(BLOCK_M, BLOCK_N) mask from the query rows' windows and key coordinates (columns)."""
+    gt, st, et, gh, sh, eh, gw, sw, ew = win
+    ok = _axis_in(kt, gt, st, et, DT) & _axis_in(kh, gh, sh, eh, DH)
+    return ok & _axis_in(kw, gw, sw, ew, DW)
 
 
 @triton.jit
@@ -115,6 +127,7 @@ def _nbhd_fwd_kernel(
     d_mask = offs_d < HEAD_DIM
     q_start, q_count, qt, qh, qw = _tile_coords(Tiles, tile_q, offs)
     m_valid = offs < q_count
+    win = _query_windows(qt, qh, qw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW)
     q_rows = (q_start + offs).to(tl.int64)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + q_rows[:, None] * stride_qm
                 + offs_d[None, :] * stride_qd, mask=m_valid[:, None] & d_mask[None, :], other=0.0)
@@ -142,8 +155,7 @@ def _nbhd_fwd_kernel(
         rows = (k_start + offs).to(tl.int64)
         kT = tl.load(k_base + rows[None, :] * stride_kn, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vn, mask=n_valid[:, None] & d_mask[None, :], other=0.0)
-        mask = n_valid[None, :] & _window_mask(qt, qh, qw, kt, kh, kw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH,
-                                               LW, KW, SW, DW, CW)
+        mask = n_valid[None, :] & _window_mask(win, kt, kh, kw, DT, DH, DW)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, kT, v, mask, qk_scale, True, DOT_PRECISION)
     if HAS_TEXT:
         ek_base = EK + off_b * stride_ekb + off_h * stride_ekh + offs_d[:, None] * stride_ekd
@@ -253,8 +265,8 @@ def _nbhd_dkdv_kernel(
             rows = (q_start + offs).to(tl.int64)
             q, do, lse, delta = _load_q_side(Q, DO, Lse, Delta, q_off, do_off, l_off, rows, m_valid, d_mask,
                                              stride_qm, stride_dom)
-            maskT = tl.trans(_window_mask(qt, qh, qw, kt, kh, kw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH,
-                                          LW, KW, SW, DW, CW))
+            win = _query_windows(qt, qh, qw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW)
+            maskT = tl.trans(_window_mask(win, kt, kh, kw, DT, DH, DW))
             maskT = maskT & n_valid[:, None] & m_valid[None, :]
             dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, maskT, qk_scale, True, DOT_PRECISION)
         dk *= sm_scale
@@ -326,6 +338,7 @@ def _nbhd_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     q_start, q_count, qt, qh, qw = _tile_coords(Tiles, tile_q, offs)
     m_valid = offs < q_count
+    win = _query_windows(qt, qh, qw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW)
     q_rows = (q_start + offs).to(tl.int64)
     q_off = off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
     do_off = off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
@@ -351,8 +364,7 @@ def _nbhd_dq_kernel(
         rows = (k_start + offs).to(tl.int64)
         kT = tl.load(k_base + rows[None, :] * stride_kn, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
         vT = tl.load(v_base + rows[None, :] * stride_vn, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
-        mask = n_valid[None, :] & _window_mask(qt, qh, qw, kt, kh, kw, LT, KT, ST, DT, CT, LH, KH, SH, DH, CH,
-                                               LW, KW, SW, DW, CW)
+        mask = n_valid[None, :] & _window_mask(win, kt, kh, kw, DT, DH, DW)
         dq = _dq_step(dq, q, do, lse, delta, kT, vT, mask, qk_scale, True, DOT_PRECISION)
     if HAS_TEXT:
         ek_base = EK + off_b * stride_ekb + off_h * stride_ekh + offs_d[:, None] * stride_ekd

@@ -1,0 +1,369 @@
+"""Neighborhood attention (NATTEN / Generalized Neighborhood Attention) for video and image DiTs.
+
+Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer" (CVPR 2023) and Hassani et al.,
+"Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light"
+(arXiv 2504.16922); reference code SHI-Labs/NATTEN. Parameter names and semantics follow NATTEN's
+``na2d``/``na3d`` exactly (window rule in `accel.kernels.neighborhood_reference`); Sliding Tile Attention
+(Zhang et al., arXiv 2502.04507) is the special case `Neighborhood.sta`.
+
+Video queries run one Triton kernel over tile-major tokens (`token_order`) with the text keys as extra keys
+in the same softmax; text queries attend densely to every key. A window covering the whole grid runs dense
+SDPA (NATTEN's self-attention fast path).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from accel.geometry import TokenLayout
+from accel.kernels.neighborhood_reference import TilePlan, build_tile_plan, natten_token_mask, tile_major_order
+from accel.methods.base import (
+    Attended,
+    AttentionCall,
+    AttentionMethod,
+    check_qkv,
+    render_mask_image,
+    split_joint,
+)
+from accel.methods.dense import sdpa_bshd
+from accel.options import check_options, option
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_AXES = ("frames", "height", "width")
+Axes = tuple[int, int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class NeighborhoodPlan:
+    """What `Neighborhood.run` needs for one geometry.
+
+    Attributes:
+        grid: (frames, height, width) of the video tokens.
+        kernel, stride, dilation, causal: the per-axis NATTEN parameters resolved for this grid (images: the
+            time axis is (1, 1, 1, False)).
+        tiles: the kernel's `TilePlan` (None when the window covers the whole grid: dense).
+        density: fraction of video x video token pairs the kernel computes (1.0 when dense).
+    """
+
+    grid: Axes
+    kernel: Axes
+    stride: Axes
+    dilation: Axes
+    causal: tuple[bool, bool, bool]
+    tiles: TilePlan | None
+    density: float
+
+    @property
+    def dense(self) -> bool:
+        return self.tiles is None
+
+
+def _canon(value) -> str:
+    """'3', 3, (3, 5, 5), '3,5,5', '3x5x5' -> canonical text ('3' or '3x5x5': spec strings split items on
+    commas, so the canonical separator is 'x'); anything else unchanged (then rejected)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        return "x".join(str(x) for x in value)
+    if isinstance(value, str):
+        return "x".join(part.strip() for part in value.lower().replace(",", "x").split("x"))
+    return value
+
+
+def _parse(owner: str, name: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split("x"))
+    except ValueError:
+        raise ValueError(f"{owner}.{name} must be an int or ints separated by 'x' or ',' like '3' or '3x5x5', "
+                         f"got {text!r}") from None
+    if not 1 <= len(values) <= 3:
+        raise ValueError(f"{owner}.{name} takes 1, 2 (height, width) or 3 (frames, height, width) values, "
+                         f"got {text!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class Neighborhood(AttentionMethod):
+    """Neighborhood attention (NATTEN/GNA): each video token attends to a window of its neighbours.
+
+    Per axis (frames, height, width), NATTEN's rule: the window of ``kernel_size`` tokens is centred on the
+    query (even sizes: K/2 before, K/2 - 1 after) and shifted inward at borders, never shrunk, so every query
+    sees exactly prod(kernel_size) video keys. ``stride`` > 1: queries of a stride group share the window of
+    the group's centre query (stride == kernel_size: blocked attention). ``dilation`` splits an axis into
+    interleaved groups attending only within their group. ``is_causal``: along time, a query sees only
+    earlier and same frames (NATTEN's ``is_causal=(True, False, False)``). Text tokens of joint attention are
+    extra keys of every video query; text queries attend to everything.
+
+    Values are an int (every axis) or ints separated by "x" or ",": "3x5x5" (or "3,5,5", or a tuple in
+    Python) for (frames, height, width) on video; for images (one frame) an int or "5x7" applies to
+    (height, width). Spec strings split items on commas, so write ``neighborhood:kernel_size=3x5x5``.
+    Kernel sizes must be >= 2, at most the axis length / dilation, and strides at most the kernel size
+    (grid-dependent checks raise when the plan is built). A window equal to the whole grid runs dense SDPA.
+
+    Attributes:
+        kernel_size: window size per axis (NATTEN ``kernel_size``).
+        stride: stride-group size per axis (NATTEN ``stride``).
+        dilation: dilation per axis (NATTEN ``dilation``).
+        is_causal: causal along the time axis.
+        tile: kernel tile in tokens "TxHxW" ("HxW" for images); None picks 128 tokens on GPUs (64 before
+            Ampere) and 16 on CPU under the Triton interpreter, shaped to the grid.
+    """
+
+    name: ClassVar[str] = "neighborhood"
+
+    kernel_size: str = option(
+        "3", "window size in tokens: an int or 'TxHxW' (images: 'HxW'); smaller is sparser and faster",
+        kind=str)
+    stride: str = option(
+        "1", "queries in groups of this many tokens share one window (int or 'TxHxW'); stride = kernel_size "
+        "is blocked attention, larger strides make the kernel skip element masks", kind=str)
+    dilation: str = option("1", "dilation per axis (int or 'TxHxW'): the window skips tokens in between",
+                           kind=str)
+    is_causal: bool = option(False, "causal along time: a frame sees only itself and earlier frames")
+    tile: str | None = option(
+        None, "kernel tile in tokens, 'TxHxW' (images 'HxW')", kind=str,
+        none_means="128 tokens on GPUs (64 before Ampere), 16 under the interpreter, shaped to the grid")
+
+    def __post_init__(self) -> None:
+        for name in ("kernel_size", "stride", "dilation", "tile"):
+            object.__setattr__(self, name, _canon(getattr(self, name)))
+        check_options(self)
+        owner = type(self).__name__
+        kernel = _parse(owner, "kernel_size", self.kernel_size)
+        stride = _parse(owner, "stride", self.stride)
+        dilation = _parse(owner, "dilation", self.dilation)
+        for name, values, low in (("kernel_size", kernel, 2), ("stride", stride, 1), ("dilation", dilation, 1)):
+            if any(x < low for x in values):
+                what = "NATTEN rejects 1: fold that axis into the batch instead" if name == "kernel_size" else ""
+                raise ValueError(f"{owner}.{name} values must be >= {low}, got {getattr(self, name)!r}"
+                                 + (f" ({what})" if what else ""))
+        lengths = {len(x) for x in (kernel, stride, dilation)} - {1}
+        if len(lengths) > 1:
+            raise ValueError(f"{owner}: kernel_size={self.kernel_size!r}, stride={self.stride!r} and "
+                             f"dilation={self.dilation!r} give different numbers of axes")
+        n = lengths.pop() if lengths else 1
+        kernel, stride = (x * n if len(x) == 1 else x for x in (kernel, stride))
+        for a in range(n):
+            if stride[a] > kernel[a]:
+                raise ValueError(f"{owner}.stride must be <= kernel_size on every axis, got stride="
+                                 f"{self.stride!r}, kernel_size={self.kernel_size!r}")
+        if self.tile is not None:
+            tile = _parse(owner, "tile", self.tile)
+            if any(x < 1 for x in tile) or len(tile) == 1:
+                raise ValueError(f"{owner}.tile must be 'TxHxW' (or 'HxW' for images) of positive ints, "
+                                 f"got {self.tile!r}")
+            if _prod(tile) > 256:
+                raise ValueError(f"{owner}.tile holds at most 256 tokens, got {self.tile!r}")
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def sta(cls, tile: tuple[int, ...] = (6, 8, 8), tiles: tuple[int, ...] = (3, 3, 3), **kwargs) -> Neighborhood:
+        """Sliding Tile Attention (arXiv 2502.04507): a window of ``tiles`` STA tiles of ``tile`` tokens.
+
+        Equals NATTEN GNA with kernel_size = tiles x tile and stride = tile (exact when each axis length is a
+        multiple of the tile and ``tiles`` are odd). ``tile``/``tiles`` are (T, H, W) or, for images, (H, W).
+        """
+        tile, tiles = tuple(tile), tuple(tiles)
+        if len(tile) != len(tiles) or len(tile) not in (2, 3):
+            raise ValueError(f"Neighborhood.sta: tile and tiles must both be (T, H, W) or (H, W), got tile={tile}, "
+                             f"tiles={tiles}")
+        if any(t < 1 for t in tile) or any(n < 1 for n in tiles):
+            raise ValueError(f"Neighborhood.sta: tile and tiles must be positive, got tile={tile}, tiles={tiles}")
+        return cls(kernel_size=tuple(t * n for t, n in zip(tile, tiles, strict=True)), stride=tile, **kwargs)
+
+    def resolve(self, layout: TokenLayout) -> tuple[Axes, Axes, Axes, tuple[bool, bool, bool]]:
+        """(kernel, stride, dilation, causal) per (frames, height, width) for this grid; raises naming the field."""
+        owner = type(self).__name__
+        frames = layout.frames
+        out = []
+        for name in ("kernel_size", "stride", "dilation"):
+            values = _parse(owner, name, getattr(self, name))
+            if len(values) == 1:
+                values = values * (3 if frames > 1 else 2)
+            if len(values) == 2:
+                if frames > 1:
+                    raise ValueError(f"{owner}.{name}={getattr(self, name)!r} gives (height, width) only: a video "
+                                     f"of {frames} frames needs 'TxHxW'")
+                values = (1,) + values
+            out.append(values)
+        kernel, stride, dilation = out
+        for a, axis in enumerate(_AXES):
+            if frames == 1 and a == 0 and kernel[0] == 1:
+                continue
+            length = layout.grid[a]
+            if kernel[a] * dilation[a] > length:
+                raise ValueError(f"{owner}.kernel_size x dilation along {axis} is {kernel[a]} x {dilation[a]} = "
+                                 f"{kernel[a] * dilation[a]}, more than the {length} tokens of that axis")
+            if stride[a] > kernel[a]:
+                raise ValueError(f"{owner}.stride along {axis} ({stride[a]}) exceeds kernel_size ({kernel[a]})")
+        causal = (self.is_causal and frames > 1, False, False)
+        return kernel, stride, dilation, causal
+
+    def resolve_tile(self, grid: Axes, device: torch.device | str) -> Axes:
+        """The kernel tile for this grid (see ``tile``)."""
+        if self.tile is not None:
+            tile = _parse(type(self).__name__, "tile", self.tile)
+            return (1,) + tile if len(tile) == 2 else tile
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_available():
+            target = 128 if torch.cuda.get_device_capability(device)[0] >= 8 else 64
+        elif os.environ.get("TRITON_INTERPRET") == "1" or device.type == "cpu":
+            target = 16
+        else:
+            target = 128
+        tile = [1, 1, 1]
+        while _prod(tile) < target:
+            # grow the axis with the most tiles left (width first on ties): near-cubic tiles in token units
+            grow = [a for a in (2, 1, 0) if tile[a] < grid[a]]
+            if not grow:
+                break
+            a = max(grow, key=lambda x: grid[x] / tile[x])
+            tile[a] *= 2
+        return tuple(tile)
+
+    # ------------------------------------------------------------------ contract
+    def can_run(
+        self,
+        layout: TokenLayout,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        raise_error: bool = False,
+    ) -> bool:
+        error: Exception | None = None
+        if not isinstance(layout, TokenLayout):
+            error = TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+        elif head_dim < 1 or heads < 1:
+            error = ValueError(f"heads and head_dim must be >= 1, got heads={heads}, head_dim={head_dim}")
+        elif head_dim > 256:
+            error = NotImplementedError(f"neighborhood attention supports head_dim <= 256, got {head_dim}")
+        elif dtype not in _DTYPES:
+            error = NotImplementedError(f"neighborhood attention supports float16/bfloat16/float32, got {dtype}")
+        elif torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            error = NotImplementedError("neighborhood attention needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")
+        else:
+            try:
+                self.resolve(layout)
+            except ValueError as err:
+                error = err
+        if error is not None and raise_error:
+            raise error
+        return error is None
+
+    def build_plan(self, layout: TokenLayout, heads: int, device: torch.device) -> NeighborhoodPlan:
+        """Resolve the per-axis parameters and build the tile lists (pure; callers cache it per geometry)."""
+        kernel, stride, dilation, causal = self.resolve(layout)
+        grid = layout.grid
+        if not any(causal) and all(kernel[a] == grid[a] for a in range(3)):
+            return NeighborhoodPlan(grid, kernel, stride, dilation, causal, None, 1.0)
+        tile = self.resolve_tile(grid, device)
+        tiles = build_tile_plan(grid, tile, kernel, stride, dilation, causal, device)
+        return NeighborhoodPlan(grid, kernel, stride, dilation, causal, tiles, tiles.density)
+
+    def plan_density(self, plan: NeighborhoodPlan) -> float:
+        """Fraction of video x video token pairs inside the tiles the kernel visits (1.0 when dense)."""
+        return plan.density
+
+    def token_order(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
+        """Tile-major order of the video tokens (the kernel's tiles are contiguous runs of tokens)."""
+        return tile_major_order(layout.grid, self.resolve_tile(layout.grid, device), device)
+
+    def run(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, plan: NeighborhoodPlan,
+        call: AttentionCall,
+    ) -> Attended:
+        """Neighborhood attention over a joint (B, S, H, D) sequence whose video tokens are in `token_order`.
+
+        Video queries: one Triton call over the video keys (window) plus every visible text key, read in
+        place from the joint buffer. Text queries: dense SDPA over all keys. Hidden video keys raise
+        NotImplementedError (callers fall back). No host synchronisation.
+        """
+        check_qkv(q, k, v, layout)
+        if not isinstance(plan, NeighborhoodPlan):
+            raise TypeError(f"plan must be a NeighborhoodPlan from Neighborhood.build_plan, got "
+                            f"{type(plan).__name__}")
+        if plan.grid != layout.grid:
+            raise ValueError(f"plan was built for grid {plan.grid}, got a layout with grid {layout.grid}")
+        if plan.dense:
+            return Attended(sdpa_bshd(q, k, v, key_padding_mask=call.key_padding_mask, scale=call.scale), 1.0)
+        if call.key_padding_mask is not None and call.text_lengths is None and call.text_mask is None:
+            raise NotImplementedError("neighborhood attention cannot mask video keys (key_padding_mask hides some)")
+        from accel.kernels.neighborhood import neighborhood_attention
+
+        vs, ts = split_joint(layout)
+        text = {}
+        if layout.text_tokens:
+            text = {"text_keys": (ts.start, layout.text_tokens), "text_lengths": call.text_lengths,
+                    "text_mask": call.text_mask}
+        video = neighborhood_attention(q[:, vs], k, v, plan.tiles, video_keys=(vs.start, layout.video_tokens),
+                                       scale=call.scale, **text)
+        if not layout.text_tokens:
+            return Attended(video, plan.density)
+        text_out = sdpa_bshd(q[:, ts], k, v, key_padding_mask=call.key_padding_mask, scale=call.scale)
+        out = torch.cat([text_out, video] if layout.text_position == "before" else [video, text_out], 1)
+        return Attended(out, plan.density)
+
+    def token_mask(self, layout: TokenLayout, plan: NeighborhoodPlan | None = None) -> torch.Tensor:
+        """(S, S) bool NATTEN token mask in raster order (brute force; text dense both ways); small sizes only."""
+        kernel, stride, dilation, causal = (
+            (plan.kernel, plan.stride, plan.dilation, plan.causal) if plan is not None else self.resolve(layout))
+        s = layout.total_tokens
+        mask = torch.ones(s, s, dtype=torch.bool)
+        vs = layout.video_slice
+        mask[vs, vs] = natten_token_mask(layout.grid, kernel, stride, dilation, causal)
+        return mask
+
+    def visualize(
+        self, plan: NeighborhoodPlan, path: str | Path | None = None, *, layout: TokenLayout | None = None,
+        max_pixels: int = 1024,
+    ) -> Path | np.ndarray:
+        """The video x video token mask in raster order (white = attended), frames marked; density in the title.
+
+        Grids over 8192 tokens draw one sampled query per pooled row (the mask is too big to build).
+        """
+        grid = plan.grid
+        layout = TokenLayout(1, *grid)
+        title = (f"neighborhood kernel={'x'.join(map(str, plan.kernel))} stride={'x'.join(map(str, plan.stride))} "
+                 f"dilation={'x'.join(map(str, plan.dilation))}" + (" causal" if any(plan.causal) else ""))
+        n = layout.video_tokens
+        if n <= 8192:
+            mask = natten_token_mask(grid, plan.kernel, plan.stride, plan.dilation, plan.causal)
+            return render_mask_image(mask, layout, path, title=title, max_pixels=max_pixels, density=plan.density)
+        from accel.kernels.neighborhood_reference import axis_mask
+
+        factor = -(-n // max_pixels)
+        m = -(-n // factor)
+        axes = [axis_mask(grid[a], plan.kernel[a], plan.stride[a], plan.dilation[a], plan.causal[a])
+                for a in range(3)]
+        img = torch.zeros(m, m, dtype=torch.bool)
+        hw, w = grid[1] * grid[2], grid[2]
+        for r in range(m):
+            i = min(n - 1, r * factor + factor // 2)
+            row = (axes[0][i // hw][:, None, None] & axes[1][(i // w) % grid[1]][None, :, None]
+                   & axes[2][i % w][None, None, :]).reshape(-1)
+            padded = torch.zeros(m * factor, dtype=torch.bool)
+            padded[:n] = row
+            img[r] = padded.view(m, factor).any(1)
+        return render_mask_image(img, layout, path, title=title + " (sampled rows)", max_pixels=max_pixels,
+                                 cell=factor, density=plan.density)
+
+
+def _prod(values) -> int:
+    out = 1
+    for x in values:
+        out *= x
+    return out
+
+
+__all__ = ["Neighborhood", "NeighborhoodPlan"]
