@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionMethod",
     "Dense",
+    "Neighborhood",
     "Radial",
     "Schedule",
     "TokenLayout",
@@ -33,6 +34,10 @@ def __getattr__(name: str):
         from accel.methods.radial import Radial
 
         return Radial
+    if name == "Neighborhood":
+        from accel.methods.neighborhood import Neighborhood
+
+        return Neighborhood
     if name in ("RADIAL_PRESETS", "radial_preset", "preset", "PRESETS"):
         from accel import presets
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from accel.methods.base import AttentionMethod
+from accel.methods.neighborhood import Neighborhood
 from accel.methods.radial import Radial
 from accel.schedule import Schedule
 
@@ -54,6 +55,13 @@ _PRESETS: tuple[Preset, ...] = (
     _radial("hunyuan-video-4x", 0.95, 128, Schedule(dense_steps=2, dense_layers=2),
             "commented 4x preset in hunyuan_t2v_inference.sh (720x1280, 509 frames, with a length LoRA)",
             sink=False),
+)
+# Neighborhood: Sliding Tile Attention as its special case (kernel = tiles x tile, stride = tile). STA's HunyuanVideo
+# tile is (6, 8, 8); a 3x3x3-tile window is GNA window (18, 24, 24), stride (6, 8, 8). STA searches windows per
+# (step, layer, head); this preset is one uniform window, without that search.
+_PRESETS += (
+    Preset("sta-hunyuan-video", Neighborhood.sta(tile=(6, 8, 8), tiles=(3, 3, 3)), Schedule(),
+           "Sliding Tile Attention (arXiv 2502.04507): tile (6, 8, 8), window 3x3x3 tiles, uniform"),
 )
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 

@@ -250,8 +250,6 @@ class Neighborhood(AttentionMethod):
             error = NotImplementedError(f"neighborhood attention supports head_dim <= 256, got {head_dim}")
         elif dtype not in _DTYPES:
             error = NotImplementedError(f"neighborhood attention supports float16/bfloat16/float32, got {dtype}")
-        elif torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            error = NotImplementedError("neighborhood attention needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")
         else:
             try:
                 self.resolve(layout)
@@ -299,7 +297,10 @@ class Neighborhood(AttentionMethod):
             return Attended(sdpa_bshd(q, k, v, key_padding_mask=call.key_padding_mask, scale=call.scale), 1.0)
         if call.key_padding_mask is not None and call.text_lengths is None and call.text_mask is None:
             raise NotImplementedError("neighborhood attention cannot mask video keys (key_padding_mask hides some)")
-        from accel.kernels.neighborhood import neighborhood_attention
+        if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            from accel.kernels.neighborhood import neighborhood_attention
+        else:  # CPU without the Triton interpreter: the chunked PyTorch path (same semantics, slower)
+            from accel.kernels.neighborhood_torch import neighborhood_attention_torch as neighborhood_attention
 
         vs, ts = split_joint(layout)
         text = {}
