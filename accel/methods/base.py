@@ -180,6 +180,24 @@ def padding_facts(text_visible: torch.Tensor) -> tuple[torch.Tensor | None, torc
     return None, text_visible
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_shape_error(
+    method: str, layout: Any, heads: int, head_dim: int, dtype: torch.dtype, max_head_dim: int = 256
+) -> Exception | None:
+    """The error (not raised) for a call the Triton-backed methods cannot take, or None: what every `can_run` checks."""
+    if not isinstance(layout, TokenLayout):
+        return TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+    if head_dim < 1 or heads < 1:
+        return ValueError(f"heads and head_dim must be >= 1, got heads={heads}, head_dim={head_dim}")
+    if head_dim > max_head_dim:
+        return NotImplementedError(f"{method} attention supports head_dim <= {max_head_dim}, got head_dim={head_dim}")
+    if dtype not in KERNEL_DTYPES:
+        return NotImplementedError(f"{method} attention supports float16/bfloat16/float32, got dtype={dtype}")
+    return None
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> None:
     """Raise ValueError unless q, k, v are (B, S, H, D) self-attention tensors matching the layout."""
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:

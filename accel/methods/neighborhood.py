@@ -27,6 +27,7 @@ from accel.methods.base import (
     AttentionCall,
     AttentionMethod,
     check_qkv,
+    kernel_shape_error,
     render_mask_image,
     split_joint,
 )
@@ -36,7 +37,6 @@ from accel.options import check_options, option
 if TYPE_CHECKING:
     import numpy as np
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _AXES = ("frames", "height", "width")
 Axes = tuple[int, int, int]
 
@@ -241,16 +241,8 @@ class Neighborhood(AttentionMethod):
         device: torch.device,
         raise_error: bool = False,
     ) -> bool:
-        error: Exception | None = None
-        if not isinstance(layout, TokenLayout):
-            error = TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
-        elif head_dim < 1 or heads < 1:
-            error = ValueError(f"heads and head_dim must be >= 1, got heads={heads}, head_dim={head_dim}")
-        elif head_dim > 256:
-            error = NotImplementedError(f"neighborhood attention supports head_dim <= 256, got {head_dim}")
-        elif dtype not in _DTYPES:
-            error = NotImplementedError(f"neighborhood attention supports float16/bfloat16/float32, got {dtype}")
-        else:
+        error = kernel_shape_error("neighborhood", layout, heads, head_dim, dtype)
+        if error is None:
             try:
                 self.resolve(layout)
             except ValueError as err:

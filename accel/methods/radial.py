@@ -24,6 +24,7 @@ from accel.methods.base import (
     AttentionCall,
     AttentionMethod,
     check_qkv,
+    kernel_shape_error,
     render_mask_image,
     split_joint,
 )
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from accel.kernels.layout import BlockLayout
 
 BLOCK_SIZES = (16, 32, 64, 128)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,17 +139,7 @@ class Radial(AttentionMethod):
         device: torch.device,
         raise_error: bool = False,
     ) -> bool:
-        error: Exception | None = None
-        if not isinstance(layout, TokenLayout):
-            error = TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
-        elif layout.frames < 1 or layout.video_tokens < 1:
-            error = ValueError(f"radial attention needs a video token grid, got grid={layout.grid}")
-        elif head_dim < 1 or heads < 1:
-            error = ValueError(f"heads and head_dim must be >= 1, got heads={heads}, head_dim={head_dim}")
-        elif head_dim > 256:
-            error = NotImplementedError(f"radial attention supports head_dim <= 256, got head_dim={head_dim}")
-        elif dtype not in _DTYPES:
-            error = NotImplementedError(f"radial attention supports float16/bfloat16/float32, got dtype={dtype}")
+        error = kernel_shape_error("radial", layout, heads, head_dim, dtype)
         if error is not None and raise_error:
             raise error
         return error is None
