@@ -247,6 +247,30 @@ def all_dense_error(schedule, steps: int, layers: int, method_name: str) -> str 
             f"{steps} denoising steps: {tail}; lower --dense-steps/--dense-last-steps or raise --steps")
 
 
+def check_method_fits(method: Any, pipe: Any, settings: dict) -> None:
+    """Fail before denoising when the method cannot take this size (e.g. a window longer than an axis).
+
+    Only the geometry is checked here (heads, head size and dtype are checked per call by the runtime).
+    """
+    import torch
+
+    from accel.geometry import TokenLayout
+    from accel.pipelines.families import family_for_pipeline
+
+    family = family_for_pipeline(pipe)
+    if family is None:
+        return  # unknown geometry: the runtime decides per call
+    grid = family.facts.geometry(pipe).token_grid(int(settings.get("num_frames", 1)), int(settings["height"]),
+                                                  int(settings["width"]))
+    layout = TokenLayout(1, *grid)
+    try:
+        method.can_run(layout, 1, 64, torch.float16, torch.device("cpu"), raise_error=True)
+    except (ValueError, NotImplementedError) as err:
+        raise ValueError(f"{method.name} attention cannot run at {settings['height']}x{settings['width']}"
+                         f"{' x ' + str(settings['num_frames']) + ' frames' if 'num_frames' in settings else ''} "
+                         f"(token grid {'x'.join(map(str, grid))}): {err}") from None
+
+
 def count_attention_layers(pipe: Any) -> int | None:
     """Self-attention layers of the pipeline's transformer, as the schedule numbers them (None: unknown)."""
     from accel.pipelines.families import adapter_for
@@ -414,6 +438,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         problem = all_dense_error(schedule, steps, layers or _layers_unknown(schedule), method.name)
         if problem:
             raise ValueError(problem)
+        if args.on_unsupported == "error":
+            check_method_fits(method, pipe, settings)
     if args.gpus > 1:
         from accel.pipelines.generate import enable_ulysses
 

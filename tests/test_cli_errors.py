@@ -272,3 +272,16 @@ def test_nonsense_values_name_the_field_and_range(capsys, argv, message) -> None
     err = capsys.readouterr().err
     assert message in err, err
     assert "Traceback" not in err
+
+
+def test_a_method_that_cannot_take_the_size_fails_before_denoising(monkeypatch, capsys) -> None:
+    import accel.pipelines.generate as generate
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("run_generation must not be called")
+
+    monkeypatch.setattr(generate, "run_generation", no_run)
+    monkeypatch.setattr(cli, "run_generation", no_run, raising=False)
+    code = cli.main(["generate", "--attention", "neighborhood", "--kernel-size", "3x9x9", "--out", "/tmp/x.mp4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "neighborhood attention cannot run at 64x64" in err and "kernel_size" in err, err
