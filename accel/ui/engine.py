@@ -147,9 +147,11 @@ def option_info(opt: Option) -> str:
 
 
 def to_form(opt: Option, value: Any) -> Any:
-    """A config value as its control shows it (None choice -> "auto", choices as text)."""
+    """A config value as its control shows it (None choice -> "auto", choices as text, None text -> "")."""
     if opt.choices is not None:
         return AUTO if value is None else str(value)
+    if value is None and opt.kind is str:
+        return ""
     return value
 
 
@@ -193,7 +195,10 @@ def form_value(opt: Option, raw: Any) -> Any:
             return opt.check(raw)
         except (TypeError, ValueError):
             raise ValueError(f"{label}: {raw:g} is not allowed; it must be {opt.range_text()}") from None
-    return opt.check("" if raw is None else str(raw))
+    text = "" if raw is None else str(raw).strip()
+    if opt.none_means is not None and text.lower() in ("", AUTO.lower(), "auto", "none"):
+        return None  # an empty text field means "auto" where the option allows it
+    return opt.check(text)
 
 
 def method_defaults(info: MethodInfo) -> dict[str, Any]:

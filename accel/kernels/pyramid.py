@@ -1,0 +1,280 @@
+"""Pyramid sparse attention (PSA) in Triton: forward kernel, custom op, public function.
+
+Semantics in `accel.kernels.pyramid_reference` (group means per level, +ln(count) logit bias, level 0 skipped).
+Per call the pooled K/V of levels 2, 4 and 8 are built in one pass (`pool_levels`, hierarchical sums) into one
+buffer; level-1 keys and the text keys are read in place from the joint K/V buffer. One program owns one query
+block and walks, level by level, the KV blocks of its row listed for that level (index lists sorted by level from
+the (B, H, n, n) level map on the device: no host sync), loading b/p pooled rows per block with the bias; the
+tile holds max(16, b/p) rows and the lanes past b/p (and empty groups of the last partial block) are masked, so
+every (block size, level) pair is exact. Skipped blocks are never read. Text keys join the same online softmax.
+
+Backward: not a Triton kernel in this version. ``accel::pyramid_fwd`` is a ``torch.library`` custom op whose
+autograd recomputes the output with the chunked PyTorch path (`torch_pyramid_attention`) and differentiates it,
+so gradients flow through the pooling to q, k and v.
+"""
+
+# No `from __future__ import annotations`: torch.library reads the schema from real annotation objects.
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import resolve_key_parts, text_visibility
+from ._triton_common import LOG2E, dot_precision, head_dim_pad
+from .pyramid_reference import LEVELS, pool_levels, torch_pyramid_attention
+
+__all__ = ["can_run_pyramid", "level_lists", "pyramid_attention"]
+
+BLOCK_SIZES = (16, 32, 64, 128)
+_TEXT_BLOCK = 32
+
+
+@triton.jit
+def _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step; logits in log2 units, ``bias`` (columns, log2 units), ``valid`` (columns)."""
+    qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
+    qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _level_pass(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, Idx, lo, hi, row0, NV, qk_scale,
+                offs_d, d_mask, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """KV blocks ``Idx[lo:hi]`` at level P: b/P pooled rows each (starting at row0 + block * b/P)."""
+    offs_r = tl.arange(0, ROWS)
+    lane_ok = offs_r < BS // P
+    for it in range(lo, hi):
+        kb = tl.load(Idx + it)
+        first = kb * BS + offs_r * P
+        cnt = tl.minimum(NV - first, P)
+        valid = lane_ok & (cnt > 0)
+        bias = tl.math.log2(tl.maximum(cnt, 1).to(tl.float32))
+        rows = (row0 + kb * (BS // P) + offs_r).to(tl.int64)
+        kT = tl.load(k_base + rows[None, :] * stride_kn, mask=valid[None, :] & d_mask[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn, mask=valid[:, None] & d_mask[None, :], other=0.0)
+        acc, l_i, m_i = _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _pyramid_fwd_kernel(
+    Q, K, V, KP, VP, EK, EV, EMask, Out, Idx, Ends,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_pkb, stride_pkn, stride_pkh, stride_pkd,
+    stride_pvb, stride_pvn, stride_pvh, stride_pvd,
+    stride_ekb, stride_ekn, stride_ekh, stride_ekd,
+    stride_evb, stride_evn, stride_evh, stride_evd,
+    stride_emb,
+    stride_ob, stride_om, stride_oh, stride_od,
+    H, NV, NB, T, R4, R8, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BS: tl.constexpr,
+    R1_: tl.constexpr, R2_: tl.constexpr, R4_: tl.constexpr, R8_: tl.constexpr,
+    HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    q_rows = (qb * BS + offs_m).to(tl.int64)
+    m_valid = q_rows < NV
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + q_rows[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=m_valid[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BS], dtype=tl.float32)
+    acc = tl.zeros([BS, HEAD_DIM_PAD], dtype=tl.float32)
+
+    row = pid_bh.to(tl.int64) * NB + qb
+    idx = Idx + row * NB
+    e1 = tl.load(Ends + row * 4)
+    e2 = tl.load(Ends + row * 4 + 1)
+    e4 = tl.load(Ends + row * 4 + 2)
+    e8 = tl.load(Ends + row * 4 + 3)
+    k1 = K + off_b * stride_kb + off_h * stride_kh + offs_d[:, None] * stride_kd
+    v1 = V + off_b * stride_vb + off_h * stride_vh + offs_d[None, :] * stride_vd
+    kp = KP + off_b * stride_pkb + off_h * stride_pkh + offs_d[:, None] * stride_pkd
+    vp = VP + off_b * stride_pvb + off_h * stride_pvh + offs_d[None, :] * stride_pvd
+    acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, k1, v1, stride_kn, stride_vn, idx, 0, e1, 0, NV, qk_scale,
+                                offs_d, d_mask, 1, BS, R1_, DOT_PRECISION)
+    acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e1, e2, 0, NV, qk_scale,
+                                offs_d, d_mask, 2, BS, R2_, DOT_PRECISION)
+    acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e2, e4, R4, NV, qk_scale,
+                                offs_d, d_mask, 4, BS, R4_, DOT_PRECISION)
+    acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e4, e8, R8, NV, qk_scale,
+                                offs_d, d_mask, 8, BS, R8_, DOT_PRECISION)
+    if HAS_TEXT:
+        offs_t = tl.arange(0, 32)
+        ek = EK + off_b * stride_ekb + off_h * stride_ekh + offs_d[:, None] * stride_ekd
+        ev = EV + off_b * stride_evb + off_h * stride_evh + offs_d[None, :] * stride_evd
+        zero = tl.zeros([32], dtype=tl.float32)
+        for start_n in range(0, T, 32):
+            n_in = start_n + offs_t < T
+            valid = n_in
+            if HAS_TEXT_MASK:
+                vis = tl.load(EMask + off_b * stride_emb + start_n + offs_t, mask=n_in, other=0)
+                valid = valid & (vis != 0)
+            rows = (start_n + offs_t).to(tl.int64)
+            kT = tl.load(ek + rows[None, :] * stride_ekn, mask=n_in[None, :] & d_mask[:, None], other=0.0)
+            v = tl.load(ev + rows[:, None] * stride_evn, mask=n_in[:, None] & d_mask[None, :], other=0.0)
+            acc, l_i, m_i = _step(acc, l_i, m_i, q, kT, v, valid, zero, qk_scale, DOT_PRECISION)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + q_rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
+
+
+def _strides(t: Tensor | None) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def level_lists(levels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per (b, h, query block) the KV blocks sorted by level (1, 2, 4, 8, then skipped) and the cumulative ends.
+
+    Returns ``(indices (B, H, n, n) int32, ends (B, H, n, 4) int32)``: row entries ``[0, ends[0])`` are level 1,
+    ``[ends[0], ends[1])`` level 2, and so on; entries past ``ends[3]`` are skipped blocks. On the device.
+    """
+    lv = levels.long()
+    rank = torch.full_like(lv, 4)
+    for t, p in enumerate(LEVELS):
+        rank = torch.where(lv == p, t, rank)
+    order = rank.argsort(-1, stable=True).to(torch.int32)
+    counts = torch.stack([(rank == t).sum(-1) for t in range(4)], -1)
+    return order.contiguous(), counts.cumsum(-1).to(torch.int32).contiguous()
+
+
+def _parts(x: Tensor, parts: list[int]) -> tuple[Tensor, Tensor | None]:
+    v0, vl, t0, tl_ = parts
+    return x[:, v0:v0 + vl], (x[:, t0:t0 + tl_] if tl_ else None)
+
+
+@torch.library.custom_op("accel::pyramid_fwd", mutates_args=())
+def pyramid_fwd(
+    q: Tensor, k: Tensor, v: Tensor, levels: Tensor, text_vis: Tensor | None, parts: list[int], block: int,
+    scale: float,
+) -> Tensor:
+    """Triton forward: video queries q (B, V, H, D) over the joint k, v with (B, H, n, n) levels."""
+    B, NV, H, D = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    kv, ek = _parts(k, parts)
+    vv, ev = _parts(v, parts)
+    pk, _ = pool_levels(kv, block)
+    pv, _ = pool_levels(vv, block)
+    kp, vp = torch.cat(pk, 1).contiguous(), torch.cat(pv, 1).contiguous()
+    r2 = pk[0].shape[1]
+    r4 = pk[1].shape[1]
+    nb = -(-NV // block)
+    idx, ends = level_lists(levels)
+    T = ek.shape[1] if ek is not None else 0
+    emask = text_vis if (T and text_vis is not None) else None
+    _pyramid_fwd_kernel[(nb, B * H)](
+        q, kv, vv, kp, vp, ek if T else kp, ev if T else vp, emask if emask is not None else idx, out, idx, ends,
+        *q.stride(), *kv.stride(), *vv.stride(), *kp.stride(), *vp.stride(), *_strides(ek), *_strides(ev),
+        emask.stride(0) if emask is not None else 0, *out.stride(),
+        H, NV, nb, T, r2, r2 + r4, scale * LOG2E,
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BS=block,
+        R1_=max(16, block), R2_=max(16, block // 2), R4_=max(16, block // 4), R8_=max(16, block // 8),
+        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return out
+
+
+@pyramid_fwd.register_fake
+def _(q, k, v, levels, text_vis, parts, block, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, levels, text_vis, parts, block, scale = inputs
+    ctx.save_for_backward(q, k, v, levels, text_vis)
+    ctx.meta = (parts, block, scale)
+
+
+def _backward(ctx, dout):
+    q, k, v, levels, text_vis = ctx.saved_tensors
+    parts, block, scale = ctx.meta
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        text = {}
+        if parts[3]:
+            text = {"text_keys": (parts[2], parts[3]),
+                    "text_mask": text_vis.bool() if text_vis is not None else None}
+        out = torch_pyramid_attention(qd, kd, vd, levels, block, video_keys=(parts[0], parts[1]), scale=scale,
+                                      **text)
+        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), dout)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("accel::pyramid_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def can_run_pyramid(q: Tensor, raise_error: bool = False) -> bool:
+    """Whether the Triton kernel can run on q's device and dtype (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    reason = None
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        reason = f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device={q.device}"
+    elif q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reason = f"supports float16/bfloat16/float32, got dtype={q.dtype}"
+    elif q.shape[-1] > 256:
+        reason = f"supports head_dim <= 256, got {q.shape[-1]}"
+    if reason and raise_error:
+        raise NotImplementedError(f"pyramid kernel cannot run: {reason}")
+    return reason is None
+
+
+def pyramid_attention(
+    q: Tensor, k: Tensor, v: Tensor, levels: Tensor, block_size: int, *,
+    video_keys: tuple[int, int] | None = None, text_keys: tuple[int, int] | None = None,
+    text_lengths: Tensor | None = None, text_mask: Tensor | None = None, scale: float | None = None,
+) -> Tensor:
+    """Pyramid sparse attention of video queries over the joint k/v (semantics: `pyramid_reference`).
+
+    Args:
+        q: (B, V, H, D) video queries (any strides); fp16/bf16/fp32, D <= 256.
+        k, v: (B, S, H, D) joint buffers read in place: rows ``video_keys`` (start, V) are the video keys, rows
+            ``text_keys`` (start, T) text keys every query sees at full resolution.
+        levels: (B, H, n, n) ints in {0, 1, 2, 4, 8}, n = ceil(V / block_size): the level of each
+            (query block, KV block) pair (0 = skipped).
+        block_size: tokens per query and KV block, one of 16, 32, 64, 128.
+        text_lengths: (B,) ints, only the first ``text_lengths[b]`` text keys visible; or ``text_mask`` (B, T)
+            bool, True = visible.
+        scale: softmax scale (default 1/sqrt(D)).
+
+    Returns:
+        (B, V, H, D). Differentiable in q, k, v (backward through the chunked PyTorch path).
+    """
+    can_run_pyramid(q, raise_error=True)
+    B, NV, H, D = q.shape
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    if k.shape != v.shape or k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (H, D):
+        raise ValueError(f"k and v must be (B, S, H, D) matching q, got q={tuple(q.shape)}, k={tuple(k.shape)}, "
+                         f"v={tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    parts = resolve_key_parts(k.shape[1], video_keys, text_keys)
+    if parts.video_len != NV:
+        raise ValueError(f"video_keys cover {parts.video_len} rows, q has {NV} video tokens")
+    n = -(-NV // block_size)
+    if tuple(levels.shape) != (B, H, n, n):
+        raise ValueError(f"levels must be (B, H, n, n) = {(B, H, n, n)}, got {tuple(levels.shape)}")
+    if text_lengths is not None and text_mask is not None:
+        raise ValueError("give text_lengths (trailing padding) or text_mask, not both")
+    vis = text_visibility(parts.text_len, text_lengths, text_mask, torch.int8) if parts.text_len else None
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return torch.ops.accel.pyramid_fwd(q, k, v, levels.to(device=q.device, dtype=torch.int32), vis, list(parts),
+                                       int(block_size), scale)
