@@ -15,6 +15,7 @@ __all__ = [
     "AttentionMethod",
     "Dense",
     "Neighborhood",
+    "Pyramid",
     "Radial",
     "Schedule",
     "TokenLayout",
@@ -34,6 +35,10 @@ def __getattr__(name: str):
         from accel.methods.radial import Radial
 
         return Radial
+    if name == "Pyramid":
+        from accel.methods.pyramid import Pyramid
+
+        return Pyramid
     if name == "Neighborhood":
         from accel.methods.neighborhood import Neighborhood
 

@@ -82,7 +82,7 @@ def _pyramid_fwd_kernel(
     H, NV, NB, T, R4, R8, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BS: tl.constexpr,
     R1_: tl.constexpr, R2_: tl.constexpr, R4_: tl.constexpr, R8_: tl.constexpr,
-    HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, TEXT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -118,11 +118,11 @@ def _pyramid_fwd_kernel(
     acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e4, e8, R8, NV, qk_scale,
                                 offs_d, d_mask, 8, BS, R8_, DOT_PRECISION)
     if HAS_TEXT:
-        offs_t = tl.arange(0, 32)
+        offs_t = tl.arange(0, TEXT_BLOCK)
         ek = EK + off_b * stride_ekb + off_h * stride_ekh + offs_d[:, None] * stride_ekd
         ev = EV + off_b * stride_evb + off_h * stride_evh + offs_d[None, :] * stride_evd
-        zero = tl.zeros([32], dtype=tl.float32)
-        for start_n in range(0, T, 32):
+        zero = tl.zeros([TEXT_BLOCK], dtype=tl.float32)
+        for start_n in range(0, T, TEXT_BLOCK):
             n_in = start_n + offs_t < T
             valid = n_in
             if HAS_TEXT_MASK:
@@ -151,7 +151,7 @@ def level_lists(levels: Tensor) -> tuple[Tensor, Tensor]:
     rank = torch.full_like(lv, 4)
     for t, p in enumerate(LEVELS):
         rank = torch.where(lv == p, t, rank)
-    order = rank.argsort(-1, stable=True).to(torch.int32)
+    order = rank.argsort(dim=-1, stable=True).to(torch.int32)
     counts = torch.stack([(rank == t).sum(-1) for t in range(4)], -1)
     return order.contiguous(), counts.cumsum(-1).to(torch.int32).contiguous()
 
@@ -187,7 +187,7 @@ def pyramid_fwd(
         H, NV, nb, T, r2, r2 + r4, scale * LOG2E,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BS=block,
         R1_=max(16, block), R2_=max(16, block // 2), R4_=max(16, block // 4), R8_=max(16, block // 8),
-        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, TEXT_BLOCK=_TEXT_BLOCK, DOT_PRECISION=dot_precision(q.dtype),
     )
     return out
 

@@ -26,10 +26,12 @@ LEVELS = (1, 2, 4, 8)
 __all__ = [
     "LEVELS",
     "brute_force_pyramid_attention",
+    "cap_levels",
     "estimate_block_importance",
     "level_density",
     "pool_levels",
     "reference_pyramid_attention",
+    "similarity_cap",
     "threshold_levels",
     "topk_levels",
     "torch_pyramid_attention",
@@ -41,7 +43,7 @@ def pool_levels(x: torch.Tensor, block_size: int) -> tuple[list[torch.Tensor], l
     """Group means of ``x`` (B, V, H, D) for p = 2, 4, 8 in one pass, and the per-row token counts.
 
     Returns ``(pooled, counts)``: ``pooled[i]`` is (B, n*b/p, H, D) for p = LEVELS[i + 1] (n = ceil(V/b) blocks,
-    b = block_size; rows past the end are zero), ``counts[i]`` (n*b/p,) float32 real tokens per group (0 past the
+    b = block_size; rows past the end are zero), ``counts[i]`` (n*b/p,) real tokens per group (0 past the
     end). Sums are built hierarchically (p=4 from p=2, p=8 from p=4), then divided by the counts. Differentiable.
     """
     B, V, H, D = x.shape
@@ -50,7 +52,8 @@ def pool_levels(x: torch.Tensor, block_size: int) -> tuple[list[torch.Tensor], l
     ones = torch.zeros(n * block_size, dtype=torch.float32, device=x.device)
     ones[:V] = 1
     pooled, counts = [], []
-    s, c = padded.float(), ones
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s, c = padded.to(acc), ones.to(acc)
     for _ in LEVELS[1:]:
         s = s.view(B, -1, 2, H, D).sum(2)
         c = c.view(-1, 2).sum(1)
@@ -63,8 +66,9 @@ def _expanded(x: torch.Tensor, p: int) -> torch.Tensor:
     """(B, V, H, D): every token replaced by the mean of its group of p (groups aligned to multiples of p)."""
     B, V, H, D = x.shape
     m = -(-V // p) * p
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, m - V))
-    count = torch.clamp(V - torch.arange(0, m, p, device=x.device), max=p).float()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    padded = torch.nn.functional.pad(x.to(acc), (0, 0, 0, 0, 0, m - V))
+    count = torch.clamp(V - torch.arange(0, m, p, device=x.device), max=p).to(acc)
     mean = padded.view(B, m // p, p, H, D).sum(2) / count[None, :, None, None]
     return mean.repeat_interleave(p, 1)[:, :V]
 
@@ -227,7 +231,8 @@ def estimate_block_importance(
     block, likewise ``sample_k`` for the KV blocks, from a generator seeded with ``seed`` (same seed, same
     positions). With s = q.k * scale on sampled tokens: S_ij = max over sampled q of block i of
     exp(max over sampled k of block j of s - max over all sampled k of s); rows normalised, E_ij = S_ij / sum_j.
-    Positions past the end of the last partial block are dropped. Computed in chunks of query blocks (never the
+    In a partial last block of r tokens a position x reads token x mod r (repeats do not change a max), so every
+    block has samples. Computed in chunks of query blocks (never the
     full sampled matrix at once), no host sync.
     """
     B, V, H, D = q.shape
@@ -242,24 +247,21 @@ def estimate_block_importance(
     pos_q = noise[0].topk(sq, -1).indices.sort(-1).values  # (B, H, sq)
     pos_k = noise[1].topk(sk, -1).indices.sort(-1).values
     starts = torch.arange(n, device=q.device) * b_
-    idx_q = starts[None, None, :, None] + pos_q[:, :, None, :]  # (B, H, n, sq)
-    idx_k = starts[None, None, :, None] + pos_k[:, :, None, :]
-    valid_q, valid_k = idx_q < V, idx_k < V
+    length = torch.clamp(V - starts, max=b_)[None, None, :, None]  # the last block may be partial
+    idx_q = starts[None, None, :, None] + pos_q[:, :, None, :] % length  # (B, H, n, sq)
+    idx_k = starts[None, None, :, None] + pos_k[:, :, None, :] % length
     qh, kh = q.detach().transpose(1, 2).float(), k.detach().transpose(1, 2).float()  # (B, H, V, D)
-    qs = torch.gather(qh, 2, idx_q.clamp(max=V - 1).reshape(B, H, -1, 1).expand(-1, -1, -1, D))
-    ks = torch.gather(kh, 2, idx_k.clamp(max=V - 1).reshape(B, H, -1, 1).expand(-1, -1, -1, D))
+    qs = torch.gather(qh, 2, idx_q.reshape(B, H, -1, 1).expand(-1, -1, -1, D))
+    ks = torch.gather(kh, 2, idx_k.reshape(B, H, -1, 1).expand(-1, -1, -1, D))
     qs = qs.view(B, H, n, sq, D)
-    neg = torch.where(valid_k, 0.0, float("-inf")).view(B, H, 1, 1, n * sk)
     step = max(1, chunk_elements // max(1, B * H * sq * n * sk))
     rows = []
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
-        s = torch.matmul(qs[:, :, i0:i1], ks.transpose(-1, -2)[:, :, None]) * scale + neg  # (B, H, c, sq, n*sk)
+        s = torch.matmul(qs[:, :, i0:i1], ks.transpose(-1, -2)[:, :, None]) * scale  # (B, H, c, sq, n*sk)
         blockmax = s.view(B, H, i1 - i0, sq, n, sk).amax(-1)  # (B, H, c, sq, n)
         rowmax = blockmax.amax(-1, keepdim=True)
-        e = torch.exp(blockmax - rowmax)
-        e = e.masked_fill(~valid_q[:, :, i0:i1, :, None], 0.0)
-        rows.append(e.amax(3))  # (B, H, c, n)
+        rows.append(torch.exp(blockmax - rowmax).amax(3))  # (B, H, c, n)
     S = torch.cat(rows, 2)
     return S / S.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
@@ -268,7 +270,7 @@ def estimate_block_importance(
 def _scatter_levels(importance: torch.Tensor, ends: list[torch.Tensor]) -> torch.Tensor:
     """Levels from per-row rank ends: rank r (descending importance) gets LEVELS[t] for the first t with r < ends[t]."""
     n = importance.shape[-1]
-    order = importance.argsort(-1, descending=True, stable=True)
+    order = importance.argsort(dim=-1, descending=True, stable=True)
     rank = torch.arange(n, device=importance.device)
     by_rank = torch.zeros(importance.shape, dtype=torch.int32, device=importance.device)
     for p, end in reversed(list(zip(LEVELS, ends, strict=True))):
@@ -318,3 +320,31 @@ def level_density(levels: torch.Tensor) -> torch.Tensor:
     """0-dim float32: mean over block pairs of 1/p (0 for skipped), the reference's FLOP-equivalent density."""
     lv = levels.float()
     return torch.where(lv > 0, 1.0 / lv.clamp(min=1), 0.0).mean()
+
+
+def similarity_cap(k: torch.Tensor, block_size: int, thresholds: tuple[float, float, float]) -> torch.Tensor:
+    """(B, H, n) int32: the coarsest level each KV block may take (the reference's cosine-similarity cap).
+
+    For p in (2, 4, 8): sim_p(j) = mean over the p-groups of block j of the cosine between the group's first and
+    last key (a partial last group: its first and last real token; a one-token group counts 1). The cap is
+    max({1} U {p : sim_p(j) > thresholds[p]}) (paper supplement Alg. 3). Apply with `cap_levels`.
+    """
+    B, V, H, D = k.shape
+    n = -(-V // block_size)
+    x = torch.nn.functional.normalize(k.detach().float(), dim=-1)
+    cap = torch.ones(B, H, n, dtype=torch.int32, device=k.device)
+    for p, tau in zip(LEVELS[1:], thresholds, strict=True):
+        first = torch.arange(0, n * block_size, p, device=k.device)
+        valid = first < V
+        last = torch.clamp(first + p - 1, max=V - 1)
+        cos = (x[:, first.clamp(max=V - 1)] * x[:, last]).sum(-1)  # (B, groups, H)
+        cos = torch.where(valid[None, :, None], cos, 0.0).view(B, n, block_size // p, H)
+        groups = valid.view(n, block_size // p).sum(-1).clamp(min=1)
+        sim = (cos.sum(2) / groups[None, :, None]).transpose(1, 2)  # (B, H, n)
+        cap = torch.where(sim > tau, p, cap)
+    return cap
+
+
+def cap_levels(levels: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """min(level, cap of the KV block) on the p scale; skipped pairs stay 0."""
+    return torch.where(levels > 0, torch.minimum(levels, cap[..., None, :].to(levels.dtype)), levels)

@@ -1,0 +1,206 @@
+"""Pyramid Sparse Attention (PSA): dynamic multi-level block attention for video DiTs.
+
+Li, Gu, Lin, Wang, Zhuang, "PSA: Pyramid Sparse Attention for Efficient Video Understanding and Generation",
+arXiv 2512.04025; reference code ziplab/Pyramid-Sparse-Attention. Each (query block, KV block) pair gets a level
+p in {1, 2, 4, 8} or 0 (skipped): a level-p pair attends to the block's keys and values mean-pooled by p, with
++ln(p) on the logits (semantics and the partial-block rule in `accel.kernels.pyramid_reference`).
+
+Per call (`run`): block importance from sampled query and key tokens (seeded by `AttentionCall.seed`), levels by
+the reference's cumulative-threshold rule (or its rank quotas), the diagonal forced to level 1, then one Triton
+call for the video queries with the text keys at full resolution in the same softmax; text queries attend densely.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from accel.geometry import TokenLayout
+from accel.kernels.neighborhood_reference import tile_major_order
+from accel.kernels.pyramid_reference import (
+    cap_levels,
+    estimate_block_importance,
+    level_density,
+    similarity_cap,
+    threshold_levels,
+    topk_levels,
+)
+from accel.methods.base import (
+    Attended,
+    AttentionCall,
+    AttentionMethod,
+    check_qkv,
+    kernel_shape_error,
+    split_joint,
+)
+from accel.methods.dense import sdpa_bshd
+from accel.options import check_options, option
+
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True, eq=False)
+class PyramidPlan:
+    """The static part of a pyramid call for one geometry (the levels themselves are computed per call).
+
+    Attributes:
+        grid: (frames, height, width) of the video tokens.
+        block_size: tokens per query and KV block.
+        num_blocks: ceil(video tokens / block_size) (the last block may be partial).
+    """
+
+    grid: tuple[int, int, int]
+    block_size: int
+    num_blocks: int
+
+
+def block_tile(grid: tuple[int, int, int], block_size: int) -> tuple[int, int, int]:
+    """A (T, H, W) box of ``block_size`` tokens (powers of two, near-cubic in tile counts, width first on ties),
+    capped by the grid; the spatially compact blocks of `Pyramid.token_order`."""
+    tile = [1, 1, 1]
+    while tile[0] * tile[1] * tile[2] < block_size:
+        grow = [a for a in (2, 1, 0) if tile[a] < grid[a]]
+        if not grow:
+            break
+        a = max(grow, key=lambda x: grid[x] / tile[x])
+        tile[a] *= 2
+    return tuple(tile)
+
+
+@dataclass(frozen=True)
+class Pyramid(AttentionMethod):
+    """Pyramid Sparse Attention (arXiv 2512.04025): per-call multi-level (1/2/4/8x pooled or skipped) KV blocks.
+
+    Video tokens are reordered into spatially compact blocks (3-D tiles of ``block_size`` tokens, `token_order`),
+    cut into blocks of ``block_size`` tokens. Per call and head, the importance of each (query block, KV block)
+    pair is estimated from ``block_size // 4`` sampled query and key tokens per block (positions drawn from
+    `AttentionCall.seed`); per query-block row the blocks sorted by importance get level 1 up to the cumulative
+    share ``t1``, level 2 up to ``t2``, level 4 up to ``t3``, level 8 up to ``t4`` (the block crossing each
+    threshold included, level 1 at least ``min_full_ratio`` of the row), the rest are skipped
+    (``mode="threshold"``, the reference's ``thresholdbound``); ``mode="topk"`` uses the thresholds as
+    cumulative rank fractions (the reference's ``topk``). The diagonal block is always level 1. Text keys of
+    joint attention are full-resolution keys of every video query; text queries attend densely.
+
+    Attributes:
+        block_size: tokens per query and KV block (16, 32, 64 or 128).
+        mode: "threshold" (cumulative importance) or "topk" (rank quotas).
+        t1, t2, t3, t4: cumulative thresholds of levels 1, 2, 4, 8 (non-decreasing). Default
+            0.5/0.6/0.7/0.8: the reference's Wan2.1-1.3B ``psa_balanced`` preset.
+        min_full_ratio: level 1 keeps at least floor(n * ratio) + 1 blocks per row (reference 0.06).
+        reorder: the 3-D tile reorder (the reference uses a Gilbert curve; tiles here).
+        sim_cap, sim_2x, sim_4x, sim_8x: the optional cosine-similarity cap (paper supplement Alg. 3): KV block
+            j may be pooled at most by L_j = max({1} U {p : mean first/last cosine of its p-groups > sim_px});
+            level = min(level, L_j). Defaults: the reference's generation preset (0.70, 0.65, 0.60); off by
+            default as in the reference's ``PSAConfig``.
+
+    Density (reported per call, a 0-dim tensor): mean over video x video block pairs of 1/p (0 when skipped),
+    the reference's FLOP-equivalent accounting; text rows and columns excluded.
+    Tensor layout: q, k, v are (B, S, H, D); head_dim <= 256; fp16, bf16 or fp32.
+    """
+
+    name: ClassVar[str] = "pyramid"
+
+    block_size: int = option(64, "tokens per query/key block; smaller blocks follow the content more closely",
+                             choices=BLOCK_SIZES)
+    mode: Literal["threshold", "topk"] = option(
+        "threshold", "level rule: threshold = cumulative importance per row (paper default), topk = fixed rank "
+        "quotas", choices=("threshold", "topk"))
+    t1: float = option(0.5, "cumulative importance (topk: rank fraction) kept at full resolution",
+                       minimum=0, maximum=1)
+    t2: float = option(0.6, "cumulative importance up to which blocks are pooled 2x", minimum=0, maximum=1)
+    t3: float = option(0.7, "cumulative importance up to which blocks are pooled 4x", minimum=0, maximum=1)
+    t4: float = option(0.8, "cumulative importance up to which blocks are pooled 8x; the rest are skipped",
+                       minimum=0, maximum=1)
+    min_full_ratio: float = option(0.06, "least fraction of each row kept at full resolution (threshold mode)",
+                                   minimum=0, maximum=1)
+    reorder: bool = option(True, "reorder video tokens into 3-D tiles so that blocks are spatially compact")
+    sim_cap: bool = option(False, "cap each KV block's pooling by how alike its tokens are (cosine similarity)")
+    sim_2x: float = option(0.70, "with sim_cap: least mean cosine within pairs for 2x pooling", minimum=-1,
+                           maximum=1)
+    sim_4x: float = option(0.65, "with sim_cap: least mean cosine within groups of 4 for 4x pooling", minimum=-1,
+                           maximum=1)
+    sim_8x: float = option(0.60, "with sim_cap: least mean cosine within groups of 8 for 8x pooling", minimum=-1,
+                           maximum=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if not self.t1 <= self.t2 <= self.t3 <= self.t4:
+            raise ValueError(f"Pyramid thresholds must be non-decreasing, got t1={self.t1}, t2={self.t2}, "
+                             f"t3={self.t3}, t4={self.t4}")
+
+    @property
+    def thresholds(self) -> tuple[float, float, float, float]:
+        return (self.t1, self.t2, self.t3, self.t4)
+
+    # ------------------------------------------------------------------ contract
+    def can_run(self, layout: TokenLayout, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                raise_error: bool = False) -> bool:
+        error = kernel_shape_error("pyramid", layout, heads, head_dim, dtype)
+        if error is not None and raise_error:
+            raise error
+        return error is None
+
+    def build_plan(self, layout: TokenLayout, heads: int, device: torch.device) -> PyramidPlan:
+        return PyramidPlan(layout.grid, self.block_size, -(-layout.video_tokens // self.block_size))
+
+    def plan_density(self, plan: PyramidPlan) -> float:
+        """Upper bound (levels are chosen per call; `run` reports the real density)."""
+        return 1.0
+
+    def token_order(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
+        """Tile-major order over 3-D tiles of ``block_size`` tokens (None with ``reorder=False``)."""
+        if not self.reorder:
+            return None
+        return tile_major_order(layout.grid, block_tile(layout.grid, self.block_size), device)
+
+    def plan_call(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, call: AttentionCall) -> torch.Tensor:
+        """(B, H, n, n) int32 levels of this call's video tokens (no host sync)."""
+        vs, _ = split_joint(layout)
+        importance = estimate_block_importance(q[:, vs], k[:, vs], self.block_size, seed=call.seed,
+                                               scale=call.scale)
+        if self.mode == "threshold":
+            levels = threshold_levels(importance, self.thresholds, self.min_full_ratio)
+        else:
+            levels = topk_levels(importance, self.thresholds)
+        if self.sim_cap:
+            levels = cap_levels(levels, similarity_cap(k[:, vs], self.block_size,
+                                                       (self.sim_2x, self.sim_4x, self.sim_8x)))
+        n = levels.shape[-1]
+        diag = torch.eye(n, dtype=torch.bool, device=levels.device)
+        return torch.where(diag, 1, levels).to(torch.int32)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, plan: PyramidPlan,
+            call: AttentionCall) -> Attended:
+        """Pyramid attention over a joint (B, S, H, D) sequence whose video tokens are in `token_order`."""
+        check_qkv(q, k, v, layout)
+        if not isinstance(plan, PyramidPlan):
+            raise TypeError(f"plan must be a PyramidPlan from Pyramid.build_plan, got {type(plan).__name__}")
+        if plan.grid != layout.grid:
+            raise ValueError(f"plan was built for grid {plan.grid}, got a layout with grid {layout.grid}")
+        if call.key_padding_mask is not None and call.text_lengths is None and call.text_mask is None:
+            raise NotImplementedError("pyramid attention cannot mask video keys (key_padding_mask hides some)")
+        with torch.no_grad():
+            levels = self.plan_call(q, k, layout, call)
+            density = level_density(levels)
+        if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            from accel.kernels.pyramid import pyramid_attention
+        else:  # CPU without the Triton interpreter: the chunked PyTorch path (same semantics)
+            from accel.kernels.pyramid_reference import torch_pyramid_attention as pyramid_attention
+        vs, ts = split_joint(layout)
+        text = {}
+        if layout.text_tokens:
+            text = {"text_keys": (ts.start, layout.text_tokens), "text_lengths": call.text_lengths,
+                    "text_mask": call.text_mask}
+        video = pyramid_attention(q[:, vs], k, v, levels, self.block_size, video_keys=(vs.start, layout.video_tokens),
+                                  scale=call.scale, **text)
+        if not layout.text_tokens:
+            return Attended(video, density)
+        text_out = sdpa_bshd(q[:, ts], k, v, key_padding_mask=call.key_padding_mask, scale=call.scale)
+        out = torch.cat([text_out, video] if layout.text_position == "before" else [video, text_out], 1)
+        return Attended(out, density)
+
+
+__all__ = ["Pyramid", "PyramidPlan", "block_tile"]
