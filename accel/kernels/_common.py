@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
+
+
+def triton_runs_here(t: torch.Tensor) -> bool:
+    """Whether Triton kernels can take ``t``'s device: CUDA, or CPU under ``TRITON_INTERPRET=1``."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_input_reason(q: torch.Tensor, max_head_dim: int = 256) -> str | None:
+    """Why the Triton kernels cannot take ``q`` (device, dtype, head dim), or None: every kernel's first check."""
+    if not triton_runs_here(q):
+        return f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device={q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"supports float16/bfloat16/float32, got dtype={q.dtype}"
+    if q.shape[-1] > max_head_dim:
+        return f"supports head_dim <= {max_head_dim}, got {q.shape[-1]}"
+    return None
 
 
 class KeyParts(NamedTuple):

@@ -16,12 +16,11 @@ Triton: the Triton modules load when that backend first runs.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from . import ops as _ops  # noqa: F401  (registers the accel:: custom ops)
-from ._common import KeyParts, resolve_key_parts
+from ._common import KeyParts, resolve_key_parts, triton_input_reason
 from .configs import KernelConfigs
 from .layout import BlockLayout
 
@@ -51,11 +50,9 @@ def triton_import_error() -> str | None:
 
 def can_run_triton(q: torch.Tensor, layout: BlockLayout, raise_error: bool = False) -> bool:
     """Whether the Triton backend can run on these inputs (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    reason = None
-    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        reason = f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device={q.device}"
-    elif q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reason = f"supports float16/bfloat16/float32, got dtype={q.dtype}"
+    reason = triton_input_reason(q)
+    if reason is not None:
+        pass  # device, dtype or head dim
     elif q.is_cuda and q.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         reason = "bfloat16 needs compute capability >= 8.0"
     elif layout.block_m not in (16, 32, 64, 128, 256) or layout.block_n not in (16, 32, 64, 128, 256):

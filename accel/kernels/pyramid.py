@@ -15,14 +15,13 @@ so gradients flow through the pooling to q, k and v.
 
 # No `from __future__ import annotations`: torch.library reads the schema from real annotation objects.
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import resolve_key_parts, text_visibility
+from ._common import resolve_key_parts, text_visibility, triton_input_reason
 from ._triton_common import LOG2E, dot_precision, head_dim_pad
 from .pyramid_reference import LEVELS, pool_levels, torch_pyramid_attention
 
@@ -224,13 +223,7 @@ torch.library.register_autograd("accel::pyramid_fwd", _backward, setup_context=_
 # ---------------------------------------------------------------------------------------------- public API
 def can_run_pyramid(q: Tensor, raise_error: bool = False) -> bool:
     """Whether the Triton kernel can run on q's device and dtype (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    reason = None
-    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        reason = f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device={q.device}"
-    elif q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reason = f"supports float16/bfloat16/float32, got dtype={q.dtype}"
-    elif q.shape[-1] > 256:
-        reason = f"supports head_dim <= 256, got {q.shape[-1]}"
+    reason = triton_input_reason(q)
     if reason and raise_error:
         raise NotImplementedError(f"pyramid kernel cannot run: {reason}")
     return reason is None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from accel.geometry import TokenLayout
+from accel.kernels._common import triton_runs_here
 from accel.kernels.neighborhood_reference import TilePlan, build_tile_plan, natten_token_mask, tile_major_order
 from accel.methods.base import (
     Attended,
@@ -289,7 +290,7 @@ class Neighborhood(AttentionMethod):
             return Attended(sdpa_bshd(q, k, v, key_padding_mask=call.key_padding_mask, scale=call.scale), 1.0)
         if call.key_padding_mask is not None and call.text_lengths is None and call.text_mask is None:
             raise NotImplementedError("neighborhood attention cannot mask video keys (key_padding_mask hides some)")
-        if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        if triton_runs_here(q):
             from accel.kernels.neighborhood import neighborhood_attention
         else:  # CPU without the Triton interpreter: the chunked PyTorch path (same semantics, slower)
             from accel.kernels.neighborhood_torch import neighborhood_attention_torch as neighborhood_attention

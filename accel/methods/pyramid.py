@@ -12,13 +12,13 @@ call for the video queries with the text keys at full resolution in the same sof
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 
 from accel.geometry import TokenLayout
+from accel.kernels._common import triton_runs_here
 from accel.kernels.neighborhood_reference import tile_major_order
 from accel.kernels.pyramid_reference import (
     cap_levels,
@@ -185,7 +185,7 @@ class Pyramid(AttentionMethod):
         with torch.no_grad():
             levels = self.plan_call(q, k, layout, call)
             density = level_density(levels)
-        if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        if triton_runs_here(q):
             from accel.kernels.pyramid import pyramid_attention
         else:  # CPU without the Triton interpreter: the chunked PyTorch path (same semantics)
             from accel.kernels.pyramid_reference import torch_pyramid_attention as pyramid_attention
