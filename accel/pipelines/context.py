@@ -79,8 +79,7 @@ def install_token_stream(stream: TokenStream, state: TransformerState) -> list[A
         perm = ctx.token_order
         if perm is None or not ctx.order_in_stream:
             return None
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        inverse = ctx.token_inverse
         ctx._permuted.clear()
         if isinstance(output, torch.Tensor):
             return permute_tokens(output, inverse, 1, stream.video_slice(output.shape[1]))
@@ -134,6 +133,7 @@ class ForwardContext:
     branch: Branch | None = None
     densities: list[tuple[int, Any]] = field(default_factory=list)
     token_order: torch.Tensor | None = None
+    token_inverse: torch.Tensor | None = None
     order_in_stream: bool = False
     _calls: dict[tuple, AttentionCall] = field(default_factory=dict)
     _permuted: dict[int, Any] = field(default_factory=dict)
@@ -245,7 +245,7 @@ class ForwardContextHook(ModelHook):
         ctx = ForwardContext(grid=grid, step=step, total_steps=total, text_visible=visible, text_facts=facts)
         device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if grid is not None and device is not None:
-            ctx.token_order = self.runtime.token_order_for(grid, device)
+            ctx.token_order, ctx.token_inverse = self.runtime.token_order_for(grid, device)
             ctx.order_in_stream = ctx.token_order is not None and self.has_stream
         self.runtime.begin_forward(ctx)
         return ctx
@@ -264,7 +264,8 @@ class ForwardContextHook(ModelHook):
                 continue
             branch_ctx = ForwardContext(grid=ctx.grid, step=ctx.step, total_steps=ctx.total_steps,
                                         text_visible=ctx.text_visible, text_facts=ctx.text_facts, branch=branch,
-                                        token_order=ctx.token_order, order_in_stream=ctx.order_in_stream)
+                                        token_order=ctx.token_order, token_inverse=ctx.token_inverse,
+                                        order_in_stream=ctx.order_in_stream)
             self.state.context = branch_ctx
             branch_output = self.fn_ref.original_forward(*args, **kwargs)
             self._finish(branch_ctx)

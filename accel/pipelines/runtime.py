@@ -114,7 +114,8 @@ class AttentionRuntime:
         self.dense = Dense()
         self.stats = AttentionStats()
         self._plans: dict[tuple, Any] = {}
-        self._orders: dict[tuple, torch.Tensor | None] = {}
+        self._orders: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._head_index: dict[tuple, torch.Tensor] = {}
         self._refused: dict[tuple, str] = {}
         self._warned: set[str] = set()
 
@@ -156,8 +157,10 @@ class AttentionRuntime:
             self._refused[key] = str(err)
             raise UnsupportedInput(str(err)) from err
 
-    def token_order_for(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor | None:
-        """The method's video-token permutation for this grid (cached per geometry), or None (raster order)."""
+    def token_order_for(self, grid: tuple[int, int, int], device: torch.device
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(permutation, its inverse) of the method's video-token order for this grid, cached per geometry;
+        (None, None) for raster order."""
         key = (self.method, grid, device)
         if key not in self._orders:
             perm = None
@@ -169,7 +172,11 @@ class AttentionRuntime:
                     if perm.shape != (expected,) or not torch.equal(perm.sort().values.cpu(), torch.arange(expected)):
                         raise ValueError(f"{self.method.name}.token_order must return a permutation of the {expected} "
                                          f"video tokens, got shape {tuple(perm.shape)}")
-            self._orders[key] = perm
+            inverse = None
+            if perm is not None:
+                inverse = torch.empty_like(perm)
+                inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+            self._orders[key] = (perm, inverse)
         return self._orders[key]
 
     # ------------------------------------------------------------------ per forward (called by the context hook)
@@ -208,13 +215,20 @@ class AttentionRuntime:
         branch = ctx.branch
         if branch is not None and layer in branch.overrides:
             method, heads = branch.overrides[layer]
-            idx = None if heads is None else torch.tensor(heads, device=q.device, dtype=torch.long)
+            idx = None if heads is None else self._head_index_for(heads, q.device)
             pick = (lambda t: t) if idx is None else (lambda t: t.index_select(2, idx))
             sub, _, _ = self._run(method, ctx, layer, pick(q), pick(k), pick(v), call, key_padding_mask,
                                   text_tokens, text_position, unsupported)
             out = sub if idx is None else out.index_copy(2, idx, sub)
         ctx.densities.append((layer, density, sparse))
         return out
+
+    def _head_index_for(self, heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The head indices of a branch override as a device tensor, made once (not per layer and step)."""
+        key = (tuple(heads), device)
+        if key not in self._head_index:
+            self._head_index[key] = torch.tensor(heads, device=device, dtype=torch.long)
+        return self._head_index[key]
 
     def _call(self, ctx: ForwardContext, q: torch.Tensor, text_tokens: int, text_position: str,
               key_padding_mask: torch.Tensor | None, scale: float | None) -> AttentionCall | None:
@@ -251,9 +265,7 @@ class AttentionRuntime:
                 attended = method.run(q, k, v, layout, plan, call)
                 out = attended.out
                 if perm is not None:
-                    inverse = torch.empty_like(perm)
-                    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-                    out = permute_tokens(out, inverse, 1, layout.video_slice)
+                    out = permute_tokens(out, ctx.token_inverse, 1, layout.video_slice)
                 return out, attended.density, True
             except UnsupportedInput as err:
                 self.fallback(str(err).removeprefix(f"{method.name} attention cannot run here: "), method)
