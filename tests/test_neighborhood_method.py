@@ -135,3 +135,18 @@ def test_token_order_is_a_tile_major_permutation_and_visualize_draws() -> None:
     assert img.ndim == 3 and img.shape[2] == 3
     big = Neighborhood(kernel_size="3x7x7").build_plan(TokenLayout(1, 9, 32, 32), 1, torch.device("cpu"))
     assert method.visualize(big, max_pixels=64).ndim == 3
+
+
+@pytest.mark.parametrize("spec", [dict(kernel_size="3x4x5", stride="1x2x2", dilation="1x1x2", is_causal=True),
+                                  dict(kernel_size="2x3x3"), dict(kernel_size="4x6x6", stride="4x6x6")])
+def test_flex_mask_mod_equals_the_token_mask_in_tile_major_order(spec) -> None:
+    method = Neighborhood(**spec)
+    layout = TokenLayout(1, 4, 7, 11)
+    plan = method.build_plan(layout, 1, torch.device("cpu"))
+    mask_mod = method.flex_mask_mod(layout, plan, torch.device("cpu"))
+    n = layout.video_tokens
+    got = mask_mod(0, 0, torch.arange(n)[:, None].expand(n, n), torch.arange(n)[None, :].expand(n, n))
+    perm = method.token_order(layout, torch.device("cpu"))
+    assert torch.equal(got, method.token_mask(layout, plan)[perm][:, perm])
+    assert Neighborhood(kernel_size="4x7x11").flex_mask_mod(layout, Neighborhood(kernel_size="4x7x11").build_plan(
+        layout, 1, torch.device("cpu")), torch.device("cpu")) is None  # a whole-grid window is dense

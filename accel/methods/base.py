@@ -128,6 +128,12 @@ class AttentionMethod:
         call = call_from_padding_mask(key_padding_mask, layout, scale)
         return self.run(q, k, v, layout, plan, call).out
 
+    def flex_mask_mod(self, layout: TokenLayout, plan: Any, device: torch.device) -> Any:
+        """A `flex_attention` mask_mod over the video tokens in `token_order` that equals this plan's mask,
+        for benchmarks that compare against flex with the same mask; None when the method has no such mask
+        (dense, or dynamic per-call plans)."""
+        return None
+
     # ------------------------------------------------------------------ specification and pictures
     def token_mask(self, layout: TokenLayout, plan: Any = None) -> torch.Tensor:
         """(S, S) bool: which key each query attends to (the specification; small sizes only)."""

@@ -308,6 +308,34 @@ class Neighborhood(AttentionMethod):
         out = torch.cat([text_out, video] if layout.text_position == "before" else [video, text_out], 1)
         return Attended(out, plan.density)
 
+    def flex_mask_mod(self, layout: TokenLayout, plan: NeighborhoodPlan, device: torch.device):
+        """NATTEN's window as a flex mask_mod over the video tokens in tile-major order (None when dense)."""
+        if plan.dense:
+            return None
+        from accel.kernels.neighborhood_reference import axis_window
+
+        perm = self.token_order(layout, device)  # position -> raster index
+        T, H, W = plan.grid
+        coords = (perm // (H * W), (perm // W) % H, perm % W)
+        rules = []
+        for a in range(3):
+            windows = axis_window(plan.grid[a], plan.kernel[a], plan.stride[a], plan.dilation[a], plan.causal[a])
+            d = plan.dilation[a]
+            group = torch.tensor([i % d for i in range(len(windows))], device=device)
+            start = torch.tensor([w[0] // d for w in windows], device=device)
+            end = torch.tensor([w[-1] // d + 1 for w in windows], device=device)
+            rules.append((coords[a].to(device), d, group, start, end))
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = None
+            for coord, d, group, start, end in rules:
+                qc, kc = coord[q_idx], coord[kv_idx]
+                inside = ((kc % d) == group[qc]) & (kc // d >= start[qc]) & (kc // d < end[qc])
+                ok = inside if ok is None else ok & inside
+            return ok
+
+        return mask_mod
+
     def token_mask(self, layout: TokenLayout, plan: NeighborhoodPlan | None = None) -> torch.Tensor:
         """(S, S) bool NATTEN token mask in raster order (brute force; text dense both ways); small sizes only."""
         kernel, stride, dilation, causal = (

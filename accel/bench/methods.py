@@ -1,0 +1,284 @@
+"""Attention-method benchmark: any registered method at a model's shape vs dense cuDNN SDPA and flex_attention.
+
+For each case (a token grid, heads, head dim, a method spec such as ``neighborhood:kernel_size=18x24x24``) and
+dtype, on one GPU and in one run, with `triton.testing.do_bench` medians:
+- dense: cuDNN SDPA over the whole sequence (forward; forward+backward with ``--bwd``);
+- the method's kernel on tokens already in its order (`run`: for pyramid this includes the per-call importance
+  estimate and level assignment, pooling and the kernel); the token permutation in and out (gathers of q, k, v
+  and the inverse on the output) timed alone; and the total of both, which is what a model pays;
+- compiled `flex_attention` with the same mask when the method can state it as a mask_mod
+  (`AttentionMethod.flex_mask_mod`: neighborhood), over the same token order.
+Efficiency = density x dense time / kernel time, where density is the share of token pairs the kernel computes
+(neighborhood: tiles visited; pyramid: FLOP-equivalent sum of 1/p per block pair).
+
+    accel bench methods --out $OUT [--cases natten-hunyuan,...] [--dtypes bf16,fp16] [--bwd]
+"""
+
+# ruff: noqa: B023  (closures are timed immediately, inside their loop iteration)
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accel.bench.plotting import save_figure
+from accel.geometry import TokenLayout
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    """One benchmark shape: the grid of video tokens, attention heads and the method spec."""
+
+    name: str
+    grid: tuple[int, int, int]
+    heads: int
+    spec: str
+    head_dim: int = 128
+    text_tokens: int = 0
+    reference: str = ""  # what the research system reported on this case, if anything
+    reference_speedup: float | None = None
+    inputs: str = "random"  # "random": i.i.d. normal q, k, v; "local": attention concentrated on nearby tokens
+
+
+# rank quotas: 9% of each row full, then 5% at 2x, 8% at 4x, 8% at 8x: 0.09 + 0.025 + 0.02 + 0.01 = 0.145
+PYRAMID_15 = "pyramid:mode=topk,t1=0.09,t2=0.14,t3=0.22,t4=0.30"
+CASES: dict[str, MethodCase] = {c.name: c for c in (
+    MethodCase("natten-hunyuan", (30, 48, 80), 24, "neighborhood:kernel_size=18x24x24",
+               reference="NATTEN docs, H100, fwd", reference_speedup=3.6),
+    MethodCase("natten-hunyuan-gna", (30, 48, 80), 24, "neighborhood:kernel_size=18x24x24,stride=16x8x8",
+               reference="NATTEN GNA, H100, fwd (9.7x with the permutation)", reference_speedup=12.1),
+    MethodCase("natten-flux-4k", (1, 256, 256), 24, "neighborhood:kernel_size=80x80,stride=16x16",
+               reference="NATTEN GNA Flux-4K, H100, fwd", reference_speedup=12.3),
+    MethodCase("sta-hunyuan", (30, 48, 80), 24, "neighborhood:kernel_size=18x24x24,stride=6x8x8,tile=2x8x8",
+               reference="tile-aligned window (STA-like): efficiency target >= 0.85"),
+    MethodCase("nbhd-hunyuan-third", (30, 48, 80), 24, "neighborhood:kernel_size=10x16x26",
+               reference="a window of about a third of each axis (the e2e setting)"),
+    # Pyramid's levels depend on the data: i.i.d. random q/k give flat importance (nearly everything kept), so
+    # the default thresholds run on "local" inputs; the topk quotas give a fixed 15% FLOP density on any input.
+    MethodCase("pyramid-wan1.3b-480p-81f", (21, 30, 52), 12, "pyramid", inputs="local",
+               reference="PSA default thresholds (density depends on the inputs)"),
+    MethodCase("pyramid-topk15-wan1.3b-480p-81f", (21, 30, 52), 12, PYRAMID_15,
+               reference="PSA target >= 4x at ~85% FLOP sparsity", reference_speedup=4.0),
+    MethodCase("pyramid-wan14b-720p-81f", (21, 45, 80), 40, "pyramid", inputs="local",
+               reference="PSA default thresholds (density depends on the inputs)"),
+    MethodCase("pyramid-topk15-wan14b-720p-81f", (21, 45, 80), 40, PYRAMID_15,
+               reference="PSA target >= 4x at ~85% FLOP sparsity", reference_speedup=4.0),
+)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def local_qkv(layout: TokenLayout, heads: int, head_dim: int, dtype: torch.dtype, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v whose attention falls mostly on nearby tokens: q = k = smooth random Fourier features of each
+    token's (t, h, w) position plus noise (text tokens: noise). Stands in for a trained model's local maps."""
+    dev = generator.device
+    T, H, W = layout.grid
+    t, h, w = torch.meshgrid(*(torch.arange(n, device=dev, dtype=torch.float32) for n in (T, H, W)), indexing="ij")
+    pos = torch.stack([t / 3.0, h / 6.0, w / 6.0], -1).reshape(-1, 1, 3)  # (V, 1, 3), about a window per radian
+    freq = torch.randn(1, heads, 3, head_dim // 2, device=dev, generator=generator)
+    phase = torch.einsum("vxc,xhcd->vhd", pos, freq)
+    feat = torch.cat([phase.cos(), phase.sin()], -1)  # (V, H, D), unit-variance entries
+    S = layout.total_tokens
+    vs = layout.video_slice
+    base = torch.randn(1, S, heads, head_dim, device=dev, generator=generator) * 0.5
+    base[:, vs] += feat[None]
+    q = base + 0.3 * torch.randn(base.shape, device=dev, generator=generator)
+    k = base + 0.3 * torch.randn(base.shape, device=dev, generator=generator)
+    v = torch.randn(base.shape, device=dev, generator=generator)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _bench(fn, rep: int = 100) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+
+
+def _dense_ms(q, k, v, bwd: bool, dout) -> dict[str, float]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out: dict[str, float] = {}
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out["cudnn_fwd"] = _bench(lambda: sdpa(qt, kt, vt))
+        if bwd:
+            qg, kg, vg = (t.detach().requires_grad_() for t in (qt, kt, vt))
+            out["cudnn_fwdbwd"] = _bench(lambda: sdpa(qg, kg, vg).backward(dout.transpose(1, 2)))
+    return out
+
+
+def run_case(case: MethodCase, dtype: torch.dtype, bwd: bool, flex: bool, log) -> dict[str, Any]:
+    """Time one case at one dtype; returns the JSON row."""
+    from accel.methods.base import AttentionCall, split_joint
+    from accel.methods.registry import parse_method_spec
+
+    dev = torch.device("cuda")
+    method = parse_method_spec(case.spec).method
+    text = case.text_tokens
+    layout = TokenLayout(1, *case.grid, text_tokens=text, text_position="before" if text else "none")
+    H, D, S = case.heads, case.head_dim, layout.total_tokens
+    gen = torch.Generator(device=dev).manual_seed(0)
+    if case.inputs == "local":
+        q, k, v = local_qkv(layout, H, D, dtype, gen)
+    else:
+        q, k, v = (torch.randn(1, S, H, D, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+    dout = torch.randn_like(q)
+    row: dict[str, Any] = {"case": case.name, "spec": case.spec, "grid": list(case.grid), "heads": H,
+                           "head_dim": D, "tokens": S, "dtype": str(dtype).removeprefix("torch."),
+                           "reference": case.reference, "reference_speedup": case.reference_speedup,
+                           "inputs": case.inputs}
+    row["dense"] = _dense_ms(q, k, v, bwd, dout)
+    start = time.perf_counter()
+    plan = method.build_plan(layout, H, dev)
+    torch.cuda.synchronize()
+    row["plan_s"] = time.perf_counter() - start
+    perm = method.token_order(layout, dev)
+    vs, _ = split_joint(layout)
+    call = AttentionCall()
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        video_perm = perm + vs.start
+        index = torch.cat([torch.arange(vs.start, device=dev), video_perm,
+                           torch.arange(vs.stop, S, device=dev)]) if text else video_perm
+        inv_index = torch.cat([torch.arange(vs.start, device=dev), inverse + vs.start,
+                               torch.arange(vs.stop, S, device=dev)]) if text else inverse
+    qo, ko, vo = (t.index_select(1, index) for t in (q, k, v)) if perm is not None else (q, k, v)
+
+    def permute():
+        return tuple(t.index_select(1, index) for t in (q, k, v)), torch.empty_like(q).index_select(1, inv_index)
+
+    def total():
+        if perm is None:
+            return method.run(q, k, v, layout, plan, call).out
+        a, b, c = (t.index_select(1, index) for t in (q, k, v))
+        return method.run(a, b, c, layout, plan, call).out.index_select(1, inv_index)
+
+    result = method.run(qo, ko, vo, layout, plan, call)
+    density = float(result.density)
+    row["density"] = density
+    row["kernel_ms"] = _bench(lambda: method.run(qo, ko, vo, layout, plan, call))
+    row["permute_ms"] = _bench(permute) if perm is not None else 0.0
+    row["total_ms"] = _bench(total)
+    dense = row["dense"]["cudnn_fwd"]
+    row["speedup_kernel"] = dense / row["kernel_ms"]
+    row["speedup_total"] = dense / row["total_ms"]
+    row["efficiency"] = density * dense / row["kernel_ms"]
+    if bwd:
+        qg, kg, vg = (t.detach().requires_grad_() for t in (qo, ko, vo))
+        row["kernel_fwdbwd_ms"] = _bench(lambda: method.run(qg, kg, vg, layout, plan, call).out.backward(dout))
+        row["speedup_fwdbwd"] = row["dense"]["cudnn_fwdbwd"] / row["kernel_fwdbwd_ms"]
+        row["efficiency_fwdbwd"] = density * row["dense"]["cudnn_fwdbwd"] / row["kernel_fwdbwd_ms"]
+    mask_mod = method.flex_mask_mod(layout, plan, dev) if flex and not text else None
+    if mask_mod is not None:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        start = time.perf_counter()
+        block_mask = create_block_mask(mask_mod, None, None, S, S, device=dev, BLOCK_SIZE=128, _compile=True)
+        torch.cuda.synchronize()
+        row["flex_block_mask_s"] = time.perf_counter() - start
+        fn = torch.compile(flex_attention, dynamic=False)
+        qt, kt, vt = (t.transpose(1, 2) for t in (qo, ko, vo))
+        flex_out = fn(qt, kt, vt, block_mask=block_mask).transpose(1, 2)
+        ref = result.out.float()
+        row["flex_vs_ours_rel_err"] = float((flex_out.float() - ref).norm() / ref.norm())
+        row["flex_ms"] = _bench(lambda: fn(qt, kt, vt, block_mask=block_mask))
+        row["vs_flex"] = row["flex_ms"] / row["kernel_ms"]
+    log(f"{case.name} {row['dtype']}: density {density:.3f} | cuDNN {dense:.2f} ms, kernel {row['kernel_ms']:.2f} ms "
+        f"({row['speedup_kernel']:.2f}x, eff {row['efficiency']:.2f}), permute {row['permute_ms']:.2f} ms, total "
+        f"{row['total_ms']:.2f} ms ({row['speedup_total']:.2f}x)"
+        + (f", flex {row['flex_ms']:.2f} ms (ours {row['vs_flex']:.2f}x faster)" if "flex_ms" in row else "")
+        + (f" | fwd+bwd {row['kernel_fwdbwd_ms']:.1f} ms ({row['speedup_fwdbwd']:.2f}x, eff "
+           f"{row['efficiency_fwdbwd']:.2f})" if bwd else ""))
+    return row
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Bars of speed-up over dense cuDNN per case: kernel alone, with the permutation, flex, the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4))
+    x = range(len(rows))
+    width = 0.2
+    ax.bar([i - 1.5 * width for i in x], [r["speedup_kernel"] for r in rows], width, label="ours (kernel)")
+    ax.bar([i - 0.5 * width for i in x], [r["speedup_total"] for r in rows], width, label="ours + permutation")
+    ax.bar([i + 0.5 * width for i in x], [r["dense"]["cudnn_fwd"] / r["flex_ms"] if "flex_ms" in r else 0
+                                          for r in rows], width, label="flex_attention, same mask")
+    ax.bar([i + 1.5 * width for i in x], [r["reference_speedup"] or 0 for r in rows], width,
+           label="reported by the research system (H100)")
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.set_xticks(list(x), [f"{r['case']}\n{r['dtype']} d={r['density']:.2f}" for r in rows], fontsize=7,
+                  rotation=20, ha="right")
+    ax.set_ylabel("forward speed-up vs dense cuDNN SDPA")
+    ax.legend(fontsize=7)
+    env = result["environment"]
+    ax.set_title(f"{env['device']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
+    save_figure(fig, path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="accel bench methods", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16")
+    parser.add_argument("--bwd", action="store_true", help="also time forward+backward")
+    parser.add_argument("--no-flex", dest="flex", action="store_false", help="skip the flex_attention baseline")
+    parser.add_argument("--out", default="outputs/bench",
+                        help="output folder for methods.json/png (default: %(default)s; the committed results "
+                             "change only with --out benchmarks/results)")
+    parser.add_argument("--tag", default="methods", help="file name stem of the JSON and PNG")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if unknown or bad:
+        print(f"unknown cases {unknown} or dtypes {bad}; cases: {', '.join(CASES)}; dtypes: bf16, fp16",
+              file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("accel bench methods needs a CUDA GPU; none is visible (CPU timings mean nothing here).",
+              file=sys.stderr)
+        return 3
+    from accel.bench.e2e import _environment
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+    result: dict[str, Any] = {"environment": _environment(), "protocol": "do_bench median, B=1", "rows": []}
+    for name in names:
+        for d in dtypes:
+            try:
+                result["rows"].append(run_case(CASES[name], DTYPES[d], args.bwd, args.flex, log))
+            except Exception as err:  # one failing case must not lose the others' numbers
+                log(f"{name} {d}: FAILED {type(err).__name__}: {err}")
+                result.setdefault("failures", []).append({"case": name, "dtype": d, "error": repr(err)})
+            (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+            torch.cuda.empty_cache()
+    if result["rows"]:
+        try:
+            plot(result, out / f"{args.tag}.png")
+        except ImportError as err:
+            log(f"no plot: {err}")
+    return 0 if not result.get("failures") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["CASES", "MethodCase", "main", "run_case"]
