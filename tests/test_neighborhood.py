@@ -8,12 +8,18 @@ import pytest
 import torch
 
 from accel.kernels.neighborhood_reference import (
+    INDEX_BITS,
+    NEED_H,
+    NEED_T,
+    NEED_TAIL,
+    NEED_W,
     axis_mask,
     axis_window,
     build_tile_plan,
     natten_token_mask,
     reference_neighborhood_attention,
     tile_major_order,
+    unpack_index,
 )
 
 
@@ -82,19 +88,31 @@ def test_tile_lists_cover_the_mask_and_full_tiles_need_no_mask(seed: int) -> Non
     assert torch.equal(perm.sort().values, torch.arange(perm.numel()))
     mask = natten_token_mask(grid, kernel, stride, dilation, causal)[perm][:, perm]  # tile-major
     start, count = plan.tiles[:, 0].long(), plan.tiles[:, 1].long()
+    # per-axis token masks in tile-major order: what each NEED_* flag stands for
+    T, H, W = grid
+    coords = (perm // (H * W), (perm // W) % H, perm % W)
+    axis_masks = [axis_mask(grid[a], kernel[a], stride[a], dilation[a], causal[a])[coords[a]][:, coords[a]]
+                  for a in range(3)]
     covered = torch.zeros_like(mask)
+    indices = unpack_index(plan.indices)
+    flags = plan.indices >> INDEX_BITS
     for qt in range(plan.num_tiles):
         lo, hi, nf = int(plan.offsets[qt]), int(plan.offsets[qt + 1]), int(plan.nfull[qt])
         qs = slice(int(start[qt]), int(start[qt] + count[qt]))
-        for pos, kt in enumerate(plan.indices[lo:hi].tolist()):
+        for pos, kt in enumerate(indices[lo:hi].tolist()):
             ks = slice(int(start[kt]), int(start[kt] + count[kt]))
             assert bool(mask[qs, ks].any())  # no useless tile
+            need = int(flags[lo + pos])
             if pos < nf:
-                assert bool(mask[qs, ks].all()) and count[qt] == count[kt] == plan.block
+                assert bool(mask[qs, ks].all()) and count[qt] == count[kt] == plan.block and need == 0
+            for a, bit in enumerate((NEED_T, NEED_H, NEED_W)):
+                if not need & bit:  # an axis without its flag is inside every query's window on that axis
+                    assert bool(axis_masks[a][qs, ks].all())
+            assert bool(need & NEED_TAIL) == bool(count[kt] < plan.block)
             covered[qs, ks] = True
     assert not bool((mask & ~covered).any())
     # the transposed lists hold the same pairs
-    pairs = {(q, k) for q in range(plan.num_tiles) for k in plan.indices[plan.offsets[q]:plan.offsets[q + 1]].tolist()}
+    pairs = {(q, k) for q in range(plan.num_tiles) for k in indices[plan.offsets[q]:plan.offsets[q + 1]].tolist()}
     t_pairs = {(q, k) for k in range(plan.num_tiles)
                for q in plan.t_indices[plan.t_offsets[k]:plan.t_offsets[k + 1]].tolist()}
     assert pairs == t_pairs
@@ -173,3 +191,60 @@ def test_kernel_fp16_scattered_text_mask_and_scale() -> None:
                                  _tile_major(v, perm, slice(0, v_len)), plan, **kw)[:, torch.argsort(perm)]
     assert out.dtype == torch.float16
     assert (out.float() - ref).abs().max().item() < 3e-3
+
+
+SPLIT_CASES = [
+    # grid, tile, kernel, stride, text tokens: every tile complete, so the unmasked pairs can go to the
+    # block-sparse kernel; the last case has no masked pair at all (blocked attention aligned with the tiles)
+    ((4, 4, 8), (2, 2, 4), (4, 2, 8), (1, 1, 1), 5),
+    ((4, 8, 8), (2, 2, 4), (2, 6, 8), (2, 2, 4), 0),
+    ((4, 4, 8), (2, 2, 4), (2, 2, 4), (2, 2, 4), 0),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[f"case{i}" for i in range(len(SPLIT_CASES))])
+def test_split_path_merges_the_block_sparse_kernel_exactly(case) -> None:
+    from accel.kernels.neighborhood import neighborhood_attention
+
+    grid, tile, kernel, stride, text = case
+    v_len, d, batch, heads = grid[0] * grid[1] * grid[2], 16, 2, 2
+    plan = build_tile_plan(grid, tile, kernel, stride, (1, 1, 1), (False,) * 3)
+    assert plan.full_blocks is not None and plan.full_pairs > 0
+    q = torch.randn(batch, v_len, heads, d, requires_grad=True)
+    k = torch.randn(batch, v_len + text, heads, d, requires_grad=True)  # text after the video
+    v = torch.randn(batch, v_len + text, heads, d, requires_grad=True)
+    lengths = torch.tensor([text, max(0, text - 2)], dtype=torch.int32) if text else None
+    kw = dict(video_keys=(0, v_len), text_keys=(v_len, text) if text else None, text_lengths=lengths)
+    perm = tile_major_order(grid, tile)
+    inverse = torch.argsort(perm)
+    ref = reference_neighborhood_attention(q, k, v, grid, kernel, stride, **kw)
+    qo, ko, vo = q[:, perm], _tile_major(k, perm, slice(0, v_len)), _tile_major(v, perm, slice(0, v_len))
+    split, split_lse = neighborhood_attention(qo, ko, vo, plan, split=True, return_lse=True, **kw)
+    whole, whole_lse = neighborhood_attention(qo, ko, vo, plan, split=False, return_lse=True, **kw)
+    assert (split[:, inverse] - ref).abs().max().item() < 1e-5
+    assert (split_lse - whole_lse).abs().max().item() < 1e-5
+    grad = torch.randn_like(ref)
+    expected = torch.autograd.grad(ref, (q, k, v), grad)
+    got = torch.autograd.grad(split[:, inverse], (q, k, v), grad)
+    for name, e, g in zip("qkv", expected, got, strict=True):
+        assert (e - g).abs().max().item() < 1e-4, name
+
+
+def test_merge_of_partial_attention_is_one_softmax() -> None:
+    from accel.kernels.neighborhood import merge_partial_attention
+
+    q, k, v = torch.randn(1, 6, 2, 8), torch.randn(1, 10, 2, 8), torch.randn(1, 10, 2, 8)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k)
+
+    def part(cols):
+        lse = torch.logsumexp(s[..., cols], -1)
+        out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s[..., cols], -1), v[:, cols])
+        return out, lse
+
+    a, b = part(slice(0, 4)), part(slice(4, 10))
+    out, lse = merge_partial_attention(*a, *b)
+    full = part(slice(0, 10))
+    assert torch.allclose(out, full[0], atol=1e-6) and torch.allclose(lse, full[1], atol=1e-6)
+    empty = (torch.zeros_like(a[0]), torch.full_like(a[1], float("-inf")))
+    out, lse = merge_partial_attention(*empty, *b)
+    assert torch.allclose(out, b[0]) and torch.allclose(lse, b[1])

@@ -22,9 +22,12 @@ from torch import Tensor
 
 from ._common import resolve_key_parts, text_visibility, triton_input_reason
 from ._triton_common import LOG2E, dot_precision, head_dim_pad, strides4
-from .neighborhood_reference import TilePlan
+from .neighborhood_reference import INDEX_BITS, INDEX_MASK, TilePlan
 
 __all__ = ["can_run_neighborhood", "neighborhood_attention"]
+
+_INDEX_MASK = tl.constexpr(INDEX_MASK)
+_INDEX_BITS = tl.constexpr(INDEX_BITS)
 
 
 # ---------------------------------------------------------------------------------------------- jit helpers
@@ -86,6 +89,26 @@ def _window_mask(win, kt, kh, kw, DT, DH, DW):
 
 
 @triton.jit
+def _in_range(j, start, end):
+    """(rows, columns): start[row] <= j[column] < end[row], as one unsigned compare."""
+    return (j[None, :] - start[:, None]).to(tl.uint32) < (end - start)[:, None].to(tl.uint32)
+
+
+@triton.jit
+def _pair_mask(win, kt, kh, kw, n_valid, need, offs):
+    """The window mask of one tile pair without dilation, testing only the axes flagged in ``need``."""
+    _gt, st, et, _gh, sh, eh, _gw, sw, ew = win
+    mask = (offs[:, None] >= 0) & n_valid[None, :]
+    if (need & 1) != 0:
+        mask = mask & _in_range(kt, st, et)
+    if (need & 2) != 0:
+        mask = mask & _in_range(kh, sh, eh)
+    if (need & 4) != 0:
+        mask = mask & _in_range(kw, sw, ew)
+    return mask
+
+
+@triton.jit
 def _softmax_step(acc, l_i, m_i, q, kT, v, mask, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
@@ -116,6 +139,7 @@ def _nbhd_fwd_kernel(
     LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
     HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DILATED: tl.constexpr, SKIP_FULL: tl.constexpr,
 ):
     tile_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -139,22 +163,29 @@ def _nbhd_fwd_kernel(
     lo = tl.load(Offsets + tile_q)
     hi = tl.load(Offsets + tile_q + 1)
     mid = lo + tl.load(NFull + tile_q)
+    if SKIP_FULL:  # the unmasked pairs run in the block-sparse kernel (split path)
+        lo = mid
     # Tiles wholly inside every query's window (both complete): no element mask.
     for it in range(lo, mid):
-        tile_k = tl.load(Indices + it)
+        tile_k = tl.load(Indices + it) & _INDEX_MASK
         k_start = tl.load(Tiles + tile_k * 8).to(tl.int64)
         rows = k_start + offs
         kT = tl.load(k_base + rows[None, :] * stride_kn, mask=d_mask[:, None], other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vn, mask=d_mask[None, :], other=0.0)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, kT, v, m_valid[:, None], qk_scale, False, DOT_PRECISION)
     for it in range(mid, hi):
-        tile_k = tl.load(Indices + it)
+        packed = tl.load(Indices + it)
+        tile_k = packed & _INDEX_MASK
+        need = packed >> _INDEX_BITS
         k_start, k_count, kt, kh, kw = _tile_coords(Tiles, tile_k, offs)
         n_valid = offs < k_count
         rows = (k_start + offs).to(tl.int64)
         kT = tl.load(k_base + rows[None, :] * stride_kn, mask=n_valid[None, :] & d_mask[:, None], other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vn, mask=n_valid[:, None] & d_mask[None, :], other=0.0)
-        mask = n_valid[None, :] & _window_mask(win, kt, kh, kw, DT, DH, DW)
+        if DILATED:
+            mask = n_valid[None, :] & _window_mask(win, kt, kh, kw, DT, DH, DW)
+        else:  # only the axes (and the key tail) this pair needs, one subtract and compare per axis
+            mask = _pair_mask(win, kt, kh, kw, n_valid, need, offs)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, kT, v, mask, qk_scale, True, DOT_PRECISION)
     if HAS_TEXT:
         ek_base = EK + off_b * stride_ekb + off_h * stride_ekh + offs_d[:, None] * stride_ekd
@@ -224,7 +255,7 @@ def _nbhd_dkdv_kernel(
     H, Sq, T, num_tiles, sm_scale, qk_scale,
     LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_TEXT_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_TEXT_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, SKIP_FULL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -250,6 +281,8 @@ def _nbhd_dkdv_kernel(
         lo = tl.load(TOffsets + pid)
         hi = tl.load(TOffsets + pid + 1)
         mid = lo + tl.load(TNFull + pid)
+        if SKIP_FULL:
+            lo = mid
         all_m = offs < BLOCK
         for it in range(lo, mid):
             tile_q = tl.load(TIndices + it)
@@ -326,7 +359,7 @@ def _nbhd_dq_kernel(
     H, T, sm_scale, qk_scale,
     LT, KT, ST, DT, CT, LH, KH, SH, DH, CH, LW, KW, SW, DW, CW,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, SKIP_FULL: tl.constexpr,
 ):
     tile_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -350,14 +383,16 @@ def _nbhd_dq_kernel(
     lo = tl.load(Offsets + tile_q)
     hi = tl.load(Offsets + tile_q + 1)
     mid = lo + tl.load(NFull + tile_q)
+    if SKIP_FULL:
+        lo = mid
     for it in range(lo, mid):
-        tile_k = tl.load(Indices + it)
+        tile_k = tl.load(Indices + it) & _INDEX_MASK
         rows = (tl.load(Tiles + tile_k * 8) + offs).to(tl.int64)
         kT = tl.load(k_base + rows[None, :] * stride_kn, mask=d_mask[:, None], other=0.0)
         vT = tl.load(v_base + rows[None, :] * stride_vn, mask=d_mask[:, None], other=0.0)
         dq = _dq_step(dq, q, do, lse, delta, kT, vT, m_valid[:, None], qk_scale, False, DOT_PRECISION)
     for it in range(mid, hi):
-        tile_k = tl.load(Indices + it)
+        tile_k = tl.load(Indices + it) & _INDEX_MASK
         k_start, k_count, kt, kh, kw = _tile_coords(Tiles, tile_k, offs)
         n_valid = offs < k_count
         rows = (k_start + offs).to(tl.int64)
@@ -388,7 +423,7 @@ def _num_warps(block: int, hdp: int) -> int:
     return 8 if block * hdp >= 128 * 128 else 4
 
 
-def _launch_fwd(q, kv, ekv, emask, plan_t, params, block, scale, out, lse) -> None:
+def _launch_fwd(q, kv, ekv, emask, plan_t, params, block, scale, out, lse, skip_full=False) -> None:
     k, v = kv
     ek, ev = ekv
     tiles, offsets, nfull, indices = plan_t
@@ -402,11 +437,13 @@ def _launch_fwd(q, kv, ekv, emask, plan_t, params, block, scale, out, lse) -> No
         emask.stride(0) if emask is not None else 0, *out.stride(), lse.stride(0), lse.stride(1),
         H, T, scale * LOG2E, *params,
         HEAD_DIM=D, HEAD_DIM_PAD=hdp, BLOCK=block, HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None,
-        WRITE_LSE=True, DOT_PRECISION=dot_precision(q.dtype), num_warps=_num_warps(block, hdp), num_stages=2,
+        WRITE_LSE=True, DOT_PRECISION=dot_precision(q.dtype), DILATED=any(d > 1 for d in params[3::5]),
+        SKIP_FULL=skip_full, num_warps=_num_warps(block, hdp), num_stages=2,
     )
 
 
-def _launch_bwd(do, q, kv, ekv, emask, lse, delta, plan_t, params, block, scale, dq, dkv, dekv) -> None:
+def _launch_bwd(do, q, kv, ekv, emask, lse, delta, plan_t, params, block, scale, dq, dkv, dekv,
+                skip_full=False) -> None:
     k, v = kv
     ek, ev = ekv
     dk, dv = dkv
@@ -417,7 +454,8 @@ def _launch_bwd(do, q, kv, ekv, emask, lse, delta, plan_t, params, block, scale,
     hdp = head_dim_pad(D)
     nt = tiles.shape[0]
     common = dict(HEAD_DIM=D, HEAD_DIM_PAD=hdp, BLOCK=block, HAS_TEXT_MASK=emask is not None,
-                  DOT_PRECISION=dot_precision(q.dtype), num_warps=_num_warps(block, hdp), num_stages=1)
+                  DOT_PRECISION=dot_precision(q.dtype), SKIP_FULL=skip_full, num_warps=_num_warps(block, hdp),
+                  num_stages=1)
     ekp = (ek if ek is not None else q, ev if ev is not None else q, emask if emask is not None else q)
     _nbhd_dkdv_kernel[(nt + (triton.cdiv(T, block) if T else 0), B * H)](
         q, k, v, *ekp, do, lse, delta, dk, dv, dek if dek is not None else dk, dev_ if dev_ is not None else dv,
@@ -449,21 +487,24 @@ def neighborhood_fwd(
     q: Tensor, k: Tensor, v: Tensor, text_vis: Tensor | None,
     tiles: Tensor, offsets: Tensor, nfull: Tensor, indices: Tensor,
     t_offsets: Tensor, t_nfull: Tensor, t_indices: Tensor,
-    params: list[int], parts: list[int], block: int, scale: float,
+    params: list[int], parts: list[int], block: int, scale: float, skip_full: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Triton forward over tile-major video queries q (B, V, H, D) and the joint k, v: (out, lse (B, H, V))."""
+    """Triton forward over tile-major video queries q (B, V, H, D) and the joint k, v: (out, lse (B, H, V)).
+
+    ``skip_full``: leave out the unmasked tile pairs (they run in the block-sparse kernel and are merged)."""
     B, V, H, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, V, dtype=torch.float32, device=q.device)
     kv, ek = _parts(k, parts)
     vv, ev = _parts(v, parts)
-    _launch_fwd(q, (kv, vv), (ek, ev), text_vis, (tiles, offsets, nfull, indices), params, block, scale, out, lse)
+    _launch_fwd(q, (kv, vv), (ek, ev), text_vis, (tiles, offsets, nfull, indices), params, block, scale, out, lse,
+                skip_full)
     return out, lse
 
 
 @neighborhood_fwd.register_fake
 def _(q, k, v, text_vis, tiles, offsets, nfull, indices, t_offsets, t_nfull, t_indices, params, parts, block,
-      scale):
+      scale, skip_full):
     B, V, H, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(B, H, V, dtype=torch.float32, device=q.device))
@@ -471,13 +512,19 @@ def _(q, k, v, text_vis, tiles, offsets, nfull, indices, t_offsets, t_nfull, t_i
 
 @torch.library.custom_op("accel::neighborhood_bwd", mutates_args=())
 def neighborhood_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, text_vis: Tensor | None,
-    tiles: Tensor, offsets: Tensor, nfull: Tensor, indices: Tensor,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
+    text_vis: Tensor | None, tiles: Tensor, offsets: Tensor, nfull: Tensor, indices: Tensor,
     t_offsets: Tensor, t_nfull: Tensor, t_indices: Tensor,
-    params: list[int], parts: list[int], block: int, scale: float,
+    params: list[int], parts: list[int], block: int, scale: float, skip_full: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton backward: dq and the gradients of the whole joint k, v (zero on rows that are neither part)."""
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    """Triton backward: dq and the gradients of the whole joint k, v (zero on rows that are neither part).
+
+    ``dlse`` (B, H, V): the gradient reaching the LSE output (a merge uses it): dS = P * (dP - (delta - dlse)).
+    """
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
@@ -487,7 +534,7 @@ def neighborhood_bwd(
     dvv, dev_ = _parts(dv, parts)
     _launch_bwd(dout, q, (kv, vv), (ek, ev), text_vis, lse, delta,
                 (tiles, offsets, nfull, indices, t_offsets, t_nfull, t_indices), params, block, scale, dq,
-                (dkv, dvv), (dek, dev_))
+                (dkv, dvv), (dek, dev_), skip_full)
     return dq, dk, dv
 
 
@@ -509,8 +556,8 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, text_vis, *plan_t = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.accel.neighborhood_bwd(dout, q, k, v, out, lse, text_vis, *plan_t, *ctx.meta)
-    return (dq, dk, dv) + (None,) * 12
+    dq, dk, dv = torch.ops.accel.neighborhood_bwd(dout, q, k, v, out, lse, dlse, text_vis, *plan_t, *ctx.meta)
+    return (dq, dk, dv) + (None,) * 13
 
 
 torch.library.register_autograd("accel::neighborhood_fwd", _backward, setup_context=_setup_context)
@@ -537,6 +584,7 @@ def neighborhood_attention(
     text_mask: Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    split: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Neighborhood attention of tile-major video queries over the joint k/v (NATTEN semantics per `plan`).
 
@@ -549,6 +597,9 @@ def neighborhood_attention(
             (B, T) bool, True = visible. Read on the device (no host sync).
         scale: softmax scale (default 1/sqrt(D)).
         return_lse: also return the (B, H, V) float32 log-sum-exp.
+        split: run the unmasked tile pairs in the block-sparse kernel (its tuned Hopper kernels) and the rest
+            here, merged by their LSEs (needs every tile complete: `TilePlan.full_blocks`). None: when at
+            least `SPLIT_MIN_SHARE` of the pairs are unmasked.
 
     Returns:
         (B, V, H, D) output (and LSE). Differentiable in q, k, v (Triton backward).
@@ -570,7 +621,38 @@ def neighborhood_attention(
     vis = text_visibility(parts.text_len, text_lengths, text_mask, torch.int8) if parts.text_len else None
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     plan = plan.to(q.device) if plan.tiles.device != q.device else plan
+    if split is None:
+        split = plan.full_blocks is not None and plan.full_pairs >= SPLIT_MIN_SHARE * max(plan.pairs, 1)
+    elif split and plan.full_blocks is None:
+        raise ValueError("split=True needs a plan whose tiles are all complete (TilePlan.full_blocks)")
+    if split:
+        from .block_sparse import block_sparse_attention
+
+        full_out, full_lse = block_sparse_attention(q, k, v, plan.full_blocks, video_keys=(parts.video_start, V),
+                                                    scale=scale, return_lse=True)
+        if plan.full_pairs == plan.pairs and not parts.text_len:
+            return (full_out, full_lse) if return_lse else full_out
     out, lse = torch.ops.accel.neighborhood_fwd(
         q, k, v, vis, plan.tiles, plan.offsets, plan.nfull, plan.indices, plan.t_offsets, plan.t_nfull,
-        plan.t_indices, plan.params(), list(parts), plan.block, scale)
+        plan.t_indices, plan.params(), list(parts), plan.block, scale, bool(split))
+    if split:
+        out, lse = merge_partial_attention(full_out, full_lse, out, lse)
     return (out, lse) if return_lse else out
+
+
+SPLIT_MIN_SHARE = 0.25  # unmasked share of tile pairs from which the split path pays for its merge
+
+
+def merge_partial_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """One softmax from two over disjoint key sets: outputs (B, S, H, D) weighted by their (B, H, S) LSEs.
+
+    A row empty in one part (LSE -inf) takes the other's output. Differentiable (through both LSEs)."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = wa + wb
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    fa = (wa / safe).transpose(1, 2).unsqueeze(-1)
+    fb = (wb / safe).transpose(1, 2).unsqueeze(-1)
+    out = (out_a.float() * fa + out_b.float() * fb).to(out_a.dtype)
+    return out, m + torch.log(total)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import resolve_key_parts, text_visibility
+from .layout import BlockLayout
 
 Axes = tuple[int, int, int]
 
@@ -125,9 +126,13 @@ class TilePlan:
         kernel, stride, dilation, causal: per-axis NATTEN parameters (images: T axis (1, 1, 1, False)).
         tiles: (NT, 8) int32 per tile [start, count, t0, h0, w0, eT, eH, eW] (start in tile-major order).
         offsets, nfull, indices: per query tile, the key tiles it visits (CSR, int32); the first ``nfull[i]``
-            need no element mask (every pair in the window, both tiles complete).
+            need no element mask (every pair in the window, both tiles complete). Each index entry packs the
+            tile id (low `INDEX_BITS`; `unpack_index`) and the `NEED_*` flags of the tests that pair needs.
         t_offsets, t_nfull, t_indices: the transpose (per key tile, the query tiles reaching it; backward).
         density: fraction of video x video token pairs inside visited tiles.
+        full_blocks: when every tile is complete, the unmasked pairs as a `BlockLayout` of ``block``-token
+            blocks, so the block-sparse kernel can run them (`neighborhood_attention`'s split path); else None.
+        full_pairs, pairs: unmasked and all visited tile pairs.
     """
 
     grid: Axes
@@ -145,6 +150,9 @@ class TilePlan:
     t_nfull: torch.Tensor
     t_indices: torch.Tensor
     density: float
+    full_blocks: BlockLayout | None = None
+    full_pairs: int = 0
+    pairs: int = 0
 
     @property
     def num_tiles(self) -> int:
@@ -164,8 +172,10 @@ class TilePlan:
     def to(self, device: torch.device | str) -> TilePlan:
         names = ("tiles", "offsets", "nfull", "indices", "t_offsets", "t_nfull", "t_indices")
         moved = {n: getattr(self, n).to(device) for n in names}
+        full = self.full_blocks.to(device) if self.full_blocks is not None else None
         return TilePlan(self.grid, self.tile, self.block, self.kernel, self.stride, self.dilation, self.causal,
-                        density=self.density, **moved)
+                        density=self.density, full_blocks=full, full_pairs=self.full_pairs, pairs=self.pairs,
+                        **moved)
 
 
 def _axis_tile_pairs(length: int, tile: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,15 +187,29 @@ def _axis_tile_pairs(length: int, tile: int, mask: torch.Tensor) -> tuple[torch.
     return any_, all_
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """CSR (offsets, nfull, indices) of (row, col) pairs; per row the unmasked (full) entries first."""
+INDEX_BITS = 24  # a packed index entry: tile id in the low bits, `NEED_*` mask flags above
+INDEX_MASK = (1 << INDEX_BITS) - 1
+NEED_T, NEED_H, NEED_W, NEED_TAIL = 1, 2, 4, 8  # which per-axis window tests (and key-tail test) a pair needs
+
+
+def unpack_index(packed: torch.Tensor) -> torch.Tensor:
+    """Tile ids of packed CSR entries (`TilePlan.indices`)."""
+    return packed & INDEX_MASK
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor, n: int,
+         flags: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """CSR (offsets, nfull, indices) of (row, col) pairs; per row the unmasked (full) entries first.
+
+    With ``flags``, each index entry carries them above `INDEX_BITS` (col | flags << INDEX_BITS)."""
     key = rows * (2 * n) + (~full).long() * n + cols
     order = torch.argsort(key)
     counts = torch.bincount(rows, minlength=n)
     nfull = torch.bincount(rows[full], minlength=n)
     offsets = torch.zeros(n + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(counts, 0)
-    return offsets.to(torch.int32), nfull.to(torch.int32), cols[order].to(torch.int32)
+    values = cols if flags is None else cols | (flags.long() << INDEX_BITS)
+    return offsets.to(torch.int32), nfull.to(torch.int32), values[order].to(torch.int32)
 
 
 def build_tile_plan(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, dilation: Axes,
@@ -214,13 +238,28 @@ def build_tile_plan(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, dilation
     cols = (ka[ia] * n[1] + kb[ib]) * n[2] + kc[ic]
     full = fa[ia] & fb[ib] & fc[ic] & complete[rows] & complete[cols]
     num_tiles = n[0] * n[1] * n[2]
-    offsets, nfull, indices = _csr(rows, cols, full, num_tiles)
+    if num_tiles > INDEX_MASK:
+        raise ValueError(f"neighborhood: {num_tiles} tiles exceed the kernel's {INDEX_MASK} (use a larger tile)")
+    # Per pair, the element tests the kernel must make: an axis whose tile pair is wholly inside every query's
+    # window on that axis needs no test; a complete key tile needs no tail test.
+    need = ((~fa[ia]).long() * NEED_T | (~fb[ib]).long() * NEED_H | (~fc[ic]).long() * NEED_W
+            | (~complete[cols]).long() * NEED_TAIL)
+    offsets, nfull, indices = _csr(rows, cols, full, num_tiles, need)
     t_offsets, t_nfull, t_indices = _csr(cols, rows, full, num_tiles)
     v = grid[0] * grid[1] * grid[2]
     density = float((count[rows].double() * count[cols].double()).sum()) / float(v * v)
+    full_blocks = None
+    n_full = int(nfull.sum())
+    if bool((count == block).all()) and n_full:
+        row_of = torch.repeat_interleave(torch.arange(num_tiles), (offsets[1:] - offsets[:-1]).long())
+        is_full = torch.arange(indices.numel()) - offsets[:-1].long()[row_of] < nfull.long()[row_of]
+        f_offsets = torch.zeros(1, num_tiles + 1, dtype=torch.int32)
+        f_offsets[0, 1:] = torch.cumsum(nfull, 0)
+        full_blocks = BlockLayout(f_offsets, unpack_index(indices[is_full])[None].contiguous(), block, block,
+                                  num_tiles, num_tiles)
     plan = TilePlan(tuple(grid), tuple(tile), block, tuple(kernel), tuple(stride), tuple(dilation),
                     tuple(bool(c) for c in causal), table, offsets, nfull, indices, t_offsets, t_nfull, t_indices,
-                    density)
+                    density, full_blocks, n_full, int(indices.numel()))
     return plan.to(device)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._common import KeyParts
-from .neighborhood_reference import TilePlan, axis_mask, tile_major_order
+from .neighborhood_reference import TilePlan, axis_mask, tile_major_order, unpack_index
 
 
 def torch_neighborhood_attention(
@@ -36,7 +36,7 @@ def torch_neighborhood_attention(
                     else visible.to(device=device, dtype=torch.bool))
     tiles = plan.tiles.cpu().tolist()
     offsets = plan.offsets.cpu().tolist()
-    indices = plan.indices.cpu().tolist()
+    indices = unpack_index(plan.indices).cpu().tolist()
     outs, lses = [], []
     for i, (start, count, *_rest) in enumerate(tiles):
         rows = torch.arange(start, start + count, device=device)

@@ -210,8 +210,14 @@ class Neighborhood(AttentionMethod):
         causal = (self.is_causal and frames > 1, False, False)
         return kernel, stride, dilation, causal
 
-    def resolve_tile(self, grid: Axes, device: torch.device | str) -> Axes:
-        """The kernel tile for this grid (see ``tile``)."""
+    def resolve_tile(self, grid: Axes, device: torch.device | str, window: tuple | None = None) -> Axes:
+        """The kernel tile for this grid (see ``tile``).
+
+        Automatic tiles hold the device's token target (128 on GPUs). Given the resolved ``window`` (kernel,
+        stride, dilation, causal), the tile shape is the one whose tile pairs cost least: a pair the window
+        covers wholly runs without element masks, a partly covered pair costs `MASKED_PAIR_COST` of one, and a
+        tile that does not divide its axis wastes the rows it lacks (more tiles for the same tokens).
+        """
         if self.tile is not None:
             tile = _parse(type(self).__name__, "tile", self.tile)
             return (1,) + tile if len(tile) == 2 else tile
@@ -222,6 +228,10 @@ class Neighborhood(AttentionMethod):
             target = 16
         else:
             target = 128
+        if window is not None:
+            best = _cheapest_tile(grid, target, *window)
+            if best is not None:
+                return best
         tile = [1, 1, 1]
         while _prod(tile) < target:
             # grow the axis with the most tiles left (width first on ties): near-cubic tiles in token units
@@ -258,7 +268,7 @@ class Neighborhood(AttentionMethod):
         grid = layout.grid
         if not any(causal) and all(kernel[a] == grid[a] for a in range(3)):
             return NeighborhoodPlan(grid, kernel, stride, dilation, causal, None, 1.0)
-        tile = self.resolve_tile(grid, device)
+        tile = self.resolve_tile(grid, device, (kernel, stride, dilation, causal))
         tiles = build_tile_plan(grid, tile, kernel, stride, dilation, causal, device)
         return NeighborhoodPlan(grid, kernel, stride, dilation, causal, tiles, tiles.density)
 
@@ -268,7 +278,7 @@ class Neighborhood(AttentionMethod):
 
     def token_order(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
         """Tile-major order of the video tokens (the kernel's tiles are contiguous runs of tokens)."""
-        return tile_major_order(layout.grid, self.resolve_tile(layout.grid, device), device)
+        return tile_major_order(layout.grid, self.resolve_tile(layout.grid, device, self.resolve(layout)), device)
 
     def run(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, plan: NeighborhoodPlan,
@@ -379,6 +389,47 @@ class Neighborhood(AttentionMethod):
             img[r] = padded.view(m, factor).any(1)
         return render_mask_image(img, layout, path, title=title + " (sampled rows)", max_pixels=max_pixels,
                                  cell=factor, density=plan.density)
+
+
+MASKED_PAIR_COST = 2.5  # a tile pair with element masks vs one without (H200: masks, exp and the window tests)
+
+
+def _cheapest_tile(grid: Axes, target: int, kernel: Axes, stride: Axes, dilation: Axes,
+                   causal: tuple[bool, bool, bool]) -> Axes | None:
+    """The power-of-two tile of ``target`` tokens whose visited tile pairs cost least (None: none fits).
+
+    Per axis, the tile pairs with some query-key pair inside the window (`any`) and those wholly inside (`all`)
+    come from the 1-D rule; the window is a product over axes, so the counts multiply. Ties go to the tile
+    that divides the grid, then to the squarest one.
+    """
+    from accel.kernels.neighborhood_reference import _axis_tile_pairs, axis_mask
+
+    def pow2s(limit: int) -> list[int]:
+        out, x = [], 1
+        while x <= max(1, limit) * 2 - 1 and x <= target:
+            out.append(x)
+            x *= 2
+        return out
+
+    masks = [axis_mask(grid[a], kernel[a], stride[a], dilation[a], causal[a]) for a in range(3)]
+    best, best_key = None, None
+    for t in pow2s(grid[0]):
+        for h in pow2s(grid[1]):
+            w = target // (t * h)
+            if w < 1 or t * h * w != target or w > max(1, 2 * grid[2] - 1):
+                continue
+            tile = (t, h, w)
+            total, full = 1, 1
+            for a in range(3):
+                any_, all_ = _axis_tile_pairs(grid[a], tile[a], masks[a])
+                total *= int(any_.sum())
+                full *= int(all_.sum())
+            cost = full + MASKED_PAIR_COST * (total - full)
+            divides = all(grid[a] % tile[a] == 0 for a in range(3))
+            key = (cost, not divides, max(tile) / min(tile))
+            if best_key is None or key < best_key:
+                best, best_key = tile, key
+    return best
 
 
 def _prod(values) -> int:

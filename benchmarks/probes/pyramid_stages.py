@@ -1,0 +1,142 @@
+"""Probe: where the time of one pyramid attention call goes on a GPU (estimate, levels, lists, pooling, kernel).
+
+    python benchmarks/probes/pyramid_stages.py [--out DIR]   (writes pyramid_stages.json; GPU only)
+
+Times each stage at the Wan2.1-1.3B 480p 81-frame shape with `do_bench`, the kernel at several launch
+configurations, and the block-sparse kernel over the level-1 blocks alone for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--grid", default="21x30x52")
+    parser.add_argument("--heads", type=int, default=12)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 3
+    from triton.testing import do_bench
+
+    from accel.bench.methods import local_qkv
+    from accel.geometry import TokenLayout
+    from accel.kernels import pyramid as pk
+    from accel.kernels.pyramid_reference import (
+        estimate_block_importance,
+        level_density,
+        pool_levels,
+        threshold_levels,
+        topk_levels,
+    )
+
+    def bench(fn) -> float:
+        return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+    grid = tuple(int(x) for x in args.grid.split("x"))
+    layout = TokenLayout(1, *grid)
+    H, D, block = args.heads, 128, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = local_qkv(layout, H, D, torch.bfloat16, gen)
+    res: dict = {"grid": list(grid), "heads": H, "block": block, "device": torch.cuda.get_device_name()}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        res["dense_cudnn_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v))))
+    res["estimate_ms"] = bench(lambda: estimate_block_importance(q, k, block))
+    imp = estimate_block_importance(q, k, block)
+
+    def estimate_half(chunk=1 << 28):
+        # the same estimate with the sampled logits from a bf16 matmul (tensor cores), larger chunks
+        B, V, H_, D_ = q.shape
+        n = -(-V // block)
+        sq = block // 4
+        g = torch.Generator(device="cuda").manual_seed(0)
+        noise = torch.rand(2, B, H_, block, generator=g, device="cuda")
+        pq = noise[0].topk(sq, -1).indices.sort(-1).values
+        pkk_ = noise[1].topk(sq, -1).indices.sort(-1).values
+        starts = torch.arange(n, device="cuda") * block
+        length = torch.clamp(V - starts, max=block)[None, None, :, None]
+        iq = starts[None, None, :, None] + pq[:, :, None, :] % length
+        ik = starts[None, None, :, None] + pkk_[:, :, None, :] % length
+        qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+        qs = torch.gather(qh, 2, iq.reshape(B, H_, -1, 1).expand(-1, -1, -1, D_)).view(B, H_, n, sq, D_)
+        ks = torch.gather(kh, 2, ik.reshape(B, H_, -1, 1).expand(-1, -1, -1, D_))
+        step = max(1, chunk // (B * H_ * sq * n * sq))
+        rows = []
+        for i0 in range(0, n, step):
+            i1 = min(n, i0 + step)
+            s_ = torch.matmul(qs[:, :, i0:i1], ks.transpose(-1, -2)[:, :, None])
+            bm = s_.view(B, H_, i1 - i0, sq, n, sq).amax(-1).float() * (1 / math.sqrt(D_))
+            rows.append(torch.exp(bm - bm.amax(-1, keepdim=True)).amax(3))
+        S_ = torch.cat(rows, 2)
+        return S_ / S_.sum(-1, keepdim=True)
+
+    import math
+
+    res["estimate_half_ms"] = bench(estimate_half)
+    res["estimate_half_max_abs_diff"] = float((estimate_half() - imp).abs().max())
+    res["estimate_half_topk_agreement"] = float((topk_levels(estimate_half(), (0.09, 0.14, 0.22, 0.30))
+                                                 == topk_levels(imp, (0.09, 0.14, 0.22, 0.30))).float().mean())
+    res["threshold_levels_ms"] = bench(lambda: threshold_levels(imp, (0.5, 0.6, 0.7, 0.8)))
+    levels_t = threshold_levels(imp, (0.5, 0.6, 0.7, 0.8))
+    levels = topk_levels(imp, (0.09, 0.14, 0.22, 0.30))
+    res["density_threshold"] = float(level_density(levels_t))
+    res["density_topk"] = float(level_density(levels))
+    res["level_lists_ms"] = bench(lambda: pk.level_lists(levels))
+    res["pool_ms"] = bench(lambda: (pool_levels(k, block), pool_levels(v, block)))
+    res["op_total_ms"] = bench(lambda: pk.pyramid_attention(q, k, v, levels, block))
+    # the kernel alone at several launch configs
+    B, NV = 1, layout.video_tokens
+    pkk, _ = pool_levels(k, block)
+    pvv, _ = pool_levels(v, block)
+    kp, vp = torch.cat(pkk, 1).contiguous(), torch.cat(pvv, 1).contiguous()
+    r2, r4 = pkk[0].shape[1], pkk[1].shape[1]
+    nb = -(-NV // block)
+    idx, ends = pk.level_lists(levels)
+    out = torch.empty_like(q)
+
+    configs = {}
+    for nw in (4, 8):
+        for ns in (1, 2, 3, 4):
+            def launch(nw=nw, ns=ns):
+                pk._pyramid_fwd_kernel[(nb, B * H)](
+                    q, k, v, kp, vp, kp, vp, idx, out, idx, ends,
+                    *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *pk._strides(None),
+                    *pk._strides(None), 0, *out.stride(),
+                    H, NV, nb, 0, r2, r2 + r4, (1 / math.sqrt(D)) * 1.4426950408889634,
+                    HEAD_DIM=D, HEAD_DIM_PAD=D, BS=block, R1_=64, R2_=32, R4_=16, R8_=16,
+                    HAS_TEXT=False, HAS_TEXT_MASK=False, TEXT_BLOCK=32, DOT_PRECISION=pk.dot_precision(q.dtype),
+                    num_warps=nw, num_stages=ns)
+            try:
+                configs[f"w{nw}s{ns}"] = bench(launch)
+            except Exception as err:  # a config that does not fit (shared memory)
+                configs[f"w{nw}s{ns}"] = repr(err)[:120]
+    res["kernel_configs_ms"] = configs
+    # level-1-only blocks through the block-sparse kernel at the same block size
+    from accel.kernels import BlockLayout, block_sparse_attention
+
+    lay = BlockLayout.from_mask((levels > 0)[0], block)
+    res["block_sparse_all_nonzero_ms"] = bench(lambda: block_sparse_attention(q, k, v, lay))
+    res["block_sparse_density"] = lay.density()
+    lay1 = BlockLayout.from_mask((levels == 1)[0], block)
+    res["block_sparse_level1_ms"] = bench(lambda: block_sparse_attention(q, k, v, lay1))
+    res["level1_density"] = lay1.density()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "pyramid_stages.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
