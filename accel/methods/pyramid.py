@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 import torch
 
 from accel.geometry import TokenLayout
-from accel.kernels._common import triton_runs_here
+from accel.kernels._common import triton_input_reason
 from accel.kernels.neighborhood_reference import tile_major_order
 from accel.kernels.pyramid_reference import (
     cap_levels,
@@ -185,9 +185,9 @@ class Pyramid(AttentionMethod):
         with torch.no_grad():
             levels = self.plan_call(q, k, layout, call)
             density = level_density(levels)
-        if triton_runs_here(q):
+        if triton_input_reason(q) is None:
             from accel.kernels.pyramid import pyramid_attention
-        else:  # CPU without the Triton interpreter: the chunked PyTorch path (same semantics)
+        else:  # e.g. CPU without the Triton interpreter: the chunked PyTorch path (same semantics)
             from accel.kernels.pyramid_reference import torch_pyramid_attention as pyramid_attention
         vs, ts = split_joint(layout)
         text = {}
