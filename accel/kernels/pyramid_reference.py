@@ -167,7 +167,7 @@ def torch_pyramid_attention(
     text_lengths: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, scale: float | None = None,
     chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
-    """Pyramid attention in chunked PyTorch: the CPU path and the autograd path of the Triton op.
+    """Pyramid attention in chunked PyTorch: the path where Triton cannot run (plain autograd backward).
 
     Same arguments as `reference_pyramid_attention`. Keys are the pooled rows of every level (about 1.9 x V plus
     the text), so a chunk of query blocks costs (B, H, chunk rows, 1.9 V + T); never a V x V tensor beyond one
