@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from conftest import requires_cuda
 
+from accel.geometry import TokenLayout
 from accel.kernels.pyramid import pyramid_attention
 from accel.kernels.pyramid_reference import reference_pyramid_attention
+from accel.methods.base import call_from_padding_mask
+from accel.methods.dense import sdpa_bshd
+from accel.methods.pyramid import Pyramid
 
 # Max |got - reference| allowed per dtype, with gradients of order 1 (fp16: P and dS are rounded to fp16 before
 # their matmuls, as in every flash-attention backward).
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def _levels_with_every_level(B: int, H: int, n: int) -> torch.Tensor:
@@ -39,21 +46,21 @@ def _grads(fn, tensors, dout, dlse_weight=0.0):
 
 def _compare(block: int, dtype: torch.dtype, *, B: int = 2, H: int = 2, D: int = 16, T: int = 7,
              text_position: str = "before", padding: str = "lengths", dlse_weight: float = 0.0,
-             extra_rows: int = 0) -> tuple:
-    V = 2 * block + 5  # the last block is partial
+             extra_rows: int = 0, blocks: int = 2, device: str = "cpu") -> tuple:
+    V = blocks * block + 5  # the last block is partial
     n = -(-V // block)
-    levels = _levels_with_every_level(B, H, n)
+    levels = _levels_with_every_level(B, H, n).to(device)
     S = T + V + extra_rows
-    q, k, v = (torch.randn(B, S, H, D).to(dtype).requires_grad_(True) for _ in range(3))
+    q, k, v = (torch.randn(B, S, H, D, device=device).to(dtype).requires_grad_(True) for _ in range(3))
     v0, t0 = (T, 0) if text_position == "before" else (0, V + extra_rows)
     args = dict(video_keys=(v0, V), text_keys=(t0, T))
     if padding == "lengths":
-        args["text_lengths"] = torch.tensor([T, 3][:B], dtype=torch.int32)
+        args["text_lengths"] = torch.tensor([T, 3][:B], dtype=torch.int32, device=device)
     else:
         mask = torch.rand(B, T) < 0.6
         mask[:, 0] = False
-        args["text_mask"] = mask
-    dout = torch.randn(B, V, H, D, dtype=torch.float64)
+        args["text_mask"] = mask.to(device)
+    dout = torch.randn(B, V, H, D, dtype=torch.float64, device=device)
 
     def ours(q_, k_, v_):
         return pyramid_attention(q_[:, v0:v0 + V], k_, v_, levels, block, return_lse=True, **args)
@@ -166,3 +173,29 @@ def test_compiles_without_graph_break_and_matches_eager() -> None:
     assert torch.allclose(co, o, atol=1e-6) and torch.allclose(clse, lse, atol=1e-6)
     for a, b in zip(got, want, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_method_run_is_differentiable_through_the_kernel() -> None:
+    # what a length-extension LoRA step does: levels from this call (no grad), gradients to q, k, v
+    layout = TokenLayout(2, 2, 4, 5, text_tokens=3, text_position="before")  # 40 video tokens, 3 blocks of 16
+    q, k, v = (torch.randn(2, layout.total_tokens, 2, 16, requires_grad=True) for _ in range(3))
+    method = Pyramid(block_size=16, t1=0.3, t2=0.5, t3=0.6, t4=0.7)
+    mask = torch.ones(2, layout.total_tokens, dtype=torch.bool)
+    mask[1, 1:3] = False  # batch 1 sees 1 of its 3 text tokens
+    call = dataclasses.replace(call_from_padding_mask(mask, layout), seed=4)
+    res = method.run(q, k, v, layout, method.build_plan(layout, 2, torch.device("cpu")), call)
+    dout = torch.randn_like(res.out)
+    got = torch.autograd.grad(res.out, (q, k, v), dout)
+    levels = method.plan_call(q.detach(), k.detach(), layout, call)
+    video = reference_pyramid_attention(q[:, 3:], k, v, levels, 16, video_keys=(3, 40), text_keys=(0, 3),
+                                        text_lengths=call.text_lengths)
+    want = torch.autograd.grad(torch.cat([sdpa_bshd(q[:, :3], k, v, key_padding_mask=mask), video], 1), (q, k, v),
+                               dout)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("block", [64, 128])
+def test_bfloat16_backward_on_the_gpu(block: int) -> None:
+    _compare(block, torch.bfloat16, D=128, T=77, blocks=6, device="cuda")
