@@ -6,6 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 import numpy as np
+import pytest
 import torch
 
 import accel
@@ -112,3 +113,10 @@ def test_pyramid_levels_follow_the_call_seed() -> None:
 
     assert torch.equal(levels(0, 0), levels(0, 0))
     assert not torch.equal(levels(0, 0), levels(1, 0)) and not torch.equal(levels(0, 0), levels(0, 1))
+
+
+def test_patch_seed_must_be_an_int() -> None:
+    pipe = build_tiny("tiny-wan")
+    for bad in (1.5, "3", True):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            accel.patch(pipe, Pyramid(), seed=bad)
