@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from accel.methods.base import AttentionMethod
 from accel.methods.neighborhood import Neighborhood
+from accel.methods.pyramid import Pyramid
 from accel.methods.radial import Radial
 from accel.schedule import Schedule
 
@@ -62,6 +63,41 @@ _PRESETS: tuple[Preset, ...] = (
 _PRESETS += (
     Preset("sta-hunyuan-video", Neighborhood.sta(tile=(6, 8, 8), tiles=(3, 3, 3)), Schedule(),
            "Sliding Tile Attention (arXiv 2502.04507): tile (6, 8, 8), window 3x3x3 tiles, uniform"),
+)
+
+
+def _psa(name: str, thresholds: tuple[float, float, float, float], mode: str, block: int, dense_steps: int,
+         source: str, *, reorder: bool = True, sim_cap: bool = False) -> Preset:
+    t1, t2, t3, t4 = thresholds
+    method = Pyramid(block_size=block, mode=mode, t1=t1, t2=t2, t3=t3, t4=t4, reorder=reorder, sim_cap=sim_cap)
+    return Preset(name, method, Schedule(dense_steps=dense_steps), source)
+
+
+# Pyramid (PSA): ziplab/Pyramid-Sparse-Attention `configs/attention_config.yaml` at be122cf (thresholds, mode,
+# warm-up steps; /work/shared/reference/psa.md section 3). Our query and KV blocks share one size: the preset
+# takes the reference's KV block (block_n), so levels are chosen at its granularity (its query blocks are 128).
+# The reference's Gilbert-curve reorder is our 3-D tile reorder; its presets marked "no reorder" set reorder=False.
+# The sim cap keeps our (= the reference generation preset's) thresholds 0.70 / 0.65 / 0.60.
+_PRESETS += (
+    _psa("psa-wan2.1-14b", (0.4, 0.5, 0.6, 0.8), "threshold", 128, 15,
+         "PSA Wan2.1-14B (thresholdbound, block_n 128, 15 of 50 steps dense)"),
+    _psa("psa-wan2.1-1.3b", (0.5, 0.6, 0.7, 0.8), "threshold", 128, 15,
+         "PSA Wan2.1-1.3B psa_balanced (thresholdbound, block 128, similarity cap, 15 of 50 steps dense)",
+         sim_cap=True),
+    _psa("psa-wan2.1-1.3b-topk", (0.05, 0.1, 0.15, 0.25), "topk", 32, 15,
+         "PSA Wan2.1-1.3B psa_topk (topk quotas, block_n 32, 15 of 50 steps dense)"),
+    _psa("psa-wan2.2-a14b", (0.5, 0.6, 0.6, 0.8), "threshold", 32, 12,
+         "PSA Wan2.2-T2V-A14B (thresholdbound, block_n 32, 12 of 40 steps dense)"),
+    _psa("psa-wan2.2-5b", (0.6, 0.7, 0.7, 0.8), "threshold", 32, 15,
+         "PSA Wan2.2-TI2V-5B (thresholdbound, block_n 32, 15 of 50 steps dense)"),
+    _psa("psa-cogvideox1.5-5b", (0.1, 0.15, 0.15, 0.35), "topk", 32, 15,
+         "PSA CogVideoX1.5-5B (topk quotas, block_n 32, 15 of 50 steps dense)"),
+    _psa("psa-cogvideox-5b", (0.1, 0.15, 0.15, 0.35), "topk", 128, 15,
+         "PSA CogVideoX-5B psa_balanced (topk quotas, block_n 128, no reorder, 15 of 50 steps dense)",
+         reorder=False),
+    _psa("psa-cogvideox-5b-4steps", (0.05, 0.15, 0.25, 0.5), "topk", 128, 0,
+         "PSA CogVideoX-5B psa_4steps with the PSA+TDM 4-step LoRA (topk quotas, block 128, no reorder, "
+         "no warm-up)", reorder=False),
 )
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 

@@ -276,3 +276,56 @@ def test_custom_op_passes_opcheck() -> None:
     vis = torch.tensor([[1, 1, 0]], dtype=torch.int8)
     kt, vt = (torch.cat([x.detach(), torch.randn(1, 3, 1, 16)], 1).requires_grad_(True) for x in (k, v))
     torch.library.opcheck(torch.ops.accel.pyramid_fwd, (q, kt, vt, levels, vis, [0, 20, 20, 3], 16, 0.25))
+
+
+# ---------------------------------------------------------------------------------------- the level-map picture
+def _count_colour(img, hex_colour: str) -> int:
+    rgb = torch.tensor([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.uint8)
+    return int((torch.from_numpy(img) == rgb).all(-1).sum())
+
+
+def test_visualize_writes_the_representative_level_map(tmp_path) -> None:
+    method = Pyramid(block_size=16)
+    plan = method.build_plan(TokenLayout(1, 4, 8, 16), 1, torch.device("cpu"))  # 32 blocks
+    rep = method.representative_levels(plan)
+    assert rep.shape == (32, 32) and torch.equal(rep, method.representative_levels(plan))  # seeded
+    assert len(rep.unique()) >= 4 and (rep.diagonal() == 1).all()
+    out = method.visualize(plan, tmp_path / "levels" / "psa.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_visualize_draws_a_given_call_one_colour_per_level() -> None:
+    from accel.methods.pyramid import LEVEL_COLOURS
+
+    method = Pyramid(block_size=16)
+    layout = TokenLayout(1, 2, 4, 8)  # 4 blocks
+    plan = method.build_plan(layout, 2, torch.device("cpu"))
+    full = method.visualize(plan, levels=torch.ones(1, 2, 4, 4, dtype=torch.int32))  # batch 0, head 0 drawn
+    coarse = method.visualize(plan, levels=torch.full((4, 4), 8, dtype=torch.int32))
+    assert full.dtype.name == "uint8" and full.ndim == 3 and full.shape[2] == 3
+    # the map's area in the level's colour (the legend's swatches hold a few hundred pixels of each colour)
+    assert _count_colour(full, LEVEL_COLOURS[1]) > 20 * _count_colour(coarse, LEVEL_COLOURS[1])
+    assert _count_colour(coarse, LEVEL_COLOURS[8]) > 20 * _count_colour(full, LEVEL_COLOURS[8])
+    levels = method.plan_call(*_qkv(1, 64, 2, 8)[:2], layout, AttentionCall(seed=2))
+    assert method.visualize(plan, levels=levels).shape == full.shape
+    with pytest.raises(ValueError, match=r"n = 4 blocks"):
+        method.visualize(plan, levels=torch.ones(3, 3))
+    with pytest.raises(TypeError, match="PyramidPlan"):
+        method.visualize(object())
+
+
+def test_mask_command_draws_pyramid_levels(tmp_path, capsys) -> None:
+    from accel.cli import main
+
+    out = tmp_path / "pyramid.png"
+    argv = ["mask", "--model", "wan", "--frames", "9", "--height", "64", "--width", "64", "--attention", "pyramid",
+            "--block-size", "16"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and "pyramid" in capsys.readouterr().out
+
+
+def test_ui_mask_picture_uses_visualize(tmp_path) -> None:
+    from accel.ui.engine import render_mask
+
+    path = render_mask(Pyramid(block_size=16), (3, 4, 8), "cpu", tmp_path / "ui.png")
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"

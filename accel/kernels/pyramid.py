@@ -8,9 +8,12 @@ the (B, H, n, n) level map on the device: no host sync), loading b/p pooled rows
 tile holds max(16, b/p) rows and the lanes past b/p (and empty groups of the last partial block) are masked, so
 every (block size, level) pair is exact. Skipped blocks are never read. Text keys join the same online softmax.
 
-Backward: not a Triton kernel in this version. ``accel::pyramid_fwd`` is a ``torch.library`` custom op whose
-autograd recomputes the output with the chunked PyTorch path (`torch_pyramid_attention`) and differentiates it,
-so gradients flow through the pooling to q, k and v.
+The forward also writes the natural-log LSE per query row. Backward (`pyramid_bwd.py`): FA2's split with
+Delta = rowsum(dO * O) - dLse, a dQ pass over query blocks (the same level lists as the forward) and a dK/dV pass
+over (KV block, level) pairs walking the transposed level lists into pooled fp32 gradient buffers, which a
+PyTorch op un-pools (each pooled row's gradient spread over its real tokens divided by their count: O(S*D)).
+``accel::pyramid_fwd`` and ``accel::pyramid_bwd`` are ``torch.library`` custom ops, so torch.compile sees one
+node each.
 """
 
 # No `from __future__ import annotations`: torch.library reads the schema from real annotation objects.
@@ -23,7 +26,7 @@ from torch import Tensor
 
 from ._common import resolve_key_parts, text_visibility, triton_input_reason
 from ._triton_common import LOG2E, dot_precision, head_dim_pad
-from .pyramid_reference import LEVELS, pool_levels, torch_pyramid_attention
+from .pyramid_reference import LEVELS, pool_levels
 
 __all__ = ["can_run_pyramid", "level_lists", "pyramid_attention"]
 
@@ -47,19 +50,30 @@ def _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION: tl.cons
 
 
 @triton.jit
+def _pooled_lanes(kb, sub, NV, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr):
+    """Lanes ``sub * ROWS + arange(ROWS)`` of KV block ``kb`` at level P: (row in the level, valid, log2 bias,
+    lane inside the block).
+
+    Lane r is the pooled row of tokens [kb*BS + r*P, +P) cut at NV; lanes past BS/P and empty groups are invalid.
+    The forward and both backward passes read their lanes here, so all three see the same keys and biases.
+    """
+    offs_r = sub * ROWS + tl.arange(0, ROWS)
+    first = kb * BS + offs_r * P
+    cnt = tl.minimum(NV - first, P)
+    lane_ok = offs_r < BS // P
+    bias = tl.math.log2(tl.maximum(cnt, 1).to(tl.float32))
+    return kb * (BS // P) + offs_r, lane_ok & (cnt > 0), bias, lane_ok
+
+
+@triton.jit
 def _level_pass(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, Idx, lo, hi, row0, NV, qk_scale,
                 offs_d, d_mask, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     """KV blocks ``Idx[lo:hi]`` at level P: b/P pooled rows each (starting at row0 + block * b/P)."""
-    offs_r = tl.arange(0, ROWS)
-    lane_ok = offs_r < BS // P
     for it in range(lo, hi):
         kb = tl.load(Idx + it)
-        first = kb * BS + offs_r * P
-        cnt = tl.minimum(NV - first, P)
-        valid = lane_ok & (cnt > 0)
-        bias = tl.math.log2(tl.maximum(cnt, 1).to(tl.float32))
-        rows = (row0 + kb * (BS // P) + offs_r).to(tl.int64)
+        lrow, valid, bias, _ = _pooled_lanes(kb, 0, NV, P, BS, ROWS)
+        rows = (row0 + lrow).to(tl.int64)
         kT = tl.load(k_base + rows[None, :] * stride_kn, mask=valid[None, :] & d_mask[:, None], other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vn, mask=valid[:, None] & d_mask[None, :], other=0.0)
         acc, l_i, m_i = _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION)
@@ -68,7 +82,7 @@ def _level_pass(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, Idx, lo,
 
 @triton.jit
 def _pyramid_fwd_kernel(
-    Q, K, V, KP, VP, EK, EV, EMask, Out, Idx, Ends,
+    Q, K, V, KP, VP, EK, EV, EMask, Out, Lse, Idx, Ends,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -78,6 +92,7 @@ def _pyramid_fwd_kernel(
     stride_evb, stride_evn, stride_evh, stride_evd,
     stride_emb,
     stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh,
     H, NV, NB, T, R4, R8, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BS: tl.constexpr,
     R1_: tl.constexpr, R2_: tl.constexpr, R4_: tl.constexpr, R8_: tl.constexpr,
@@ -134,6 +149,10 @@ def _pyramid_fwd_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + off_b * stride_ob + off_h * stride_oh + q_rows[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
+    # natural-log LSE (log2 units times ln 2); -inf for a row that sees no key
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+                   * 0.6931471805599453)
+    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_rows, lse, mask=m_valid)
 
 
 def _strides(t: Tensor | None) -> tuple[int, ...]:
@@ -160,60 +179,90 @@ def _parts(x: Tensor, parts: list[int]) -> tuple[Tensor, Tensor | None]:
     return x[:, v0:v0 + vl], (x[:, t0:t0 + tl_] if tl_ else None)
 
 
+def pooled_buffer(x: Tensor, block: int) -> tuple[Tensor, int, int]:
+    """Levels 2, 4, 8 of video rows ``x`` (B, V, H, D) in one contiguous buffer, and where levels 4 and 8 start."""
+    pooled, _ = pool_levels(x, block)
+    r2, r4 = pooled[0].shape[1], pooled[1].shape[1]
+    return torch.cat(pooled, 1).contiguous(), r2, r2 + r4
+
+
+def tile_rows(block: int, p: int, most: int) -> tuple[int, int]:
+    """(lanes per tile, tiles per KV block) for the b/p pooled rows of a level: at least 16 lanes (tl.dot),
+    at most ``most``."""
+    rows = max(16, min(most, block // p))
+    return rows, max(1, (block // p) // rows)
+
+
+def _empty_lse(q: Tensor) -> Tensor:
+    B, NV, H, _ = q.shape
+    return torch.empty(B, H, NV, dtype=torch.float32, device=q.device)
+
+
 @torch.library.custom_op("accel::pyramid_fwd", mutates_args=())
 def pyramid_fwd(
     q: Tensor, k: Tensor, v: Tensor, levels: Tensor, text_vis: Tensor | None, parts: list[int], block: int,
     scale: float,
-) -> Tensor:
-    """Triton forward: video queries q (B, V, H, D) over the joint k, v with (B, H, n, n) levels."""
+) -> tuple[Tensor, Tensor]:
+    """Triton forward: video queries q (B, V, H, D) over the joint k, v with (B, H, n, n) levels.
+
+    Returns (out (B, V, H, D), lse (B, H, V) float32, natural log, -inf for rows that see no key)."""
     B, NV, H, D = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = _empty_lse(q)
     kv, ek = _parts(k, parts)
     vv, ev = _parts(v, parts)
-    pk, _ = pool_levels(kv, block)
-    pv, _ = pool_levels(vv, block)
-    kp, vp = torch.cat(pk, 1).contiguous(), torch.cat(pv, 1).contiguous()
-    r2 = pk[0].shape[1]
-    r4 = pk[1].shape[1]
+    kp, r4, r8 = pooled_buffer(kv, block)
+    vp, _, _ = pooled_buffer(vv, block)
     nb = -(-NV // block)
     idx, ends = level_lists(levels)
     T = ek.shape[1] if ek is not None else 0
     emask = text_vis if (T and text_vis is not None) else None
     _pyramid_fwd_kernel[(nb, B * H)](
-        q, kv, vv, kp, vp, ek if T else kp, ev if T else vp, emask if emask is not None else idx, out, idx, ends,
+        q, kv, vv, kp, vp, ek if T else kp, ev if T else vp, emask if emask is not None else idx, out, lse, idx, ends,
         *q.stride(), *kv.stride(), *vv.stride(), *kp.stride(), *vp.stride(), *_strides(ek), *_strides(ev),
-        emask.stride(0) if emask is not None else 0, *out.stride(),
-        H, NV, nb, T, r2, r2 + r4, scale * LOG2E,
+        emask.stride(0) if emask is not None else 0, *out.stride(), lse.stride(0), lse.stride(1),
+        H, NV, nb, T, r4, r8, scale * LOG2E,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BS=block,
         R1_=max(16, block), R2_=max(16, block // 2), R4_=max(16, block // 4), R8_=max(16, block // 8),
         HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, TEXT_BLOCK=_TEXT_BLOCK, DOT_PRECISION=dot_precision(q.dtype),
     )
-    return out
+    return out, lse
 
 
 @pyramid_fwd.register_fake
 def _(q, k, v, levels, text_vis, parts, block, scale):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), _empty_lse(q)
+
+
+@torch.library.custom_op("accel::pyramid_bwd", mutates_args=())
+def pyramid_bwd(
+    dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, levels: Tensor,
+    text_vis: Tensor | None, parts: list[int], block: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton backward: dq (B, V, H, D) and the gradients of the whole joint k, v (zero outside video and text)."""
+    from .pyramid_bwd import pyramid_backward
+
+    return pyramid_backward(dout, dlse, q, k, v, out, lse, levels, text_vis, parts, block, scale)
+
+
+@pyramid_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, levels, text_vis, parts, block, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, levels, text_vis, parts, block, scale = inputs
-    ctx.save_for_backward(q, k, v, levels, text_vis)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, levels, text_vis, out, lse)
     ctx.meta = (parts, block, scale)
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout):
-    q, k, v, levels, text_vis = ctx.saved_tensors
-    parts, block, scale = ctx.meta
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        text = {}
-        if parts[3]:
-            text = {"text_keys": (parts[2], parts[3]),
-                    "text_mask": text_vis.bool() if text_vis is not None else None}
-        out = torch_pyramid_attention(qd, kd, vd, levels, block, video_keys=(parts[0], parts[1]), scale=scale,
-                                      **text)
-        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), dout)
+def _backward(ctx, dout, dlse):
+    q, k, v, levels, text_vis, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.accel.pyramid_bwd(dout, dlse, q, k, v, out, lse, levels, text_vis, *ctx.meta)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -233,7 +282,8 @@ def pyramid_attention(
     q: Tensor, k: Tensor, v: Tensor, levels: Tensor, block_size: int, *,
     video_keys: tuple[int, int] | None = None, text_keys: tuple[int, int] | None = None,
     text_lengths: Tensor | None = None, text_mask: Tensor | None = None, scale: float | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Pyramid sparse attention of video queries over the joint k/v (semantics: `pyramid_reference`).
 
     Args:
@@ -246,9 +296,12 @@ def pyramid_attention(
         text_lengths: (B,) ints, only the first ``text_lengths[b]`` text keys visible; or ``text_mask`` (B, T)
             bool, True = visible.
         scale: softmax scale (default 1/sqrt(D)).
+        return_lse: also return the log-sum-exp (B, H, V) float32, natural log (-inf for a row that sees no
+            key), for merging partial results; differentiable.
 
     Returns:
-        (B, V, H, D). Differentiable in q, k, v (backward through the chunked PyTorch path).
+        (B, V, H, D), or (out, lse). Differentiable in q, k, v through the Triton backward (`pyramid_bwd`):
+        gradients reach q, the text rows and, through the mean pooling, the video rows of k and v.
     """
     can_run_pyramid(q, raise_error=True)
     B, NV, H, D = q.shape
@@ -269,5 +322,6 @@ def pyramid_attention(
         raise ValueError("give text_lengths (trailing padding) or text_mask, not both")
     vis = text_visibility(parts.text_len, text_lengths, text_mask, torch.int8) if parts.text_len else None
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    return torch.ops.accel.pyramid_fwd(q, k, v, levels.to(device=q.device, dtype=torch.int32), vis, list(parts),
-                                       int(block_size), scale)
+    out, lse = torch.ops.accel.pyramid_fwd(q, k, v, levels.to(device=q.device, dtype=torch.int32), vis,
+                                           list(parts), int(block_size), scale)
+    return (out, lse) if return_lse else out

@@ -88,12 +88,15 @@ def reference_pyramid_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: torch.Tensor, block_size: int, *,
     video_keys: tuple[int, int] | None = None, text_keys: tuple[int, int] | None = None,
     text_lengths: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dense-equivalent oracle: video queries ``q`` (B, V, H, D) over the joint k/v (small shapes only).
 
     Key/value c of a pair at level p is the mean of c's group of p (replicated over the group), the pair is masked
     at level 0; visible text keys are plain extra keys. ``levels`` (B, H, n, n) ints in {0, 1, 2, 4, 8}. float32
-    math (float64 for float64 inputs); builds (B, H, V, V + T); differentiable.
+    math (float64 for float64 inputs); builds (B, H, V, V + T); differentiable. With ``return_lse`` also the
+    natural-log log-sum-exp (B, H, V) of the logits in the compute dtype (-inf for a row that sees nothing; the
+    same as over pooled keys with the +ln(count) bias).
     """
     parts = resolve_key_parts(k.shape[1], video_keys, text_keys)
     B, V, H, D = q.shape
@@ -121,7 +124,8 @@ def reference_pyramid_attention(
               for i, p in enumerate(LEVELS))
     if tk is not None:
         out = out + torch.matmul(prob[..., V:], tv.to(cdtype).transpose(1, 2))
-    return out.transpose(1, 2).to(q.dtype)
+    out = out.transpose(1, 2).to(q.dtype)
+    return (out, lse[..., 0]) if return_lse else out
 
 
 def brute_force_pyramid_attention(
@@ -163,7 +167,7 @@ def torch_pyramid_attention(
     text_lengths: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, scale: float | None = None,
     chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
-    """Pyramid attention in chunked PyTorch: the CPU path and the autograd path of the Triton op.
+    """Pyramid attention in chunked PyTorch: the path where Triton cannot run (plain autograd backward).
 
     Same arguments as `reference_pyramid_attention`. Keys are the pooled rows of every level (about 1.9 x V plus
     the text), so a chunk of query blocks costs (B, H, chunk rows, 1.9 V + T); never a V x V tensor beyond one

@@ -36,7 +36,9 @@ class AttentionCall:
             describes the padding or nothing is padded.
         key_padding_mask: (B, S) bool over the whole joint sequence, the same facts in the form dense SDPA
             takes; None when nothing is hidden.
-        seed: a per-call seed for methods that sample (reproducible masks for a given generation seed).
+        seed: a per-call seed for methods that sample (pyramid's token sampling). A patched pipeline derives
+            it from the patch's seed (the generation seed), the denoising step and the layer (`call_seed`):
+            the same generation seed gives the same masks, another step or layer other samples.
     """
 
     scale: float | None = None
@@ -48,6 +50,25 @@ class AttentionCall:
     @property
     def padded(self) -> bool:
         return self.key_padding_mask is not None
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit ints that spreads every input bit over the output."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def call_seed(seed: int, step: int | None, layer: int) -> int:
+    """The seed of one (step, layer) attention call from a generation ``seed``, in [0, 2**63): plain integer
+    arithmetic on the host (no device sync), the same every run. ``step`` None (a call outside a denoising loop)
+    is a value of its own."""
+    step_code = 0 if step is None else step + 1
+    return _mix64(_mix64(_mix64(seed & _MASK64) ^ step_code) ^ (layer & _MASK64)) >> 1
 
 
 class Attended(NamedTuple):

@@ -12,13 +12,15 @@ call for the video queries with the text keys at full resolution in the same sof
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
 from accel.geometry import TokenLayout
-from accel.kernels._common import triton_runs_here
+from accel.kernels._common import triton_input_reason
 from accel.kernels.neighborhood_reference import tile_major_order
 from accel.kernels.pyramid_reference import (
     cap_levels,
@@ -39,7 +41,12 @@ from accel.methods.base import (
 from accel.methods.dense import sdpa_bshd
 from accel.options import check_options, option
 
+if TYPE_CHECKING:
+    import numpy as np
+
 BLOCK_SIZES = (16, 32, 64, 128)
+# picture colours per level (0 = skipped, then full resolution to the coarsest pooling)
+LEVEL_COLOURS = {0: "#111111", 1: "#fde725", 2: "#35b779", 4: "#31688e", 8: "#a6a6d6"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,9 +192,9 @@ class Pyramid(AttentionMethod):
         with torch.no_grad():
             levels = self.plan_call(q, k, layout, call)
             density = level_density(levels)
-        if triton_runs_here(q):
+        if triton_input_reason(q) is None:
             from accel.kernels.pyramid import pyramid_attention
-        else:  # CPU without the Triton interpreter: the chunked PyTorch path (same semantics)
+        else:  # e.g. CPU without the Triton interpreter: the chunked PyTorch path (same semantics)
             from accel.kernels.pyramid_reference import torch_pyramid_attention as pyramid_attention
         vs, ts = split_joint(layout)
         text = {}
@@ -202,5 +209,108 @@ class Pyramid(AttentionMethod):
         out = torch.cat([text_out, video] if layout.text_position == "before" else [video, text_out], 1)
         return Attended(out, density)
 
+    # ------------------------------------------------------------------ picture
+    def representative_levels(self, plan: PyramidPlan, *, seed: int = 0, head_dim: int = 32) -> torch.Tensor:
+        """(n, n) int32 levels of one call on synthetic q/k of the plan's grid (what `visualize` draws by default).
 
-__all__ = ["Pyramid", "PyramidPlan", "block_tile"]
+        Levels are chosen per call from q/k, so a plan alone has none. Here q = k = seeded random Fourier
+        features of each token's (frame, row, column) position, smooth over the grid as real video latents are
+        (nearby tokens alike), put into `token_order`; the call's seed is ``seed``. A picture of the rule, not of
+        any model's attention: pass a real call's levels (`plan_call`) to `visualize` for that.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        f, h, w = plan.grid
+        pos = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+        pos = pos.reshape(-1, 3).float() / torch.tensor([max(f, 1), max(h, 1), max(w, 1)]).float()
+        freq = torch.randn(3, head_dim, generator=gen) * 1.5  # about 1.5 periods per grid axis
+        phase = torch.rand(head_dim, generator=gen) * 2 * math.pi
+        # (N, D), unit variance per column: every level shows up under the default thresholds (at 21x30x52,
+        # about 55% skipped, 12% full, 8/11/15% pooled 2x/4x/8x); sharper features leave only level 1
+        feat = torch.cos(2 * math.pi * pos @ freq + phase) * math.sqrt(2.0)
+        layout = TokenLayout(1, f, h, w)
+        order = self.token_order(layout, torch.device("cpu"))
+        if order is not None:
+            feat = feat[order]
+        qk = feat[None, :, None, :]
+        return self.plan_call(qk, qk, layout, AttentionCall(seed=seed))[0, 0]
+
+    def visualize(
+        self, plan: PyramidPlan, path: str | Path | None = None, *, layout: TokenLayout | None = None,
+        max_pixels: int = 1024, levels: torch.Tensor | None = None,
+    ) -> Path | np.ndarray:
+        """Picture of a level map (colour per level 0/1/2/4/8, legend; density in the title).
+
+        ``levels``: a call's (n, n) map, or (B, H, n, n) from `plan_call` (batch 0, head 0 drawn); default: the
+        `representative_levels` of the plan's grid (synthetic seeded q/k; the title says so). Blocks are in the
+        method's token order (3-D tiles with ``reorder``). Maps wider than ``max_pixels`` blocks show, per pixel,
+        the finest level among its blocks. Writes a PNG at ``path`` and returns it, or returns an RGB array.
+        """
+        if not isinstance(plan, PyramidPlan):
+            raise TypeError(f"plan must be a PyramidPlan from Pyramid.build_plan, got {type(plan).__name__}")
+        source = "a given call"
+        if levels is None:
+            levels, source = self.representative_levels(plan), "a representative call (synthetic seeded q/k)"
+        levels = levels.detach().to("cpu", torch.int64)
+        if levels.dim() == 4:
+            levels = levels[0, 0]
+        n = plan.num_blocks
+        if tuple(levels.shape) != (n, n):
+            raise ValueError(f"levels must be (n, n) or (B, H, n, n) with n = {n} blocks, got {tuple(levels.shape)}")
+        order = " (3-D tile order)" if self.reorder else ""
+        title = (f"pyramid {self.mode} t={self.t1:g}/{self.t2:g}/{self.t3:g}/{self.t4:g}, block {plan.block_size}: "
+                 f"levels of {source}\ngrid {'x'.join(map(str, plan.grid))}, {n}x{n} blocks{order}: "
+                 f"{float(level_density(levels)):.1%} FLOP-equivalent density")
+        return render_levels(levels, path, title=title, max_pixels=max_pixels)
+
+
+def render_levels(levels: torch.Tensor, path: str | Path | None = None, *, title: str = "",
+                  max_pixels: int = 1024) -> Path | np.ndarray:
+    """Draw an (n, n) level map with one colour per level and a legend; a PNG at ``path``, else an RGB array.
+
+    Maps wider than ``max_pixels`` are pooled to the finest level of each cell (largest 1/p), so no kept block
+    disappears from the picture.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    n = levels.shape[-1]
+    factor = max(1, math.ceil(n / max(1, max_pixels)))
+    rank = torch.zeros_like(levels)  # 0 skipped, 1 = 8x ... 4 = full: max-pooling keeps the finest level
+    for r, p in enumerate((8, 4, 2, 1), start=1):
+        rank = torch.where(levels == p, r, rank)
+    if factor > 1:
+        m = math.ceil(n / factor) * factor
+        padded = torch.zeros(m, m, dtype=rank.dtype)
+        padded[:n, :n] = rank
+        rank = padded.view(m // factor, factor, m // factor, factor).amax(3).amax(1)
+    names = {0: "skipped", 1: "full (level 1)", 2: "pooled 2x", 4: "pooled 4x", 8: "pooled 8x"}
+    cmap = ListedColormap([LEVEL_COLOURS[p] for p in (0, 8, 4, 2, 1)])
+    fig = Figure(figsize=(7, 7.4), dpi=150)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(rank.numpy(), cmap=cmap, vmin=-0.5, vmax=4.5, interpolation="nearest", extent=(0, n, n, 0))
+    share = {p: float((levels == p).float().mean()) for p in names}
+    ax.legend(handles=[Patch(color=LEVEL_COLOURS[p], label=f"{names[p]}: {share[p]:.0%}") for p in names],
+              loc="upper right", fontsize=7, framealpha=0.85)
+    ax.set_xlabel("key block")
+    ax.set_ylabel("query block")
+    pooled = f" ({factor}x{factor} blocks per pixel: finest level shown)" if factor > 1 else ""
+    ax.set_title(title + pooled, fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return path
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+__all__ = ["LEVEL_COLOURS", "Pyramid", "PyramidPlan", "block_tile", "render_levels"]

@@ -301,7 +301,7 @@ def run_generation(
             on_phase("decoding")
         return kwargs
 
-    handle = patch(pipe, method, schedule=schedule, on_unsupported=on_unsupported)
+    handle = patch(pipe, method, schedule=schedule, on_unsupported=on_unsupported, seed=request.seed)
     hooks = [m.register_forward_pre_hook(before_forward) for m in _transformers(pipe)]
     cuda = torch.device(device).type == "cuda"
     if cuda:

@@ -88,6 +88,7 @@ def patch(
     schedule: Schedule | None = None,
     guidance: Any = None,
     on_unsupported: str = "error",
+    seed: int = 0,
 ) -> PatchHandle:
     """Replace the self-attention of a diffusers pipeline (or a bare transformer) with `method`.
 
@@ -99,6 +100,8 @@ def patch(
             The branch hook point it will build on exists: `PatchHandle.add_branch`.
         on_unsupported: "error" raises a clear error for unknown models or shapes the method cannot
             take; "dense" logs one warning and runs dense attention there instead.
+        seed: base of the per-call seeds of sampling methods (pyramid): each (step, layer) call gets its own
+            seed derived from it (`accel.methods.base.call_seed`); pass the generation seed for reproducible masks.
 
     Returns:
         A `PatchHandle` (also stored on the pipeline) whose `.stats` reports attention calls and density.
@@ -110,6 +113,8 @@ def patch(
         raise TypeError(f"method must be an accel attention method (e.g. accel.Radial()), got {type(method).__name__}")
     if schedule is not None and not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be an accel.Schedule, got {type(schedule).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     if guidance is not None:
         raise NotImplementedError("head-perturbation guidance is not available in this version of accel")
     if getattr(pipe, _PATCH_ATTRIBUTE, None) is not None:
@@ -130,7 +135,7 @@ def patch(
         )
         return PatchHandle(None)
 
-    runtime = AttentionRuntime(method, schedule, on_unsupported)
+    runtime = AttentionRuntime(method, schedule, on_unsupported, seed=seed)
     handle = PatchHandle(runtime)
     tracker = StepTracker(pipe if not isinstance(pipe, torch.nn.Module) else None)
     try:

@@ -7,6 +7,7 @@ carries the grid, the step and the padding facts; nothing lives in class attribu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from accel.geometry import TokenLayout
-from accel.methods.base import AttentionCall, AttentionMethod, call_from_padding_mask, check_qkv
+from accel.methods.base import AttentionCall, AttentionMethod, call_from_padding_mask, call_seed, check_qkv
 from accel.methods.dense import Dense
 from accel.pipelines.context import Branch, ForwardContext, TransformerState, permute_tokens
 from accel.schedule import Schedule
@@ -104,13 +105,14 @@ class AttentionRuntime:
     """Chooses the method per (step, layer), caches plans per geometry, runs branches, falls back as configured."""
 
     def __init__(self, method: AttentionMethod, schedule: Schedule | None, on_unsupported: str,
-                 branches: tuple[Branch, ...] | list[Branch] = ()) -> None:
+                 branches: tuple[Branch, ...] | list[Branch] = (), seed: int = 0) -> None:
         if on_unsupported not in ("error", "dense"):
             raise ValueError(f"on_unsupported must be 'error' or 'dense', got {on_unsupported!r}")
         self.method = method
         self.schedule = schedule or Schedule()
         self.on_unsupported = on_unsupported
         self.branches: list[Branch] = list(branches)
+        self.seed = seed  # base of the per-(step, layer) call seeds (`call_seed`)
         self.dense = Dense()
         self.stats = AttentionStats()
         self._plans: dict[tuple, Any] = {}
@@ -257,6 +259,7 @@ class AttentionRuntime:
                 if call is None:
                     self.warn_once("accel: this model's text padding is read per layer (one host check each)")
                     call = call_from_padding_mask(layer_mask, layout)
+                call = dataclasses.replace(call, seed=call_seed(self.seed, ctx.step, layer))
                 perm = ctx.token_order if method is self.method and not ctx.order_in_stream else None
                 if perm is not None:  # this family has no token stream: reorder around this layer instead
                     self.warn_once(f"accel: {method.name}'s token order is applied per layer for this model")
