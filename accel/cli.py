@@ -576,9 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from accel.bench.eval import add_eval_command
     from accel.bench.fidelity import add_fidelity_command
+    from accel.lora.cli import add_make_dataset_command, add_train_lora_command
     from accel.ui.cli import add_ui_command
 
     add_ui_command(sub)
+    add_make_dataset_command(sub)
+    add_train_lora_command(sub)
     add_eval_command(sub)
     bench = sub.add_parser("bench", help="GPU benchmarks (kernels, e2e) and the attention fidelity benchmark",
                            formatter_class=_HelpFormatter)

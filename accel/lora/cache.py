@@ -98,7 +98,8 @@ class LatentCache:
         try:
             return load_file(path)
         except Exception as err:
-            raise DataError(item.path, f"cache entry {path.name} is unreadable ({err}); delete it to re-encode") from None
+            raise DataError(item.path, f"cache entry {path.name} is unreadable ({err}); delete it to re-encode"
+                            ) from None
 
     def fill(self, items: list[VideoItem], encode_video, encode_text, *, progress: bool = True) -> list[DataError]:
         """Encode and store every item without an entry; returns the items that failed to decode."""

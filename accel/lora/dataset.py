@@ -156,8 +156,8 @@ def read_frames(path: Path) -> np.ndarray:
     try:
         frames = iio.imread(path, index=None)
     except Exception as err:  # imageio raises many types for corrupt files
-        raise DataError(path, f"cannot read video ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                        ) from None
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise DataError(path, f"cannot read video ({type(err).__name__}: {first})") from None
     frames = np.asarray(frames)
     if frames.ndim == 3:  # a single greyscale or RGB image
         frames = frames[None] if frames.shape[-1] in (3, 4) else frames[..., None]

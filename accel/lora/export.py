@@ -16,11 +16,17 @@ from typing import Any
 
 import torch
 
-from accel.lora.models import identity_hash, transformer_identity
+from accel.pipelines.lora_files import (
+    DIFFUSERS_FILE,
+    METADATA_FILE,
+    check_lora_fits,
+    check_pipeline_lora,
+    identity_hash,
+    read_metadata,
+    transformer_identity,
+)
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "lora_comfyui.safetensors"
-METADATA_FILE = "accel_lora.json"
 METADATA_VERSION = 1
 
 # diffusers Wan module names -> original Wan / ComfyUI names.
@@ -85,58 +91,5 @@ def write_metadata(path: Path, body: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def read_metadata(path: str | Path) -> dict[str, Any] | None:
-    """``accel_lora.json`` of a LoRA file or folder, or None when it has none (a LoRA made elsewhere)."""
-    path = Path(path)
-    meta = (path if path.is_dir() else path.parent) / METADATA_FILE
-    if not meta.exists():
-        return None
-    try:
-        body = json.loads(meta.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"LoRA metadata {meta} is not JSON: {err}") from None
-    if body.get("format") != "accel-lora":
-        raise ValueError(f"{meta} is not accel LoRA metadata (format={body.get('format')!r})")
-    return body
-
-
-def check_lora_fits(transformer: torch.nn.Module, path: str | Path) -> None:
-    """ValueError when the LoRA at `path` was made for another model: by its metadata, or by its tensor shapes."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    meta = read_metadata(path)
-    mine = transformer_identity(transformer)
-    if meta is not None and meta.get("base_model_hash") != identity_hash(mine):
-        theirs = meta.get("base_model", {})
-        diff = {k: (theirs.get("config", {}).get(k), v) for k, v in mine["config"].items()
-                if theirs.get("config", {}).get(k) != v}
-        detail = ", ".join(f"{k}: LoRA {a!r} vs model {b!r}" for k, (a, b) in sorted(diff.items()))
-        if theirs.get("class") != mine["class"]:
-            detail = f"class: LoRA {theirs.get('class')} vs model {mine['class']}" + (f", {detail}" if detail else "")
-        raise ValueError(f"LoRA {path.name} was trained for another base model ({detail or 'different config'})")
-    file = path if path.is_file() else path / DIFFUSERS_FILE
-    if not file.exists():
-        return
-    modules = dict(transformer.named_modules())
-    with safe_open(str(file), framework="pt") as f:
-        for key in f.keys():
-            m = re.match(r"^(?:transformer\.)?(.+)\.lora_([AB])\.weight$", key)
-            if m is None:
-                continue
-            name, which = m.groups()
-            module = modules.get(name)
-            base = getattr(module, "base_layer", module)
-            if not isinstance(base, torch.nn.Linear):
-                raise ValueError(f"LoRA {path.name} does not fit this model: it has weights for {name!r}, which this "
-                                 f"{type(transformer).__name__} has no linear layer for")
-            shape = f.get_slice(key).get_shape()
-            want = base.in_features if which == "A" else base.out_features
-            got = shape[1] if which == "A" else shape[0]
-            if got != want:
-                raise ValueError(f"LoRA {path.name} does not fit this model: {key} has {got} "
-                                 f"{'input' if which == 'A' else 'output'} features, {name} has {want}")
-
-
-__all__ = ["COMFYUI_FILE", "DIFFUSERS_FILE", "METADATA_FILE", "check_lora_fits", "comfyui_state_dict",
-           "lora_state_dict", "read_metadata", "save_lora"]
+__all__ = ["COMFYUI_FILE", "DIFFUSERS_FILE", "METADATA_FILE", "check_lora_fits", "check_pipeline_lora",
+           "comfyui_state_dict", "lora_state_dict", "read_metadata", "save_lora"]

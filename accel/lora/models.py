@@ -7,8 +7,6 @@ yet, so `training_adapter` refuses it with NotImplementedError.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,22 +15,6 @@ import torch
 # Self-attention projections per family (peft regex over module names); FFN layers added with `ffn=True`.
 SELF_ATTENTION_TARGETS = {"wan": r".*blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)"}
 FFN_TARGETS = {"wan": r".*blocks\.\d+\.ffn\.(net\.0\.proj|net\.2)"}
-# Transformer config fields that decide whether a LoRA's shapes and keys fit (the "same base model" check).
-IDENTITY_FIELDS = ("num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "out_channels",
-                   "text_dim", "ffn_dim", "patch_size", "image_dim", "cross_attn_norm", "qk_norm")
-
-
-def transformer_identity(transformer: torch.nn.Module) -> dict[str, Any]:
-    """Class name and the shape-deciding config fields of a transformer (JSON-able)."""
-    cfg = getattr(transformer, "config", {}) or {}
-    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in IDENTITY_FIELDS}
-    return {"class": type(transformer).__name__, "config": fields}
-
-
-def identity_hash(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 @dataclass
 class WanTraining:
     """Wan 2.1 / 2.2 training adapter around a `WanPipeline` (VAE, UMT5 text encoder, one or two experts)."""
@@ -99,5 +81,4 @@ def training_adapter(pipe: Any, max_sequence_length: int = 512) -> WanTraining:
                               "are not wired into training yet")
 
 
-__all__ = ["FFN_TARGETS", "default_targets", "SELF_ATTENTION_TARGETS", "WanTraining", "identity_hash", "training_adapter",
-           "transformer_identity"]
+__all__ = ["FFN_TARGETS", "SELF_ATTENTION_TARGETS", "WanTraining", "default_targets", "training_adapter"]

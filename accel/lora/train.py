@@ -128,7 +128,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a whole number >= {minimum}, got {value!r}")
         for name, positive in (("alpha", True), ("lr", True), ("weight_decay", False), ("max_grad_norm", False)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bad = not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            if bad or (positive and value == 0):
                 raise ValueError(f"TrainConfig.{name} must be a finite number {'>' if positive else '>='} 0, "
                                  f"got {value!r}")
         DatasetConfig(self.data, self.buckets, self.frame_stride, self.on_bad_data)  # validates those fields
@@ -547,7 +548,7 @@ class Trainer:
 
             return save_lora(cfg.out / "lora", transformer, meta, pipeline_class=type(pipe))
         from accel.lora.export import write_metadata
-        from accel.lora.models import identity_hash, transformer_identity
+        from accel.pipelines.lora_files import identity_hash, transformer_identity
 
         out = cfg.out / "transformer"
         transformer.save_pretrained(str(out), safe_serialization=True)
