@@ -150,6 +150,7 @@ class TrainResult:
     skipped: list[DataError] = field(default_factory=list)
     eval_loss_start: float | None = None
     eval_loss_end: float | None = None
+    attention: str | None = None  # the patch's summary: calls, sparse calls, mean tile density
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -264,7 +265,7 @@ class Trainer:
         check_trainable(method, device)
         import accel
 
-        accel.patch(transformer, method, schedule=schedule)
+        handle = accel.patch(transformer, method, schedule=schedule)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()
@@ -347,6 +348,7 @@ class Trainer:
         if not result.interrupted and accelerator.is_main_process:
             result.output = self._export(pipe, transformer, spec, method, schedule, state["step"])
         accelerator.wait_for_everyone()
+        result.attention = handle.stats.summary()
         accel.unpatch(transformer)
         return result
 
