@@ -589,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, text in (
         ("kernels", "accel.bench.kernels", "block-sparse kernel vs cuDNN / FlashAttention SDPA / flex (GPU)"),
         ("e2e", "accel.bench.e2e", "full-size transformer forwards, dense vs radial, 50-step totals (GPU)"),
+        ("train", "accel.lora.bench", "LoRA training step time and memory, dense cuDNN vs radial (GPU)"),
     ):
         gpu = bench_sub.add_parser(name, help=text, add_help=False)
         gpu.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--help lists them)")

@@ -246,11 +246,18 @@ class Trainer:
         self._pipe = pipe
 
     def run(self) -> TrainResult:
+        previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        if self.config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return self._run()
+        finally:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+    def _run(self) -> TrainResult:
         cfg = self.config
         from accelerate import Accelerator
 
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
         cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                                   cpu=cpu)
