@@ -128,8 +128,8 @@ def test_sigterm_saves_checkpoint(data, tmp_path):
 def trained(data, tmp_path_factory):
     pipe = tiny.wan()
     out = tmp_path_factory.mktemp("trained")
-    result = train(_config(data, out, steps=3, lr=1e-2, warmup=0, alpha=8.0, attention="radial:decay=0.5"),
-                   pipe=pipe)
+    result = train(_config(data, out, steps=3, lr=1e-2, warmup=0, alpha=8.0, attention="radial:decay=0.5",
+                           validate_every=3, validation_steps=1), pipe=pipe)
     return pipe, result
 
 
@@ -164,6 +164,10 @@ def test_metadata_roundtrip(trained):
     from accel.lora.export import read_metadata
 
     _, result = trained
+    import imageio.v3 as iio
+
+    video = iio.imread(result.output.parent / "validation" / "step-00000003.mp4", index=None)
+    assert video.shape == (17, 64, 64, 3)  # the validation video of step 3
     meta = read_metadata(result.output)
     assert meta["rank"] == 4 and meta["alpha"] == 8.0 and meta["base_model"]["class"] == "WanTransformer3DModel"
     assert meta["attention"]["method"] == "radial" and meta["attention"]["config"]["decay"] == 0.5
@@ -246,3 +250,24 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="DatasetConfig.buckets"):
         TrainConfig(buckets=())
     assert TrainConfig(buckets=(Bucket(9, 32, 32),)).buckets[0].frames == 9
+
+
+def test_bench_train_step_runs_on_cpu():
+    """The GPU benchmark's model, inputs and timed step on a tiny config (the H200 run uses Wan2.1-1.3B)."""
+    import accel
+    from accel.lora import bench
+
+    cfg = dict(bench.WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=32)
+    model = bench.build_model(2, 4, True, config=cfg, device="cpu")
+    inputs = bench.make_inputs(9, 64, 64, text_dim=32, text_tokens=8, device="cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    before = [p.detach().clone() for p in params]
+    handle = accel.patch(model, accel.Radial())
+    times, peak = bench.time_steps(model, inputs, torch.optim.AdamW(params, lr=1e-2), steps=1)
+    accel.unpatch(model)
+    assert len(times) == 1 and peak is None and handle.stats.sparse_calls > 0
+    assert any((p - b).abs().max() > 0 for p, b in zip(params, before))
+    table = bench.format_table({"rows": [{"frames": 81, "tokens": 32760, "method": "radial", "step_s": 1.0,
+                                          "peak_memory_gib": 2.0, "tokens_per_s": 32760.0}]})
+    assert "| 81 | 32,760 | radial | 1.00 | 2.0 | 32,760 |" in table

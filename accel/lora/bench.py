@@ -44,15 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build(layers: int, rank: int, checkpointing: bool) -> torch.nn.Module:
+def build_model(layers: int, rank: int, checkpointing: bool, *, config: dict | None = None,
+                device: str = "cuda") -> torch.nn.Module:
+    """A bf16 Wan transformer (`config`, default Wan2.1-1.3B) with random weights and fp32 LoRA adapters."""
     from diffusers import WanTransformer3DModel
     from peft import LoraConfig
 
     from accel.lora.models import default_targets
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = WanTransformer3DModel(**{**WAN_1_3B, "num_layers": layers}).to(torch.bfloat16)
+    with torch.device(device):
+        model = WanTransformer3DModel(**{**(config or WAN_1_3B), "num_layers": layers}).to(torch.bfloat16)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                  target_modules=default_targets("wan")))
@@ -66,36 +68,46 @@ def _build(layers: int, rank: int, checkpointing: bool) -> torch.nn.Module:
     return model
 
 
-def _inputs(frames: int, height: int, width: int) -> dict[str, Any]:
-    g = torch.Generator(device="cuda").manual_seed(0)
+def make_inputs(frames: int, height: int, width: int, *, channels: int = 16, text_dim: int = 4096,
+                text_tokens: int = 512, device: str = "cuda") -> dict[str, Any]:
+    """Random bf16 latents for `frames` x `height` x `width` pixels (Wan VAE: 4x time, 8x space) and text."""
+    g = torch.Generator(device=device).manual_seed(0)
     lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
-    x = torch.randn(1, 16, lat_f, lat_h, lat_w, device="cuda", dtype=torch.bfloat16, generator=g)
-    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
-    return {"hidden_states": x, "timestep": torch.tensor([500.0], device="cuda"), "encoder_hidden_states": text,
+    x = torch.randn(1, channels, lat_f, lat_h, lat_w, device=device, dtype=torch.bfloat16, generator=g)
+    text = torch.randn(1, text_tokens, text_dim, device=device, dtype=torch.bfloat16, generator=g)
+    return {"hidden_states": x, "timestep": torch.tensor([500.0], device=device), "encoder_hidden_states": text,
             "return_dict": False}
 
 
-def _time_steps(model, inputs, optimizer, steps: int, sdpa_backend) -> tuple[list[float], int]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(model, inputs, optimizer, steps: int, sdpa_backend=None) -> tuple[list[float], int | None]:
+    """Wall times of `steps` training steps after one warm-up step, and the peak allocated CUDA memory."""
     from contextlib import nullcontext
 
     from torch.nn.attention import sdpa_kernel
 
+    device = inputs["hidden_states"].device
     target = torch.randn_like(inputs["hidden_states"])
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with sdpa_kernel(sdpa_backend) if sdpa_backend is not None else nullcontext():
         for i in range(steps + 1):
-            torch.cuda.synchronize()
+            _sync(device)
             t0 = time.perf_counter()
             pred = model(**inputs)[0]
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            _sync(device)
             if i > 0:  # the first step compiles kernels and builds plans
                 times.append(time.perf_counter() - t0)
-    return times, torch.cuda.max_memory_allocated()
+    return times, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,11 +120,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError("accel bench train needs a CUDA GPU")
     frames_list = [int(f) for f in args.frames.split(",")]
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
-    model = _build(args.layers, args.rank, not args.no_gradient_checkpointing)
+    model = build_model(args.layers, args.rank, not args.no_gradient_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     for frames in frames_list:
-        inputs = _inputs(frames, args.height, args.width)
+        inputs = make_inputs(frames, args.height, args.width)
         lat = inputs["hidden_states"].shape
         tokens = lat[2] * (lat[3] // 2) * (lat[4] // 2)
         for spec_text in specs:
@@ -121,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             optimizer = torch.optim.AdamW(params, lr=1e-5)
             handle = accel.patch(model, spec.method, schedule=spec.schedule_over())
             try:
-                times, peak = _time_steps(model, inputs, optimizer, args.steps, backend)
+                times, peak = time_steps(model, inputs, optimizer, args.steps, backend)
                 stats = handle.stats
             except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # one shape failing keeps the others
                 print(f"{frames} frames {spec.label}: {type(err).__name__}: {str(err)[:300]}", flush=True)
@@ -197,4 +209,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["WAN_1_3B", "format_table", "main", "run"]
+__all__ = ["WAN_1_3B", "build_model", "format_table", "main", "make_inputs", "run", "time_steps"]

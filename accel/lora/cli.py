@@ -147,6 +147,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}; continue with --resume",
               file=sys.stderr)
         return 130
+    if result.output is None:  # not the main process of a multi-GPU run
+        return 0
     loss = f", eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}" \
         if result.eval_loss_start is not None and result.eval_loss_end is not None else ""
     print(f"trained {result.step} steps{loss}; wrote {result.output}")

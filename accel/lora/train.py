@@ -189,6 +189,11 @@ def epoch_batches(items: list[VideoItem], batch_size: int, seed: int, epoch: int
     return batches
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the noise/timestep generator at optimizer step `step` on process `rank`."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63)
+
+
 def warmup_lambda(warmup: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
@@ -285,7 +290,7 @@ class Trainer:
         objective = FlowMatchObjective.for_family(adapter.family, expert=cfg.expert,
                                                   boundary_ratio=adapter.boundary_ratio, shift=cfg.shift,
                                                   weighting=cfg.weighting)
-        generator = torch.Generator().manual_seed(cfg.seed + 7919 * accelerator.process_index)
+        generator = torch.Generator()
         state = {"step": 0, "epoch": 0, "batch": 0}
         ckpt_dir = cfg.out / "checkpoints"
         fingerprint = self._run_fingerprint(items, spec.label)
@@ -305,6 +310,8 @@ class Trainer:
         with _StopFlag() as stop:
             while state["step"] < cfg.steps:
                 t0 = time.perf_counter()
+                # Noise and sigmas of step s on rank r depend only on (seed, s, r): resume is exact on any rank.
+                generator.manual_seed(step_seed(cfg.seed, state["step"], rank))
                 losses, tokens = [], 0
                 for _ in range(cfg.grad_accum):
                     batches = epoch_batches(items, cfg.batch_size, cfg.seed, state["epoch"])
