@@ -254,3 +254,25 @@ def test_checkpoint_atomic_roundtrip_and_corrupt_fallback(tmp_path, caplog):
     (tmp_path / "step-00000003" / "state.json").write_text("{not json")
     with pytest.raises(ckpt.CorruptCheckpointError, match="step-00000003.*not JSON"):
         ckpt.load_checkpoint(tmp_path / "step-00000003")
+
+
+@pytest.mark.parametrize("command", ["make-dataset", "train-lora"])
+def test_cli_help(capsys, command):
+    from accel.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0 and "(default:" in text
+
+
+def test_make_dataset_cli(tmp_path, capsys):
+    from accel.cli import main
+
+    assert main(["make-dataset", str(tmp_path), "--count", "2", "--frames", "5", "--height", "16", "--width", "24",
+                 "--seed", "7"]) == 0
+    assert "wrote 2 clips of 5x16x24" in capsys.readouterr().out
+    assert (tmp_path / "clip_00001.txt").read_text().strip() == clip_spec(7, 1).caption
+    with pytest.raises(SystemExit):
+        main(["make-dataset", str(tmp_path), "--count", "0"])
+    assert "count must be a whole number >= 1" in capsys.readouterr().err
