@@ -272,7 +272,7 @@ def test_bench_train_step_runs_on_cpu():
     times, peak = bench.time_steps(model, inputs, torch.optim.AdamW(params, lr=1e-2), steps=1)
     accel.unpatch(model)
     assert len(times) == 1 and peak is None and handle.stats.sparse_calls > 0
-    assert any((p - b).abs().max() > 0 for p, b in zip(params, before))
+    assert any((p - b).abs().max() > 0 for p, b in zip(params, before, strict=True))
     table = bench.format_table({"rows": [{"frames": 81, "tokens": 32760, "method": "radial", "step_s": 1.0,
                                           "peak_memory_gib": 2.0, "tokens_per_s": 32760.0}]})
     assert "| 81 | 32,760 | radial | 1.00 | 2.0 | 32,760 |" in table

@@ -54,7 +54,7 @@ def encoder_fingerprint(pipe: Any) -> str:
     for name in ("vae", "text_encoder"):
         module = getattr(pipe, name)
         config = getattr(module, "config", None)
-        cfg = dict(config) if config is not None and not hasattr(config, "to_dict") else config.to_dict()
+        cfg = {} if config is None else config.to_dict() if hasattr(config, "to_dict") else dict(config)
         parts.append(json.dumps(cfg, sort_keys=True, default=str))
         with torch.no_grad():
             parts.append(repr([float(p.double().sum()) for p in list(module.parameters())[:8]]))
