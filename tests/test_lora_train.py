@@ -44,7 +44,7 @@ def _forward(transformer) -> torch.Tensor:
 
 @pytest.mark.parametrize("attention,steps", [("dense", 24), ("radial", 8)])
 def test_loss_falls(data, tmp_path, attention, steps):
-    lr = 2e-3 if attention == "dense" else 5e-3
+    lr = 2e-3 if attention == "dense" else 1e-2
     result = train(_config(data, tmp_path, attention=attention, steps=steps, lr=lr))
     print(attention, result.eval_loss_start, result.eval_loss_end, result.attention)
     assert result.step == steps and len(result.losses) == steps and not result.interrupted
