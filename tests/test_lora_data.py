@@ -163,13 +163,17 @@ def test_cache_key_changes_with_file_caption_and_settings(tmp_path, clips):
     cache = LatentCache(tmp_path, settings)
     calls = []
 
+    def text(caption):
+        return {"text": torch.ones(4, 2), "text_mask": torch.ones(4, dtype=torch.long)}
+
     def video(x):
         calls.append(1)
         return x[:, :, ::4, ::8, ::8]
 
-    failed = cache.fill([item], video, lambda text: torch.ones(4, 2), progress=False)
-    assert not failed and cache.load(item)["latents"].shape == (3, 5, 8, 8)
-    cache.fill([item], video, lambda text: torch.ones(4, 2), progress=False)
+    failed = cache.fill([item], video, text, progress=False)
+    entry = cache.load(item)
+    assert not failed and entry["latents"].shape == (3, 5, 8, 8) and entry["text_mask"].dtype == torch.long
+    cache.fill([item], video, text, progress=False)
     assert len(calls) == 1  # encoded once
     assert not list(tmp_path.glob("*.tmp"))
 

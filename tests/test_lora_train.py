@@ -276,3 +276,29 @@ def test_bench_train_step_runs_on_cpu():
     table = bench.format_table({"rows": [{"frames": 81, "tokens": 32760, "method": "radial", "step_s": 1.0,
                                           "peak_memory_gib": 2.0, "tokens_per_s": 32760.0}]})
     assert "| 81 | 32,760 | radial | 1.00 | 2.0 | 32,760 |" in table
+
+
+def test_hunyuan_video_lora_trains_and_loads(data, tmp_path):
+    from accel.pipelines.generate import load_lora
+
+    pipe = tiny.hunyuan_video()
+    result = train(_config(data, tmp_path, model="tiny-hunyuan-video", steps=4, lr=1e-2, warmup=0), pipe=pipe)
+    print("hunyuan", result.eval_loss_start, result.eval_loss_end)
+    assert result.eval_loss_end < 0.98 * result.eval_loss_start
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 5, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 16, 16, generator=g),
+                  encoder_attention_mask=torch.tensor([[1] * 5 + [0] * 11]),
+                  pooled_projections=torch.randn(1, 8, generator=g), guidance=torch.tensor([1000.0]),
+                  return_dict=False)
+    with torch.no_grad():
+        ref = pipe.transformer(**inputs)[0]
+        fresh = tiny.hunyuan_video()
+        base = fresh.transformer(**inputs)[0]
+        load_lora(fresh, str(result.output), 1.0)
+        got = fresh.transformer(**inputs)[0]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    assert (base - ref).abs().max() > 1e-4
+    names = [n for n, _ in fresh.transformer.named_parameters() if "lora_A" in n]
+    assert any("single_transformer_blocks" in n for n in names) and not any("refiner" in n for n in names)
+    assert not (result.output / "lora_comfyui.safetensors").exists()  # ComfyUI keys are written for Wan only

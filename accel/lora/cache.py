@@ -79,7 +79,7 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
 
 
 class LatentCache:
-    """A folder of `<key>.safetensors` entries with `latents` (C, F', H', W') and `text` (L, D) tensors."""
+    """A folder of `<key>.safetensors` entries: `latents` (C, F', H', W') and the caption's conditioning tensors."""
 
     def __init__(self, root: str | Path, settings: CacheSettings) -> None:
         self.root = Path(root)
@@ -102,7 +102,10 @@ class LatentCache:
                             ) from None
 
     def fill(self, items: list[VideoItem], encode_video, encode_text, *, progress: bool = True) -> list[DataError]:
-        """Encode and store every item without an entry; returns the items that failed to decode."""
+        """Encode and store every item without an entry; returns the items that failed to decode.
+
+        `encode_video` maps (1, 3, F, H, W) to (1, C, F', H', W'); `encode_text` a caption to a dict of tensors.
+        """
         from tqdm import tqdm
 
         failed = []
@@ -114,9 +117,9 @@ class LatentCache:
                 failed.append(err)
                 continue
             with torch.no_grad():
-                latents = encode_video(clip[None])[0]
-                text = encode_text(item.caption)
-            save_atomic({"latents": latents.float(), "text": text.float()}, self.path(item),
+                tensors = {"latents": encode_video(clip[None])[0], **encode_text(item.caption)}
+            tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+            save_atomic(tensors, self.path(item),
                         {"file": item.path.name, "caption": item.caption, "bucket": str(item.bucket)})
         return failed
 

@@ -268,7 +268,8 @@ class Trainer:
                                   cpu=cpu)
         device = accelerator.device
         pipe, adapter = self._pipeline(device)
-        self._max_sequence_length = adapter.max_sequence_length
+        self._family = adapter.family
+        self._validation_kwargs = adapter.validation_kwargs()
         items, skipped, cache = self._prepare_data(accelerator, pipe, adapter)
         self._scan_skipped = skipped
         transformer = adapter.transformer(cfg.expert)
@@ -381,11 +382,10 @@ class Trainer:
             pipe = load_pipeline(cfg.model, device=device, dtype=dtype)
         else:
             pipe.to(device)
-        length = cfg.max_sequence_length
-        if length is None:
-            spec = TINY_MODELS.get(cfg.model)
-            length = spec.call_defaults.get("max_sequence_length", 512) if spec is not None else 512
-        return pipe, training_adapter(pipe, length)
+        spec = TINY_MODELS.get(cfg.model)
+        defaults = spec.call_defaults if spec is not None else {}
+        length = cfg.max_sequence_length or defaults.get("max_sequence_length")
+        return pipe, training_adapter(pipe, length, defaults.get("prompt_template"))
 
     def _prepare_data(self, accelerator, pipe, adapter) -> tuple[list[VideoItem], list[DataError], LatentCache]:
         cfg = self.config
@@ -418,7 +418,7 @@ class Trainer:
             from accel.lora.models import default_targets
 
             if cfg.targets is None:
-                targets: Any = default_targets("wan", cfg.ffn)
+                targets: Any = default_targets(self._family, cfg.ffn)
             else:
                 targets = cfg.targets[0] if len(cfg.targets) == 1 and any(c in cfg.targets[0] for c in "\\*()|") \
                     else list(cfg.targets)
@@ -457,19 +457,16 @@ class Trainer:
                     accelerator) -> tuple[torch.Tensor, int]:
         entries = [cache.load(it) for it in batch]
         x0 = torch.stack([e["latents"] for e in entries])
-        text = torch.stack([e["text"] for e in entries])
         noise = torch.randn(x0.shape, generator=generator)
         sigmas = objective.sample_sigmas(x0.shape[0], generator)
         x_t, target = objective.noisy(x0, noise, sigmas)
         dtype = _input_dtype(model, self.config.mode)
-        x_t, text = x_t.to(device, dtype), text.to(device, dtype)
+        cond = _conditioning(entries, device, dtype)
         timesteps = objective.timesteps(sigmas).to(device)
         with accelerator.autocast():
-            pred = adapter.forward(model, x_t, timesteps, text)
+            pred = adapter.forward(model, x_t.to(device, dtype), timesteps, cond)
         loss = objective.loss(pred, target.to(device))
-        p = getattr(accelerator.unwrap_model(model).config, "patch_size", (1, 2, 2))
-        tokens = x0.shape[0] * (x0.shape[2] // p[0]) * (x0.shape[3] // p[1]) * (x0.shape[4] // p[2])
-        return loss, tokens
+        return loss, adapter.tokens(accelerator.unwrap_model(model), tuple(x0.shape))
 
     def _eval_loss(self, model, adapter, objective, cache, items, device, accelerator) -> float:
         """Loss on up to 8 clips at fixed noise and sigmas (0.25, 0.5, 0.75): comparable across steps."""
@@ -479,13 +476,13 @@ class Trainer:
         with torch.no_grad():
             for item in items[:8]:
                 entry = cache.load(item)
-                x0, text = entry["latents"][None], entry["text"][None]
+                x0, cond = entry["latents"][None], _conditioning([entry], device, dtype)
                 for sigma in (0.25, 0.5, 0.75):  # one clip per forward: long clips fit in memory
                     sigmas = torch.tensor([sigma])
                     x_t, target = objective.noisy(x0, torch.randn(x0.shape, generator=gen), sigmas)
                     with accelerator.autocast():
                         pred = adapter.forward(model, x_t.to(device, dtype), objective.timesteps(sigmas).to(device),
-                                               text.to(device, dtype))
+                                               cond)
                     total += float(objective.loss(pred, target.to(device)))
                     count += 1
         return total / count
@@ -537,9 +534,8 @@ class Trainer:
         try:
             with torch.no_grad():
                 frames = pipe(prompt=prompt, height=bucket.height, width=bucket.width, num_frames=bucket.frames,
-                              num_inference_steps=cfg.validation_steps, max_sequence_length=
-                              self._max_sequence_length, generator=torch.Generator().manual_seed(cfg.seed),
-                              output_type="np").frames[0]
+                              num_inference_steps=cfg.validation_steps, output_type="np",
+                              generator=torch.Generator().manual_seed(cfg.seed), **self._validation_kwargs).frames[0]
         finally:
             transformer.train()
         import numpy as np
@@ -572,6 +568,16 @@ class Trainer:
         write_metadata(out / "accel_train.json", {"format": "accel-full", "base_model": identity,
                                                   "base_model_hash": identity_hash(identity), **meta})
         return out
+
+
+def _conditioning(entries: list[dict[str, torch.Tensor]], device, dtype) -> dict[str, torch.Tensor]:
+    """The caption tensors of cache entries stacked into a batch (floats in the model's dtype, masks as they are)."""
+    keys = [k for k in entries[0] if k != "latents"]
+    out = {}
+    for k in keys:
+        v = torch.stack([e[k] for e in entries]).to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
 
 
 def _input_dtype(model: torch.nn.Module, mode: str) -> torch.dtype:

@@ -19,7 +19,9 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 # Transformer config fields that decide whether a LoRA's shapes and keys fit (the "same base model" check).
 IDENTITY_FIELDS = ("num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "out_channels",
-                   "text_dim", "ffn_dim", "patch_size", "image_dim", "cross_attn_norm", "qk_norm")
+                   "text_dim", "ffn_dim", "patch_size", "image_dim", "cross_attn_norm", "qk_norm",
+                   "num_single_layers", "patch_size_t", "text_embed_dim", "pooled_projection_dim", "mlp_ratio",
+                   "guidance_embeds")
 
 
 def transformer_identity(transformer: torch.nn.Module) -> dict[str, Any]:
