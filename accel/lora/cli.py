@@ -54,9 +54,10 @@ def add_train_lora_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train-lora", help="fine-tune a LoRA (or all weights) with sparse attention on a video folder",
         formatter_class=_formatter(),
-        description="Flow-matching fine-tuning of a Wan 2.1/2.2 transformer patched with a sparse attention method "
-                    "(radial by default), on cached latents. Multi-GPU: `accelerate launch -m accel.cli train-lora "
-                    "...`. Writes OUT/lora (diffusers + ComfyUI files, accel_lora.json) or OUT/transformer.")
+        description="Flow-matching fine-tuning of a Wan 2.1/2.2 or HunyuanVideo transformer patched with a sparse "
+                    "attention method (radial by default), on cached latents. Multi-GPU: `accelerate launch -m "
+                    "accel.cli train-lora ...`. Writes OUT/lora (diffusers + ComfyUI files, accel_lora.json) or "
+                    "OUT/transformer.")
     p.add_argument("--model", default="tiny-wan", help="tiny-* built-in model, local diffusers folder or Hub id")
     p.add_argument("--data", required=True, help="folder of videos with .txt captions or metadata.jsonl/.csv")
     p.add_argument("--out", default="outputs/lora-run", help="run folder (checkpoints, logs, cache, result)")
@@ -90,11 +91,11 @@ def add_train_lora_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations (more memory)")
     p.add_argument("--expert", choices=("high", "low"), help="Wan 2.2: train the high- or low-noise expert")
     p.add_argument("--shift", type=_float_type("shift", 1e-3, 100.0), default=None, metavar="X",
-                   help="timestep shift (default: the family's, Wan 3.0)")
+                   help="timestep shift (default: the family's, Wan 3.0, HunyuanVideo 7.0)")
     p.add_argument("--weighting", choices=("logit_normal", "uniform"), default="logit_normal",
                    help="timestep density")
     p.add_argument("--max-sequence-length", type=_int_type("max_sequence_length", 1, 4096), default=None,
-                   metavar="N", help="text tokens (default: 512, tiny models 16)")
+                   metavar="N", help="text tokens (default: Wan 512, HunyuanVideo 256, tiny models 16)")
     p.add_argument("--seed", type=_int_type("seed", 0, 2**31 - 1), default=0, metavar="N", help="random seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
     p.add_argument("--save-every", type=_int_type("save_every", 0), default=50, metavar="N",

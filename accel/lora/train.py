@@ -46,7 +46,7 @@ class TrainConfig:
     """One training run. Every field is checked on creation; errors name the field.
 
     Attributes:
-        model: tiny-* name, local diffusers folder or Hub id (Wan 2.1/2.2 text-to-video).
+        model: tiny-* name, local diffusers folder or Hub id (Wan 2.1/2.2 or HunyuanVideo text-to-video).
         data: folder of videos with captions (`accel.lora.dataset`).
         out: run folder: checkpoints/, logs/, validation/, cache/ and the final lora/ (or transformer/).
         mode: "lora" (peft adapters) or "full" (every transformer parameter).
