@@ -576,9 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from accel.bench.eval import add_eval_command
     from accel.bench.fidelity import add_fidelity_command
+    from accel.lora.cli import add_make_dataset_command, add_train_lora_command
     from accel.ui.cli import add_ui_command
 
     add_ui_command(sub)
+    add_make_dataset_command(sub)
+    add_train_lora_command(sub)
     add_eval_command(sub)
     bench = sub.add_parser("bench", help="GPU benchmarks (kernels, e2e) and the attention fidelity benchmark",
                            formatter_class=_HelpFormatter)
@@ -588,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("e2e", "accel.bench.e2e", "full-size transformer forwards, dense vs radial, 50-step totals (GPU)"),
         ("methods", "accel.bench.methods",
          "any method (neighborhood, pyramid, ...) at model shapes vs cuDNN SDPA and flex_attention (GPU)"),
+        ("train", "accel.lora.bench", "LoRA training step time and memory, dense cuDNN vs radial (GPU)"),
     ):
         gpu = bench_sub.add_parser(name, help=text, add_help=False)
         gpu.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--help lists them)")

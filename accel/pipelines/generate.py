@@ -236,7 +236,12 @@ def load_lora(pipe: Any, path: str, scale: float) -> None:
     lora = check_lora_path(path)
     if not hasattr(pipe, "load_lora_weights"):
         raise NotImplementedError(f"{type(pipe).__name__} cannot load LoRA weights")
+    from accel.pipelines.lora_files import check_pipeline_lora
+
+    check_pipeline_lora(pipe, lora)  # a LoRA made for another model is refused with a clear message
     kwargs: dict[str, Any] = {"weight_name": lora.name} if lora.is_file() else {}
+    if lora.is_dir() and (lora / "pytorch_lora_weights.safetensors").exists():
+        kwargs["weight_name"] = "pytorch_lora_weights.safetensors"  # accel's folders also hold ComfyUI keys
     source = str(lora.parent if lora.is_file() else lora)
     try:
         pipe.load_lora_weights(source, adapter_name="accel", use_safetensors=True, **kwargs)
