@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     from accel.kernels.pyramid_reference import (
         estimate_block_importance,
         level_density,
-        pool_levels,
         threshold_levels,
         topk_levels,
     )
@@ -93,27 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     res["density_threshold"] = float(level_density(levels_t))
     res["density_topk"] = float(level_density(levels))
     res["level_lists_ms"] = bench(lambda: pk.level_lists(levels))
-    res["pool_ms"] = bench(lambda: (pool_levels(k, block), pool_levels(v, block)))
+    res["pool_ms"] = bench(lambda: (pk.pooled_buffer(k, block), pk.pooled_buffer(v, block)))
     res["op_total_ms"] = bench(lambda: pk.pyramid_attention(q, k, v, levels, block))
     # the kernel alone at several launch configs
     B, NV = 1, layout.video_tokens
-    pkk, _ = pool_levels(k, block)
-    pvv, _ = pool_levels(v, block)
-    kp, vp = torch.cat(pkk, 1).contiguous(), torch.cat(pvv, 1).contiguous()
-    r2, r4 = pkk[0].shape[1], pkk[1].shape[1]
+    kp, r4, r8 = pk.pooled_buffer(k, block)
+    vp, _, _ = pk.pooled_buffer(v, block)
     nb = -(-NV // block)
     idx, ends = pk.level_lists(levels)
     out = torch.empty_like(q)
-
+    lse = torch.empty(B, H, NV, device="cuda", dtype=torch.float32)
     configs = {}
     for nw in (4, 8):
         for ns in (1, 2, 3, 4):
             def launch(nw=nw, ns=ns):
                 pk._pyramid_fwd_kernel[(nb, B * H)](
-                    q, k, v, kp, vp, kp, vp, idx, out, idx, ends,
+                    q, k, v, kp, vp, kp, vp, idx, out, lse, idx, ends,
                     *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *pk._strides(None),
-                    *pk._strides(None), 0, *out.stride(),
-                    H, NV, nb, 0, r2, r2 + r4, (1 / math.sqrt(D)) * 1.4426950408889634,
+                    *pk._strides(None), 0, *out.stride(), lse.stride(0), lse.stride(1),
+                    H, NV, nb, 0, r4, r8, (1 / math.sqrt(D)) * 1.4426950408889634,
                     HEAD_DIM=D, HEAD_DIM_PAD=D, BS=block, R1_=64, R2_=32, R4_=16, R8_=16,
                     HAS_TEXT=False, HAS_TEXT_MASK=False, TEXT_BLOCK=32, DOT_PRECISION=pk.dot_precision(q.dtype),
                     num_warps=nw, num_stages=ns)
