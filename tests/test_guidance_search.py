@@ -161,3 +161,49 @@ def test_search_log_is_json_lines(tmp_path) -> None:
                  progress=False)
     lines = (tmp_path / "l.jsonl").read_text().splitlines()
     assert [json.loads(x)["event"] for x in lines] == ["start", "candidate", "candidate", "round"]
+
+
+def _search_argv(log, out, rounds=2):
+    return ["heads", "search", "--model", NAME, "--prompt", "a red car", "--prompt", "a blue car", "--rounds",
+            str(rounds), "--top-k", "1", "--steps", "1", "--scorer", "callable", "--scorer-arg",
+            "test_guidance_search:mean_brightness", "--search-log", str(log), "--out", str(out),
+            "--preset-strength", "0.5"]
+
+
+def test_cli_search_show_and_generate_with_the_preset(tmp_path, capsys) -> None:
+    from accel.cli import main
+
+    assert main(_search_argv(tmp_path / "log.jsonl", tmp_path / "preset.json")) == 0
+    printed = capsys.readouterr().out
+    assert "selected heads:" in printed
+    preset = load_preset(tmp_path / "preset.json")
+    assert len(preset.perturbation.heads) == 2 and preset.perturbation.strength == 0.5
+    assert main(["heads", "show", str(tmp_path / "preset.json")]) == 0
+    assert "SD3Transformer2DModel" in capsys.readouterr().out
+    assert main(["generate", "--model", NAME, "--guidance", str(tmp_path / "preset.json"), "--perturb-scale", "2",
+                 "--out", str(tmp_path / "x.mp4")]) == 0
+    out = capsys.readouterr().out
+    assert "guidance: SoftPAG identity/joint" in out and "w_p=2" in out and (tmp_path / "x.mp4").is_file()
+
+
+def test_two_cpu_ranks_split_the_candidates_and_agree(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "accel.cli",
+           *_search_argv(tmp_path / "log.jsonl", tmp_path / "two.json")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "log.rank1.jsonl").is_file()  # rank 1 scored its share in its own log
+    rank0 = [r for r in read_log(tmp_path / "log.jsonl") if r["event"] == "candidate"]
+    rank1 = [r for r in read_log(tmp_path / "log.rank1.jsonl") if r["event"] == "candidate"]
+    assert rank0 and rank1 and len(rank0) + len(rank1) == 4 + 3
+    from accel.cli import main
+
+    assert main(_search_argv(tmp_path / "one.jsonl", tmp_path / "one.json")) == 0
+    assert load_preset(tmp_path / "two.json").perturbation == load_preset(tmp_path / "one.json").perturbation

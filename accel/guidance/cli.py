@@ -210,7 +210,7 @@ def cmd_heads_show(args: argparse.Namespace) -> int:
 
 def add_heads_command(subparsers: Any) -> None:
     """`accel heads search | list | show`."""
-    heads = subparsers.add_parser("heads", help="head-perturbation guidance: HeadHunter head search, layer list, presets")
+    heads = subparsers.add_parser("heads", help="head-perturbation guidance: HeadHunter head search, layers, presets")
     sub = heads.add_subparsers(dest="heads_command", required=True)
     search = sub.add_parser("search", help="greedy iterative top-k head search (HeadHunter) -> a preset file",
                             description="Each round, score 'selected + candidate' over the prompt/seed pairs and "
@@ -241,7 +241,8 @@ def add_heads_command(subparsers: Any) -> None:
     search.add_argument("--frames", type=int)
     search.add_argument("--steps", type=int, help="denoising steps")
     search.add_argument("--gpus", type=int, default=1, help="GPUs: candidates are split over ranks (torchrun)")
-    search.add_argument("--log", default="outputs/heads/search.jsonl", help="JSON-lines search log (resumed)")
+    search.add_argument("--search-log", dest="log", default="outputs/heads/search.jsonl",
+                        help="JSON-lines search log (a killed search resumes from it)")
     search.add_argument("--out", default="outputs/heads/preset.json", help="preset file to write")
     search.set_defaults(func=cmd_heads_search)
     listing = sub.add_parser("list", help="the model's self-attention layers, their index and head count")

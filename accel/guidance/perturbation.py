@@ -140,7 +140,8 @@ def parse_heads(text: str) -> tuple[tuple[Layer, int], ...]:
     for item in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
         layer, sep, head = item.rpartition(":")
         if not sep or not layer.strip() or not head.strip().isdigit():
-            raise ValueError(f"heads items must be layer:head (e.g. 11:15 or single_transformer_blocks.3:5), got {item!r}")
+            raise ValueError("heads items must be layer:head (e.g. 11:15 or single_transformer_blocks.3:5), "
+                             f"got {item!r}")
         layer = layer.strip()
         pairs.append((int(layer) if layer.isdigit() else layer, int(head)))
     if not pairs:

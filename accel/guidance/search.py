@@ -133,7 +133,7 @@ class Distributed:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            self.state = PartialState()
+            self.state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks: gloo
 
     @property
     def rank(self) -> int:

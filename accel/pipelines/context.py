@@ -300,10 +300,10 @@ class ForwardContextHook(ModelHook):
         visible, facts = _rows_of(ctx.text_visible, rows, batch, batched), ctx.text_facts
         if facts is not None:
             facts = tuple(_rows_of(t, rows, batch, batched) for t in facts)
+        own = slice(batch, batch + rows.stop - rows.start) if batched else None
         return ForwardContext(grid=ctx.grid, step=ctx.step, total_steps=ctx.total_steps, text_visible=visible,
-                              text_facts=facts, branch=branch, condition=ctx.condition,
-                              branch_rows=slice(batch, batch + rows.stop - rows.start) if batched else None, source_rows=rows,
-                              token_order=ctx.token_order, token_inverse=ctx.token_inverse,
+                              text_facts=facts, branch=branch, condition=ctx.condition, branch_rows=own,
+                              source_rows=rows, token_order=ctx.token_order, token_inverse=ctx.token_inverse,
                               order_in_stream=ctx.order_in_stream)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -329,7 +329,7 @@ class ForwardContextHook(ModelHook):
             runs.remove(joint)
             branch_ctx = self._branch_context(ctx, branch, rows, batch, batched=True)
             self.state.context = branch_ctx
-            both_args, both_kwargs = map_batch(args, kwargs, batch, lambda t: torch.cat([t, t[rows]]))
+            both_args, both_kwargs = map_batch(args, kwargs, batch, lambda t, rows=rows: torch.cat([t, t[rows]]))
             both = self.fn_ref.original_forward(*both_args, **both_kwargs)
             self._finish(branch_ctx)
             sample = first_tensor(both)
@@ -342,7 +342,7 @@ class ForwardContextHook(ModelHook):
                 b_args, b_kwargs = args, kwargs
             else:
                 branch_ctx = self._branch_context(ctx, branch, rows, batch, batched=False)
-                b_args, b_kwargs = map_batch(args, kwargs, batch, lambda t: t[rows])
+                b_args, b_kwargs = map_batch(args, kwargs, batch, lambda t, rows=rows: t[rows])
             self.state.context = branch_ctx
             branch_output = self.fn_ref.original_forward(*b_args, **b_kwargs)
             self._finish(branch_ctx)
