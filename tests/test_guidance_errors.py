@@ -158,7 +158,8 @@ def test_preset_round_trip(tmp_path) -> None:
 def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     out = str(tmp_path / "o.mp4")
     cases = [
-        (["generate", "--model", "tiny-sd3", "--guidance", str(tmp_path / "none.json"), "--out", out], "does not exist"),
+        (["generate", "--model", "tiny-sd3", "--guidance", str(tmp_path / "none.json"), "--out", out],
+         "does not exist"),
         (["generate", "--model", "tiny-sd3", "--perturb-heads", "0:9", "--out", out], "head 9 is out of range"),
         (["generate", "--model", "tiny-sd3", "--perturb-heads", "0:0", "--perturb-strength", "2", "--out", out],
          "HeadPerturbation.strength"),
