@@ -3,6 +3,7 @@ values turned into the guidance `accel.patch` takes (errors name the control).""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,8 +29,13 @@ def guidance_controls() -> list[Any]:
 
     text = [_control(key, None, Option(label, str, "", help_text, none_means="none"), "")
             for key, (label, help_text) in _TEXT.items()]
-    fields = {o.name: o for o in guidance_options()}
-    return [*text, *(_control(PREFIX + name, None, opt, opt.default) for name, opt in fields.items())]
+    options = []
+    for opt in guidance_options():
+        control = _control(PREFIX + opt.name, None, opt, opt.default)
+        if control.widget == "number" and control.value is None:  # an empty number field has no API default
+            control = dataclasses.replace(control, widget="text", value="")
+        options.append(control)
+    return [*text, *options]
 
 
 def guidance_from_form(values: Mapping[str, Any]) -> Any:
