@@ -126,6 +126,7 @@ def measure(config: Config, device: torch.device, dtype: torch.dtype, warmup: in
             heads: list[tuple[int, int]], methods: list[str]) -> dict[str, Any]:
     rows: dict[str, dict[int, float]] = {}
     memory: dict[str, dict[int, int]] = {}
+    counts: dict[str, dict[int, dict[str, int]]] = {}
     for depth in config.depths:
         model = build(config, depth, device, dtype)
         kwargs = inputs(config, device, dtype)
@@ -135,12 +136,18 @@ def measure(config: Config, device: torch.device, dtype: torch.dtype, warmup: in
                 if variant != "cfg only":
                     guidance = HeadPerturbation(heads=heads, strength=0.5, scale=3.0,
                                                 batched=variant == "guidance batched")
-                accel.patch(model, method_for(method_name, config), guidance=guidance, on_unsupported="dense")
+                handle = accel.patch(model, method_for(method_name, config), guidance=guidance,
+                                     on_unsupported="dense")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 seconds = time_step(model, kwargs, config.forwards_per_step, device, warmup, reps)
                 accel.unpatch(model)
                 key = f"{method_name}: {variant}"
+                if (guidance is not None) != (handle.stats.branch_calls > 0):
+                    raise RuntimeError(f"{key}: the perturbed branch {'did not run' if guidance else 'ran'}")
+                counts.setdefault(key, {})[depth] = {"sparse_calls": handle.stats.sparse_calls,
+                                                     "calls": handle.stats.calls,
+                                                     "branch_calls": handle.stats.branch_calls}
                 rows.setdefault(key, {})[depth] = seconds
                 if device.type == "cuda":
                     memory.setdefault(key, {})[depth] = int(torch.cuda.max_memory_allocated(device))
@@ -154,7 +161,8 @@ def measure(config: Config, device: torch.device, dtype: torch.dtype, warmup: in
         fixed = times[d1] - per_layer * d1
         result[key] = {"measured_s": {str(d): t for d, t in times.items()},
                        "step_s_full_depth": fixed + per_layer * config.full_depth,
-                       "peak_memory_bytes": memory.get(key)}
+                       "peak_memory_bytes": memory.get(key),
+                       "attention_calls": {str(d): c for d, c in counts[key].items()}}
     for method_name in methods:
         base = result[f"{method_name}: cfg only"]["step_s_full_depth"]
         for variant in ("guidance separate", "guidance batched"):

@@ -203,6 +203,7 @@ FORMULA_CASES = [  # tiny model, pipeline kwargs turning CFG on/off, guidance ex
     ("tiny-wan", {"guidance_scale": 1.0}, {}, False),
     ("tiny-flux", {}, {}, True),
     ("tiny-flux", {"true_cfg_scale": 2.5, "negative_prompt": "blurry"}, {"cfg_scale": 2.5}, False),
+    ("tiny-hunyuan-video", {}, {"scope": "image"}, True),  # padded text (encoder_attention_mask)
 ]
 
 
