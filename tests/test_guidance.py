@@ -299,3 +299,28 @@ def test_guidance_combines_with_radial_in_one_patch_call() -> None:
     accel.unpatch(pipe)
     assert handle.stats.sparse_calls > 0 and handle.stats.branch_calls > 0
     assert torch.isfinite(torch.as_tensor(out)).all()
+
+
+def test_wan22_uses_each_experts_cfg_scale() -> None:
+    pipe = build_tiny("tiny-wan22")
+    pipe.set_progress_bar_config(disable=True)
+    guidance = HeadPerturbation(heads=[(1, 0)], strength=1.0, scale=2.0)
+    kwargs = _call_kwargs("tiny-wan22")
+    accel.patch(pipe, Dense(), guidance=guidance)
+    records = {name: Recorder(getattr(pipe, name)) for name in ("transformer", "transformer_2")}
+    pipe(prompt="a red car", generator=torch.Generator().manual_seed(0), **kwargs)
+    for rec in records.values():
+        rec.remove()
+    accel.unpatch(pipe)
+    scales = {"transformer": kwargs["guidance_scale"], "transformer_2": kwargs["guidance_scale_2"]}
+    assert all(len(r.calls) >= 2 for r in records.values()), "both experts must run"
+    for name, rec in records.items():
+        model, cfg = getattr(pipe, name), scales[name]
+        for (c_args, c_kw, c_out), (u_args, u_kw, u_out) in zip(rec.calls[0::2], rec.calls[1::2], strict=True):
+            v_c, v_u = _plain_pass(model, c_args, c_kw), _plain_pass(model, u_args, u_kw)
+            v_p = _perturbed_pass(pipe, model, guidance, c_args, c_kw)
+            want = v_u + cfg * (v_c - v_u) + guidance.scale * (v_c - v_p)
+            got = u_out + cfg * (c_out - u_out)
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            print(f"{name} (cfg {cfg}): relative error {err:.2e}")
+            assert err < 1e-4

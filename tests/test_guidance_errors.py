@@ -174,3 +174,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and match in err, (argv, err)
         assert err.count("error:") == 1 and err.strip().splitlines()[-1].startswith("error:"), err
+
+
+def test_sd3_skip_layer_guidance_together_is_refused(sd3) -> None:
+    from test_patching import _call_kwargs
+
+    accel.patch(sd3, guidance=HeadPerturbation(heads=[(0, 0)]))
+    try:
+        with pytest.raises(NotImplementedError, match="skip-layer guidance"):
+            sd3(prompt="a red car", skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+                skip_layer_guidance_stop=1.0, **{**_call_kwargs("tiny-sd3"), "num_inference_steps": 3})
+    finally:
+        accel.unpatch(sd3)

@@ -57,7 +57,8 @@ def _wan_cfg(pipe: Any, guidance: HeadPerturbation, ctx: ForwardContext) -> floa
     if ratio is None or t is None:
         return scale
     boundary = ratio * pipe.scheduler.config.num_train_timesteps
-    return scale if float(t) >= boundary else float(second)  # Wan 2.2: transformer_2 takes the low-noise steps
+    # Wan 2.2: transformer_2 takes the low-noise steps (one host read of t per forward, only here)
+    return scale if float(t) >= boundary else float(second)
 
 
 def _user_cfg(pipe: Any, guidance: HeadPerturbation, ctx: ForwardContext) -> float | None:
@@ -94,6 +95,10 @@ def guidance_branch(guidance: HeadPerturbation, family: str, sites: list[LayerSi
         return pipe_ref() if pipe_ref is not None else None
 
     def select(ctx: ForwardContext, batch: int) -> slice | None:
+        if "skip_layers" in ctx.inputs:
+            raise NotImplementedError(
+                "SD3's skip-layer guidance (skip_guidance_layers) reads the conditional prediction that "
+                "head-perturbation guidance replaces; use one of the two, not both")
         if ctx.condition == "uncond":
             if not rule.batched and guidance.cfg_scale is None and rule.scale is _user_cfg:
                 raise ValueError(

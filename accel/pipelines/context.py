@@ -141,6 +141,7 @@ class ForwardContext:
         branch_rows: in a batched branch call, the rows of the batch that belong to the branch (the others
             are the main pass); None in a separate branch call (every row is the branch) and in the main pass.
         source_rows: the rows of the main batch a branch pass copies (None in the main pass).
+        inputs: the names of the forward's keyword arguments that are not None (e.g. SD3's ``skip_layers``).
         densities: per-layer densities the methods reported in this pass (float or 0-dim tensor).
     """
 
@@ -153,6 +154,7 @@ class ForwardContext:
     condition: str | None = None
     branch_rows: slice | None = None
     source_rows: slice | None = None
+    inputs: frozenset[str] = frozenset()
     densities: list[tuple[int, Any]] = field(default_factory=list)
     token_order: torch.Tensor | None = None
     token_inverse: torch.Tensor | None = None
@@ -282,7 +284,8 @@ class ForwardContextHook(ModelHook):
         facts = padding_facts(visible) if visible is not None else None
         named = self.cache_names._context
         ctx = ForwardContext(grid=grid, step=step, total_steps=total, text_visible=visible, text_facts=facts,
-                             condition=named.name if named is not None else None)
+                             condition=named.name if named is not None else None,
+                             inputs=frozenset(k for k, v in kwargs.items() if v is not None))
         device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if grid is not None and device is not None:
             ctx.token_order, ctx.token_inverse = self.runtime.token_order_for(grid, device)
@@ -303,8 +306,8 @@ class ForwardContextHook(ModelHook):
         own = slice(batch, batch + rows.stop - rows.start) if batched else None
         return ForwardContext(grid=ctx.grid, step=ctx.step, total_steps=ctx.total_steps, text_visible=visible,
                               text_facts=facts, branch=branch, condition=ctx.condition, branch_rows=own,
-                              source_rows=rows, token_order=ctx.token_order, token_inverse=ctx.token_inverse,
-                              order_in_stream=ctx.order_in_stream)
+                              source_rows=rows, inputs=ctx.inputs, token_order=ctx.token_order,
+                              token_inverse=ctx.token_inverse, order_in_stream=ctx.order_in_stream)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx = self._prepare(module, args, kwargs)
