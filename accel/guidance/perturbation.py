@@ -204,7 +204,7 @@ def _token_slice(seq: int, text_tokens: int, text_position: str, scope: str) -> 
     return slice(text_tokens, seq) if text_position == "before" else slice(0, seq - text_tokens)
 
 
-def _target(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, target: str,
+def _target(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor, target: str,
             visible: torch.Tensor | None) -> torch.Tensor:
     """P·V on (B, S, h, D) tensors of the chosen heads: (B, S, h, D) for identity, (B, 1, h, D) otherwise."""
     if target == "identity":
@@ -255,7 +255,10 @@ class PerturbationEdit:
         rows = rows if rows is not None else slice(0, q.shape[0])
         tokens = _token_slice(q.shape[1], text_tokens, text_position, self.config.scope)
         idx = self._index_for(layer, q.device)
-        qs, ks, vs = (t[rows, tokens].index_select(2, idx) for t in (q, k, v))
+        vs = v[rows, tokens].index_select(2, idx)
+        qs = ks = None
+        if self.config.target == "mean_query":  # only this target reads queries and keys
+            qs, ks = (t[rows, tokens].index_select(2, idx) for t in (q, k))
         visible = None
         if keys_visible is not None and self.config.scope == "joint":
             visible = keys_visible[rows]
