@@ -324,3 +324,21 @@ def test_wan22_uses_each_experts_cfg_scale() -> None:
             err = ((got - want).abs().max() / want.abs().max()).item()
             print(f"{name} (cfg {cfg}): relative error {err:.2e}")
             assert err < 1e-4
+
+
+@pytest.mark.parametrize("method", [accel.Pyramid()], ids=lambda m: m.name)  # neighborhood: 5 min interpreted
+def test_batched_and_separate_branches_agree_with_a_dynamic_method(method) -> None:
+    pipe = build_tiny("tiny-wan")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = _call_kwargs("tiny-wan", copies=2)
+    outs = []
+    for batched in (True, False):
+        guidance = HeadPerturbation(heads=[(0, 1), (1, 0)], strength=0.7, scale=2.0, batched=batched)
+        handle = accel.patch(pipe, method, guidance=guidance)
+        outs.append(torch.as_tensor(pipe(prompt="a red car", generator=torch.Generator().manual_seed(0),
+                                         **kwargs).frames))
+        accel.unpatch(pipe)
+        assert handle.stats.sparse_calls > 0 and handle.stats.branch_calls > 0
+    err = (outs[0] - outs[1]).abs().max().item()
+    print(f"{method.name}: batched vs separate branch {err:.2e}")
+    assert err < 1e-5
