@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionMethod",
     "Dense",
+    "HeadPerturbation",
     "Neighborhood",
     "Pyramid",
     "Radial",
@@ -31,6 +32,10 @@ def __getattr__(name: str):
         from accel.pipelines import patching
 
         return getattr(patching, name)
+    if name == "HeadPerturbation":
+        from accel.guidance.perturbation import HeadPerturbation
+
+        return HeadPerturbation
     if name == "Radial":
         from accel.methods.radial import Radial
 

@@ -410,6 +410,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model fails here, before torchrun, loading and denoising.
     out = check_writable(check_output_path(args.out))
     method, schedule = resolve_attention(args, default_method="dense")
+    from accel.guidance.cli import guidance_from_args
+
+    guidance = guidance_from_args(args)
     check_tiny_size(args.model, args.height, args.width, args.frames, args.steps)
     if args.lora:
         check_lora_file(args.lora)
@@ -448,6 +451,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         load_lora(pipe, args.lora, args.lora_scale)
     if rank == 0:
         print(settings_line(args.model, pipe, settings, method, schedule, steps, layers), flush=True)
+        if guidance is not None:
+            from accel.guidance.cli import describe_guidance
+
+            print(describe_guidance(guidance), flush=True)
     bar = tqdm(total=steps, desc=f"{method.name} denoising", unit="step", disable=rank != 0)
 
     def on_step(i: int, total: int) -> None:
@@ -459,6 +466,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.set_description_str(f"{method.name} {phase}")
 
     kwargs: dict[str, Any] = {"on_step": on_step}
+    if guidance is not None:
+        kwargs["guidance"] = guidance
     if "on_phase" in inspect.signature(run_generation).parameters:
         kwargs["on_phase"] = on_phase
     try:
@@ -561,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gpus", type=_int_type("gpus", 1), default=1, metavar="N",
                      help="GPUs for one generation, >= 1 (Ulysses context parallelism via torchrun)")
     _add_attention_args(gen, default_method="dense", schedule=True)
+    from accel.guidance.cli import add_guidance_args, add_heads_command
+
+    add_guidance_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     mask = sub.add_parser("mask", help="render a sparse method's block mask as a PNG and print its density",
@@ -583,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_make_dataset_command(sub)
     add_train_lora_command(sub)
     add_eval_command(sub)
+    add_heads_command(sub)
     bench = sub.add_parser("bench", help="GPU benchmarks (kernels, e2e) and the attention fidelity benchmark",
                            formatter_class=_HelpFormatter)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

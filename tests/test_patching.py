@@ -138,7 +138,7 @@ def test_patch_argument_errors(pipes) -> None:
         accel.patch(pipe, "radial")
     with pytest.raises(ValueError, match="on_unsupported"):
         accel.patch(pipe, on_unsupported="ignore")
-    with pytest.raises(NotImplementedError, match="guidance"):
+    with pytest.raises(TypeError, match="guidance must be an accel.HeadPerturbation"):
         accel.patch(pipe, guidance=object())
     accel.patch(pipe)
     try:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from accel.methods.base import AttentionCall, AttentionMethod, padding_facts
 
@@ -99,17 +100,31 @@ class Branch:
         overrides: layer index -> (method, heads): on this branch those heads of that layer run `method`
             (heads=None: every head); other heads and layers run as in the main pass.
         combine: (main output, branch output, context) -> output the transformer returns. Outputs are what the
-            transformer's forward returns (a tuple or a diffusers output object); `first_tensor` helps.
+            transformer's forward returns (a tuple or a diffusers output object); `first_tensor` helps. The
+            branch output covers only the rows the branch took (``context.source_rows`` of the main output).
         active: (step, total_steps) -> whether the branch runs at this call (default: always).
+        edit: an output-space edit of chosen layers on the branch's rows (`BranchEdit`), applied after the
+            layer's attention ran (head-perturbation guidance blends there, so every kernel keeps working).
+        select: (context, batch) -> the rows of this forward's batch the branch re-runs, or None to skip this
+            forward (e.g. the unconditional pass of CFG). Default: every row.
+        batched: run the branch in the same transformer call as the main pass, its rows appended to the batch
+            (one call instead of two; more activation memory). False: a separate call after the main one.
     """
 
     name: str
     overrides: dict[int, tuple[AttentionMethod, tuple[int, ...] | None]]
     combine: Callable[[Any, Any, ForwardContext], Any]
     active: Callable[[int | None, int | None], bool] | None = None
+    edit: Any = None
+    select: Callable[[ForwardContext, int], slice | None] | None = None
+    batched: bool = False
 
     def runs_at(self, step: int | None, total: int | None) -> bool:
         return self.active is None or bool(self.active(step, total))
+
+    def rows_for(self, ctx: ForwardContext, batch: int) -> slice | None:
+        """The rows of a forward with `batch` rows this branch re-runs (None: it skips this forward)."""
+        return slice(0, batch) if self.select is None else self.select(ctx, batch)
 
 
 @dataclass
@@ -122,6 +137,11 @@ class ForwardContext:
         text_visible: (B, T) bool text-padding mask as the model received it (None: no padding known).
         call: `AttentionCall` padding facts for the joint sequences of this forward (built once).
         branch: the branch this pass belongs to (None: the main pass).
+        condition: the name diffusers' ``cache_context`` gave this call ("cond", "uncond"), None outside one.
+        branch_rows: in a batched branch call, the rows of the batch that belong to the branch (the others
+            are the main pass); None in a separate branch call (every row is the branch) and in the main pass.
+        source_rows: the rows of the main batch a branch pass copies (None in the main pass).
+        inputs: the names of the forward's keyword arguments that are not None (e.g. SD3's ``skip_layers``).
         densities: per-layer densities the methods reported in this pass (float or 0-dim tensor).
     """
 
@@ -131,6 +151,10 @@ class ForwardContext:
     text_visible: torch.Tensor | None = None
     text_facts: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
     branch: Branch | None = None
+    condition: str | None = None
+    branch_rows: slice | None = None
+    source_rows: slice | None = None
+    inputs: frozenset[str] = frozenset()
     densities: list[tuple[int, Any]] = field(default_factory=list)
     token_order: torch.Tensor | None = None
     token_inverse: torch.Tensor | None = None
@@ -223,8 +247,19 @@ class TransformerState:
         return self.context.total_steps
 
 
+class _NoState(BaseState):
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class ForwardContextHook(ModelHook):
-    """Builds the `ForwardContext` before each forward and runs the registered branches after the main pass."""
+    """Builds the `ForwardContext` before each forward and runs the registered branches after the main pass.
+
+    Stateful in diffusers' sense only so that the pipeline's ``cache_context("cond" | "uncond")`` reaches it
+    (`ForwardContext.condition`); it keeps no state of its own between calls.
+    """
+
+    _is_stateful = True
 
     def __init__(self, adapter: Any, state: TransformerState, tracker: StepTracker, runtime: Any,
                  has_stream: bool = False) -> None:
@@ -234,6 +269,11 @@ class ForwardContextHook(ModelHook):
         self.tracker = tracker
         self.runtime = runtime
         self.has_stream = has_stream
+        self.cache_names = StateManager(_NoState)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.cache_names.set_context(None)
+        return module
 
     @torch.compiler.disable
     def _prepare(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> ForwardContext:
@@ -242,7 +282,10 @@ class ForwardContextHook(ModelHook):
         step, total = self.tracker.current(kwargs)
         visible = self.adapter.text_visible(module, args, kwargs)
         facts = padding_facts(visible) if visible is not None else None
-        ctx = ForwardContext(grid=grid, step=step, total_steps=total, text_visible=visible, text_facts=facts)
+        named = self.cache_names._context
+        ctx = ForwardContext(grid=grid, step=step, total_steps=total, text_visible=visible, text_facts=facts,
+                             condition=named.name if named is not None else None,
+                             inputs=frozenset(k for k, v in kwargs.items() if v is not None))
         device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if grid is not None and device is not None:
             ctx.token_order, ctx.token_inverse = self.runtime.token_order_for(grid, device)
@@ -254,24 +297,83 @@ class ForwardContextHook(ModelHook):
     def _finish(self, ctx: ForwardContext) -> None:
         self.runtime.end_forward(ctx)
 
+    def _branch_context(self, ctx: ForwardContext, branch: Branch, rows: slice, batch: int,
+                        batched: bool) -> ForwardContext:
+        """The context of a branch pass: the main one's facts for the rows it takes (no new host sync)."""
+        visible, facts = _rows_of(ctx.text_visible, rows, batch, batched), ctx.text_facts
+        if facts is not None:
+            facts = tuple(_rows_of(t, rows, batch, batched) for t in facts)
+        own = slice(batch, batch + rows.stop - rows.start) if batched else None
+        return ForwardContext(grid=ctx.grid, step=ctx.step, total_steps=ctx.total_steps, text_visible=visible,
+                              text_facts=facts, branch=branch, condition=ctx.condition, branch_rows=own,
+                              source_rows=rows, inputs=ctx.inputs, token_order=ctx.token_order,
+                              token_inverse=ctx.token_inverse, order_in_stream=ctx.order_in_stream)
+
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx = self._prepare(module, args, kwargs)
         self.state.context = ctx
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        self._finish(ctx)
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
+        runs: list[tuple[Branch, slice]] = []
         for branch in self.runtime.branches:
             if not branch.runs_at(ctx.step, ctx.total_steps):
                 continue
-            branch_ctx = ForwardContext(grid=ctx.grid, step=ctx.step, total_steps=ctx.total_steps,
-                                        text_visible=ctx.text_visible, text_facts=ctx.text_facts, branch=branch,
-                                        token_order=ctx.token_order, token_inverse=ctx.token_inverse,
-                                        order_in_stream=ctx.order_in_stream)
+            rows = branch.rows_for(ctx, batch) if batch is not None else None
+            if batch is None and branch.select is None:
+                rows = slice(None)
+            if rows is not None:
+                runs.append((branch, rows))
+        joint = next(((b, r) for b, r in runs if b.batched and batch is not None), None)
+        if joint is None:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self._finish(ctx)
+        else:
+            branch, rows = joint
+            runs.remove(joint)
+            branch_ctx = self._branch_context(ctx, branch, rows, batch, batched=True)
             self.state.context = branch_ctx
-            branch_output = self.fn_ref.original_forward(*args, **kwargs)
+            both_args, both_kwargs = map_batch(args, kwargs, batch, lambda t, rows=rows: torch.cat([t, t[rows]]))
+            both = self.fn_ref.original_forward(*both_args, **both_kwargs)
+            self._finish(branch_ctx)
+            sample = first_tensor(both)
+            output = branch.combine(replace_first_tensor(both, sample[:batch]), sample[batch:], branch_ctx)
+        for branch, rows in runs:
+            whole = batch is None or (rows.start in (0, None) and rows.stop in (batch, None))
+            if whole:
+                rows = slice(0, batch) if batch is not None else slice(None)
+                branch_ctx = self._branch_context(ctx, branch, rows, batch or 0, batched=False)
+                b_args, b_kwargs = args, kwargs
+            else:
+                branch_ctx = self._branch_context(ctx, branch, rows, batch, batched=False)
+                b_args, b_kwargs = map_batch(args, kwargs, batch, lambda t, rows=rows: t[rows])
+            self.state.context = branch_ctx
+            branch_output = self.fn_ref.original_forward(*b_args, **b_kwargs)
             self._finish(branch_ctx)
             output = branch.combine(output, branch_output, branch_ctx)
         self.state.context = ctx
         return output
+
+
+# Forward inputs that are per token, not per sample, even when their first size happens to equal the batch.
+UNBATCHED_INPUTS = frozenset({"img_ids", "txt_ids"})
+
+
+def map_batch(args: tuple, kwargs: dict, batch: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with ``fn`` applied to every per-sample tensor (first size ``batch``) of a forward."""
+
+    def apply(name: str | None, value: Any) -> Any:
+        if (isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+                and name not in UNBATCHED_INPUTS):
+            return fn(value)
+        return value
+
+    return (tuple(apply(None, a) for a in args), {k: apply(k, v) for k, v in kwargs.items()})
+
+
+def _rows_of(t: torch.Tensor | None, rows: slice, batch: int, batched: bool) -> torch.Tensor | None:
+    if t is None or t.shape[0] != batch:
+        return t
+    return torch.cat([t, t[rows]]) if batched else t[rows]
 
 
 def install_context_hook(transformer: torch.nn.Module, hook: ForwardContextHook) -> None:
@@ -305,5 +407,5 @@ def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
 
 
 __all__ = ["Branch", "ForwardContext", "ForwardContextHook", "StepTracker", "TokenStream", "TransformerState",
-           "first_tensor", "install_context_hook", "install_token_stream", "permute_tokens", "remove_context_hook",
-           "replace_first_tensor"]
+           "first_tensor", "install_context_hook", "install_token_stream", "map_batch", "permute_tokens",
+           "remove_context_hook", "replace_first_tensor"]

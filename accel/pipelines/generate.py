@@ -265,6 +265,7 @@ def run_generation(
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    guidance: Any = None,
 ) -> GenerationResult:
     """Patch `pipe` with `method`, generate once, unpatch; return frames and measurements.
 
@@ -275,6 +276,7 @@ def run_generation(
             the pipeline stops at once (no further step, no VAE decode) and `Cancelled` is raised.
         on_phase: called with ``"encoding"`` (text encoders), ``"denoising"`` (first transformer forward)
             and ``"decoding"`` (after the last step: VAE decode and post-processing), see `PHASES`.
+        guidance: head-perturbation guidance for `accel.patch` (`accel.HeadPerturbation` or a preset path).
     """
     settings = resolve_settings(pipe, request.model, request)
     device = getattr(pipe, "device", torch.device("cpu"))
@@ -306,7 +308,8 @@ def run_generation(
             on_phase("decoding")
         return kwargs
 
-    handle = patch(pipe, method, schedule=schedule, on_unsupported=on_unsupported, seed=request.seed)
+    handle = patch(pipe, method, schedule=schedule, guidance=guidance, on_unsupported=on_unsupported,
+                   seed=request.seed)
     hooks = [m.register_forward_pre_hook(before_forward) for m in _transformers(pipe)]
     cuda = torch.device(device).type == "cuda"
     if cuda:

@@ -96,8 +96,8 @@ def patch(
         pipe: a diffusers pipeline with `.transformer` (and `.transformer_2` for Wan 2.2), or a transformer.
         method: an attention method config such as `accel.Radial(decay=0.2)`; default `Dense()`.
         schedule: which steps and layers stay dense (`accel.Schedule`).
-        guidance: head-perturbation guidance; not available in this version (raises NotImplementedError).
-            The branch hook point it will build on exists: `PatchHandle.add_branch`.
+        guidance: head-perturbation guidance (`accel.HeadPerturbation`, or a preset file path / `GuidancePreset`
+            made by `accel heads search`): runs its perturbed branch inside each conditional forward.
         on_unsupported: "error" raises a clear error for unknown models or shapes the method cannot
             take; "dense" logs one warning and runs dense attention there instead.
         seed: base of the per-call seeds of sampling methods (pyramid): each (step, layer) call gets its own
@@ -116,13 +116,19 @@ def patch(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     if guidance is not None:
-        raise NotImplementedError("head-perturbation guidance is not available in this version of accel")
+        from accel.guidance.preset import as_guidance
+
+        guidance = as_guidance(guidance)
     if getattr(pipe, _PATCH_ATTRIBUTE, None) is not None:
         raise RuntimeError("this pipeline is already patched by accel; call accel.unpatch(pipe) first")
 
     transformers = _transformers(pipe)
+    if guidance is not None:
+        on_unsupported_model = "error"  # guidance cannot fall back to dense: an unknown model is an error
+    else:
+        on_unsupported_model = on_unsupported
     if not transformers:
-        _unsupported(f"{type(pipe).__name__} has no `transformer` module accel can patch", on_unsupported)
+        _unsupported(f"{type(pipe).__name__} has no `transformer` module accel can patch", on_unsupported_model)
         return PatchHandle(None)
     found = {name: adapter_for(module) for name, module in transformers.items()}
     missing = [f"{type(transformers[n]).__name__}" for n, a in found.items() if a is None]
@@ -131,7 +137,7 @@ def patch(
         _unsupported(
             f"{type(pipe).__name__} with {', '.join(missing)} is not a supported model family "
             f"(supported: {families})",
-            on_unsupported,
+            on_unsupported_model,
         )
         return PatchHandle(None)
 
@@ -157,11 +163,27 @@ def patch(
                 handle.stream_hooks.extend(install_token_stream(stream, state))
             install_context_hook(transformer, ForwardContextHook(adapter, state, tracker, runtime, stream is not None))
             handle.hooked.append(transformer)
+        if guidance is not None:
+            _add_guidance(handle, guidance, pipe, transformers, found)
     except Exception:
         _restore(handle)
         raise
     object.__setattr__(pipe, _PATCH_ATTRIBUTE, handle)  # bypass DiffusionPipeline's module registration
     return handle
+
+
+def _add_guidance(handle: PatchHandle, guidance: Any, pipe: Any, transformers: dict, found: dict) -> None:
+    """Check `guidance` against every patched transformer and install its branch (none when it is a no-op)."""
+    from accel.guidance.loop import guidance_branch, layer_sites
+    from accel.guidance.preset import check_model_class
+
+    branch = None
+    for name, transformer in transformers.items():
+        check_model_class(guidance, transformer)
+        branch = guidance_branch(getattr(guidance, "perturbation", guidance), found[name].family,
+                                 layer_sites(found[name], transformer), pipe)
+    if branch is not None and not getattr(guidance, "perturbation", guidance).no_op:
+        handle.add_branch(branch)
 
 
 def _restore(handle: PatchHandle) -> None:

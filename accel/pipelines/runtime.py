@@ -187,8 +187,11 @@ class AttentionRuntime:
 
     def end_forward(self, ctx: ForwardContext) -> None:
         """Hook: a forward ended; move the densities the layers reported into the stats."""
+        separate_branch = ctx.branch is not None and ctx.branch_rows is None
         for layer, density, sparse in ctx.densities:
-            self.stats.record(layer, density, sparse=sparse, step=ctx.step, branch=ctx.branch is not None)
+            self.stats.record(layer, density, sparse=sparse, step=ctx.step, branch=separate_branch)
+        if ctx.branch is not None and not separate_branch:
+            self.stats.branch_calls += len(ctx.densities)  # the main pass and the branch shared these calls
         ctx.densities.clear()
 
     # ------------------------------------------------------------------ the call
@@ -221,7 +224,16 @@ class AttentionRuntime:
             pick = (lambda t: t) if idx is None else (lambda t: t.index_select(2, idx))
             sub, _, _ = self._run(method, ctx, layer, pick(q), pick(k), pick(v), call, key_padding_mask,
                                   text_tokens, text_position, unsupported)
-            out = sub if idx is None else out.index_copy(2, idx, sub)
+            rows = ctx.branch_rows
+            if rows is not None:  # a batched branch call: only its own rows take the override
+                whole = out if idx is None else out.index_copy(2, idx, sub)
+                out = torch.cat([out[: rows.start], (sub if idx is None else whole)[rows], out[rows.stop:]])
+            else:
+                out = sub if idx is None else out.index_copy(2, idx, sub)
+        if branch is not None and branch.edit is not None and layer in branch.edit.layers:
+            visible = call.key_padding_mask if call is not None else key_padding_mask
+            out = branch.edit.apply(layer, out, q, k, v, rows=ctx.branch_rows, text_tokens=text_tokens,
+                                    text_position=text_position, keys_visible=visible)
         ctx.densities.append((layer, density, sparse))
         return out
 

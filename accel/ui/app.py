@@ -15,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from accel.guidance.ui import PRESET_KEY, guidance_controls, guidance_from_form, preset_form_values
 from accel.methods.registry import methods
 from accel.pipelines.generate import DEFAULT_MODEL, GenerationRequest, load_pipeline
 from accel.pipelines.tiny import TINY_MODELS
@@ -56,8 +57,10 @@ class UiController:
         self.cache = PipelineCache(loader)
         self.method_controls = method_controls()
         self.schedule_controls = schedule_controls()
+        self.guidance_controls = guidance_controls()
         self.controls: dict[str, Control] = {}
-        for control in [*(c for cs in self.method_controls.values() for c in cs), *self.schedule_controls]:
+        for control in [*(c for cs in self.method_controls.values() for c in cs), *self.schedule_controls,
+                        *self.guidance_controls]:
             if control.key in self.controls:
                 raise RuntimeError(f"two UI controls share the key {control.key!r}")
             self.controls[control.key] = control
@@ -81,6 +84,7 @@ class UiController:
             c.option.name: controls[c.key] for c in self.method_controls.get(attention, ()) if c.key in controls
         }
         schedule = {c.option.name: controls[c.key] for c in self.schedule_controls if c.key in controls}
+        guidance = guidance_from_form({c.key: controls[c.key] for c in self.guidance_controls if c.key in controls})
         seed_value = optional_int("Seed", seed, zero_is_default=False)
         scale = optional_float("LoRA scale", lora_scale)
         return Job(
@@ -102,6 +106,7 @@ class UiController:
             ),
             output_dir=self.output_dir,
             compare_dense=bool(compare_dense),
+            guidance=guidance,
         )
 
     # ------------------------------------------------------------------ events
@@ -211,6 +216,15 @@ class UiController:
         presets = preset_choices(name) if name in self.method_controls else [CUSTOM_PRESET]
         preset = gr.update(choices=presets, value=CUSTOM_PRESET, visible=len(presets) > 1)
         return [*groups, gr.update(visible=sparse), preset]
+
+    def fill_guidance(self, path: str) -> list:
+        """The guidance fields filled from a preset file (a toast says why when it cannot be read)."""
+        try:
+            values = preset_form_values(path)
+        except USER_ERRORS as err:
+            gr.Warning(str(err), title="Guidance preset")
+            return [gr.update() for _ in self.guidance_controls]
+        return [gr.update(value=values[c.key]) if c.key in values else gr.update() for c in self.guidance_controls]
 
     def fill_preset(self, name: str) -> list:
         """The preset's values in its method's controls and the schedule controls (others unchanged)."""
@@ -378,6 +392,9 @@ def build_app(
                             value=False, label="Also time dense with the same settings",
                             info="a second, dense run; reports the speed ratio when some call ran sparse",
                         )
+                with gr.Accordion("Guidance (head perturbation, SoftPAG)", open=False):
+                    guidance_components = [(c, _component(c)) for c in controller.guidance_controls]
+                    load_preset_btn = gr.Button("Load preset into the fields", size="sm")
                 with gr.Accordion("LoRA", open=False):
                     with gr.Row():
                         lora = gr.Textbox(
@@ -413,7 +430,11 @@ def build_app(
         preset.change(controller.fill_preset, preset, all_components, **private)
         for comp in all_components:
             comp.input(lambda: CUSTOM_PRESET, None, preset, **private)
-        keyword_inputs = {c.key: comp for c, comp in [*method_components, *schedule_components]}
+        keyword_inputs = {c.key: comp for c, comp in [*method_components, *schedule_components,
+                                                      *guidance_components]}
+        guidance_by_key = dict((c.key, comp) for c, comp in guidance_components)
+        load_preset_btn.click(controller.fill_guidance, guidance_by_key[PRESET_KEY],
+                              [comp for _, comp in guidance_components], **private)
         run = gr.on(
             [generate_btn.click, prompt.submit],
             controller.generate,

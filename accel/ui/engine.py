@@ -396,6 +396,7 @@ class Job:
     attention: AttentionSettings
     output_dir: Path
     compare_dense: bool = False
+    guidance: Any = None  # head-perturbation guidance (accel.HeadPerturbation / GuidancePreset) or None
     stop: threading.Event = field(default_factory=threading.Event)
     phases: list[str] = field(default_factory=list)
 
@@ -443,7 +444,7 @@ class Job:
             check_stop("before the first step")
             result = run_generation(
                 pipe, req, method=method, schedule=schedule, on_unsupported=on_unsupported,
-                on_step=on_step, should_stop=self.stop.is_set, on_phase=phase,
+                on_step=on_step, should_stop=self.stop.is_set, on_phase=phase, **self._guided(),
             )
             check_stop("after decoding")
             dense_seconds = None
@@ -455,7 +456,7 @@ class Job:
 
                 dense = run_generation(
                     pipe, req, method=Dense(), on_step=on_dense_step, should_stop=self.stop.is_set,
-                    on_phase=lambda name: phase(name, "dense baseline: "),
+                    on_phase=lambda name: phase(name, "dense baseline: "), **self._guided(),
                 )
                 check_stop("during the dense timing run")
                 dense_seconds = dense.seconds
@@ -467,15 +468,23 @@ class Job:
         mask = None
         if not isinstance(method, Dense) and token_grid is not None:
             mask = render_mask(method, token_grid, device, self.output_dir / f"{stem}-mask.png")
+        stats = stats_markdown(result, method, schedule, dense_seconds, token_grid, req)
+        if self.guidance is not None:
+            from accel.guidance.cli import describe_guidance
+
+            stats += "\n\n" + describe_guidance(self.guidance)
         return JobResult(
             video=video,
             mask=mask,
-            stats_markdown=stats_markdown(result, method, schedule, dense_seconds, token_grid, req),
+            stats_markdown=stats,
             caption=caption(req, result, method),
             result=result,
             dense_seconds=dense_seconds,
             grid=token_grid,
         )
+
+    def _guided(self) -> dict[str, Any]:
+        return {} if self.guidance is None else {"guidance": self.guidance}
 
     def _stem(self, label: str) -> str:
         model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.request.model).name or self.request.model)[:40]
