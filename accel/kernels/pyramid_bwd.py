@@ -345,7 +345,9 @@ def pyramid_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v:
         *q.stride(), *kv.stride(), *vv.stride(), *kp.stride(), *vp.stride(), *text_strides,
         *dout.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
         H, NV, nb, T, r4, r8, scale, scale * LOG2E,
-        HAS_TEXT=T > 0, num_warps=8 if block >= 128 else 4, **_tiles(block, _DQ_KEY_ROWS), **common,
+        # 128-row query blocks with 3 stages need 256 KB of shared memory (H200: 227 KB): one stage there
+        HAS_TEXT=T > 0, num_warps=8 if block >= 128 else 4, num_stages=1 if block >= 128 else 2,
+        **_tiles(block, _DQ_KEY_ROWS), **common,
     )
 
     dk = torch.zeros_like(k)

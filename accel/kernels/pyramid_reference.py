@@ -227,7 +227,7 @@ def torch_pyramid_attention(
 # ---------------------------------------------------------------------------------------- importance
 def estimate_block_importance(
     q: torch.Tensor, k: torch.Tensor, block_size: int, *, seed: int = 0, sample_q: int | None = None,
-    sample_k: int | None = None, scale: float | None = None, chunk_elements: int = 1 << 24,
+    sample_k: int | None = None, scale: float | None = None, chunk_elements: int = 1 << 27,
 ) -> torch.Tensor:
     """(B, H, n, n) float32 block importance E from sampled tokens (the reference's generation path).
 
@@ -254,19 +254,23 @@ def estimate_block_importance(
     length = torch.clamp(V - starts, max=b_)[None, None, :, None]  # the last block may be partial
     idx_q = starts[None, None, :, None] + pos_q[:, :, None, :] % length  # (B, H, n, sq)
     idx_k = starts[None, None, :, None] + pos_k[:, :, None, :] % length
-    qh, kh = q.detach().transpose(1, 2).float(), k.detach().transpose(1, 2).float()  # (B, H, V, D)
-    qs = torch.gather(qh, 2, idx_q.reshape(B, H, -1, 1).expand(-1, -1, -1, D))
-    ks = torch.gather(kh, 2, idx_k.reshape(B, H, -1, 1).expand(-1, -1, -1, D))
-    qs = qs.view(B, H, n, sq, D)
+    # Half inputs on a GPU: the sampled logits come from a half-precision matmul (tensor cores, fp32
+    # accumulation, rounded to the input dtype before the block max: an estimate, not the attention itself).
+    low = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    cdtype = q.dtype if low else (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    qh, kh = (t.detach().transpose(1, 2).to(cdtype) for t in (q, k))  # (B, H, V, D)
+    qs = torch.gather(qh, 2, idx_q.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B * H, n * sq, D)
+    ks = torch.gather(kh, 2, idx_k.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B * H, n * sk, D)
+    ks_t = ks.transpose(1, 2)  # (BH, D, n*sk): one plain batched matmul per chunk of query blocks
     step = max(1, chunk_elements // max(1, B * H * sq * n * sk))
     rows = []
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
-        s = torch.matmul(qs[:, :, i0:i1], ks.transpose(-1, -2)[:, :, None]) * scale  # (B, H, c, sq, n*sk)
-        blockmax = s.view(B, H, i1 - i0, sq, n, sk).amax(-1)  # (B, H, c, sq, n)
+        s = torch.bmm(qs[:, i0 * sq:i1 * sq], ks_t)  # (BH, c*sq, n*sk)
+        blockmax = s.view(B * H, i1 - i0, sq, n, sk).amax(-1).float() * scale  # (BH, c, sq, n)
         rowmax = blockmax.amax(-1, keepdim=True)
-        rows.append(torch.exp(blockmax - rowmax).amax(3))  # (B, H, c, n)
-    S = torch.cat(rows, 2)
+        rows.append(torch.exp(blockmax - rowmax).amax(2))  # (BH, c, n)
+    S = torch.cat(rows, 1).view(B, H, n, n)
     return S / S.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
