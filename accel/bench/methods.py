@@ -65,6 +65,8 @@ CASES: dict[str, MethodCase] = {c.name: c for c in (
                reference="PSA default thresholds (density depends on the inputs)"),
     MethodCase("pyramid-topk15-wan1.3b-480p-81f", (21, 30, 52), 12, PYRAMID_15,
                reference="PSA target >= 4x at ~85% FLOP sparsity", reference_speedup=4.0),
+    MethodCase("pyramid-b128-topk15-wan1.3b-480p-81f", (21, 30, 52), 12, PYRAMID_15 + ",block_size=128",
+               reference="PSA target >= 4x at ~85% FLOP sparsity; 128-token blocks", reference_speedup=4.0),
     MethodCase("pyramid-wan14b-720p-81f", (21, 45, 80), 40, "pyramid", inputs="local",
                reference="PSA default thresholds (density depends on the inputs)"),
     MethodCase("pyramid-topk15-wan14b-720p-81f", (21, 45, 80), 40, PYRAMID_15,

@@ -210,3 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["WAN_1_3B", "build_model", "format_table", "main", "make_inputs", "run", "time_steps"]
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
