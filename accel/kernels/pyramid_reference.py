@@ -260,14 +260,17 @@ def estimate_block_importance(
     cdtype = q.dtype if low else (torch.float64 if q.dtype == torch.float64 else torch.float32)
     qh, kh = (t.detach().transpose(1, 2).to(cdtype) for t in (q, k))  # (B, H, V, D)
     qs = torch.gather(qh, 2, idx_q.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B * H, n * sq, D)
-    ks = torch.gather(kh, 2, idx_k.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B * H, n * sk, D)
-    ks_t = ks.transpose(1, 2)  # (BH, D, n*sk): one plain batched matmul per chunk of query blocks
+    # Keys sample-major (column j * n + block): the max over a block's samples is then a reduction over a
+    # non-innermost dimension, which runs at memory speed (an innermost reduction of 16 did not: 7 ms at 32k).
+    idx_k = idx_k.transpose(-1, -2)  # (B, H, sk, n)
+    ks = torch.gather(kh, 2, idx_k.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B * H, sk * n, D)
+    ks_t = ks.transpose(1, 2)  # (BH, D, sk*n): one plain batched matmul per chunk of query blocks
     step = max(1, chunk_elements // max(1, B * H * sq * n * sk))
     rows = []
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
-        s = torch.bmm(qs[:, i0 * sq:i1 * sq], ks_t)  # (BH, c*sq, n*sk)
-        blockmax = s.view(B * H, i1 - i0, sq, n, sk).amax(-1).float() * scale  # (BH, c, sq, n)
+        s = torch.bmm(qs[:, i0 * sq:i1 * sq], ks_t)  # (BH, c*sq, sk*n)
+        blockmax = s.view(B * H, i1 - i0, sq, sk, n).amax(3).float() * scale  # (BH, c, sq, n)
         rowmax = blockmax.amax(-1, keepdim=True)
         rows.append(torch.exp(blockmax - rowmax).amax(2))  # (BH, c, n)
     S = torch.cat(rows, 1).view(B, H, n, n)
