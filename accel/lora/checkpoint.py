@@ -8,7 +8,6 @@ kill -9 at any moment leaves either the old set of checkpoints or the new one; n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from accel.lora.cache import file_digest
 
 logger = logging.getLogger("accel.lora")
 
@@ -42,12 +43,7 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = file_digest
 
 
 def _fsync_dir(path: Path) -> None:

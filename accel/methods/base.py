@@ -261,7 +261,6 @@ def render_mask_image(
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import numpy as np
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -301,12 +300,18 @@ def render_mask_image(
     grid = "x".join(map(str, layout.grid))
     ax.set_title((f"{title}\n" if title else "") + f"grid {grid} (frames x rows x cols){pooled}: "
                  f"{fraction:.1%} computed", fontsize=8)
+    return figure_output(fig, path)
+
+
+def figure_output(fig: Any, path: str | Path | None) -> Path | np.ndarray:
+    """A matplotlib `Figure` written to ``path`` (a PNG), or as an RGB array when ``path`` is None."""
     fig.tight_layout()
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         return path
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)

@@ -35,6 +35,7 @@ from accel.methods.base import (
     AttentionCall,
     AttentionMethod,
     check_qkv,
+    figure_output,
     kernel_shape_error,
     split_joint,
 )
@@ -273,7 +274,6 @@ def render_levels(levels: torch.Tensor, path: str | Path | None = None, *, title
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import numpy as np
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -300,17 +300,7 @@ def render_levels(levels: torch.Tensor, path: str | Path | None = None, *, title
     ax.set_ylabel("query block")
     pooled = f" ({factor}x{factor} blocks per pixel: finest level shown)" if factor > 1 else ""
     ax.set_title(title + pooled, fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        return path
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return figure_output(fig, path)
 
 
 __all__ = ["LEVEL_COLOURS", "Pyramid", "PyramidPlan", "block_tile", "render_levels"]
