@@ -130,7 +130,7 @@ def test_main_assembles_json_table_and_plot(tmp_path, monkeypatch, capsys, commi
     """`main` with the GPU work faked: output under outputs/bench/ of the cwd, compiled rows with --compile only."""
     calls = []
 
-    def fake_run_config(cfg, compile=False):
+    def fake_run_config(cfg, compile=False, spec=None):
         calls.append((cfg.name, compile))
         return _fake_row(cfg.name, compiled_scale=0.8 if compile else None)
 
@@ -175,3 +175,19 @@ def test_other_benchmarks_default_outside_the_source_tree() -> None:
     assert 'default="outputs/bench"' in inspect.getsource(multigpu.main)
     script = (ROOT / "benchmarks" / "bench_radial_mask.py").read_text()
     assert 'default=os.path.join("outputs", "bench")' in script
+
+
+def test_a_method_spec_replaces_the_radial_preset() -> None:
+    from accel.methods.neighborhood import Neighborhood
+    from accel.methods.pyramid import Pyramid
+
+    cfg = CONFIGS["wan1.3b-768p-69f"]
+    method, schedule = e2e.method_and_schedule(cfg, "preset:psa-wan2.1-1.3b")
+    assert isinstance(method, Pyramid) and schedule.dense_steps > 0
+    method, schedule = e2e.method_and_schedule(cfg, "neighborhood:kernel_size=7x15x26,dense_steps=3")
+    assert isinstance(method, Neighborhood) and schedule.dense_steps == 3
+    assert e2e.method_and_schedule(cfg) == radial_preset(cfg.preset)
+    row = _fake_row("wan14b-768p-69f")
+    row["method_name"] = "neighborhood"
+    assert [r["label"] for r in table_rows(row)][2] == "neighborhood"
+    assert e2e.sparse_attention_ms({"radial_ms": 3.0}) == 3.0 and e2e.sparse_attention_ms({"sparse_ms": 2.0}) == 2.0

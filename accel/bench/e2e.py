@@ -14,6 +14,11 @@ For each configuration this measures, on one GPU and in one run:
   are reset before each compiled variant; the first calls (compilation) are excluded from the timings and
   reported separately as `compile_s` (per measured depth).
 
+Any registered method instead of the radial presets: `--method SPEC` (e.g. `--method
+neighborhood:kernel_size=10x16x26,dense_steps=12` or `--method preset:psa-wan2.1-1.3b`), with `--tag` naming
+the files. Flex uses the method's mask (`flex_mask_mod`) where it has one; dynamic methods report the density
+of one call on random inputs.
+
 Run on a GPU: `accel bench e2e` writes outputs/bench/e2e.json and e2e.png (relative to the current directory);
 `--out benchmarks/results` updates the committed results. `accel bench e2e --configs
 wan14b-768p-69f,hunyuan-768p-117f --compile` adds the torch.compile rows.
@@ -72,6 +77,7 @@ CONFIGS: dict[str, E2EConfig] = {
     for c in (
         E2EConfig("wan1.3b-480p-81f", "wan", WAN_1_3B, 81, 480, 832, "wan2.1-1.3b", 2, 512, full_depth=True),
         E2EConfig("wan14b-768p-69f", "wan", WAN_14B, 69, 768, 1280, "wan2.1-14b", 2, 512, reference_speedup=1.8),
+        E2EConfig("wan1.3b-768p-69f", "wan", WAN_1_3B, 69, 768, 1280, "wan2.1-1.3b", 2, 512),
         E2EConfig("wan14b-720p-81f", "wan", WAN_14B, 81, 720, 1280, "wan2.1-14b", 2, 512),
         E2EConfig("wan14b-720p-161f", "wan", WAN_14B, 161, 720, 1280, "wan2.1-2x", 2, 512),
         E2EConfig("wan14b-720p-321f", "wan", WAN_14B, 321, 720, 1280, "wan2.1-4x", 2, 512, reference_speedup=3.7),
@@ -192,6 +198,7 @@ def _time_compiled_forward(model: torch.nn.Module, inputs: dict, method, schedul
 def _attention_only(cfg: E2EConfig, method, layout, heads: int) -> dict[str, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from accel.methods.base import AttentionCall
     from accel.methods.dense import sdpa_bshd
 
     S = layout.total_tokens
@@ -203,34 +210,51 @@ def _attention_only(cfg: E2EConfig, method, layout, heads: int) -> dict[str, flo
         dense_ms = _median_ms(lambda: sdpa_bshd(q, k, v), reps=5)
     with torch.inference_mode():
         ours_ms = _median_ms(lambda: method.attend(q, k, v, layout, plan), reps=5)
-    result = {"dense_cudnn_ms": dense_ms, "radial_ms": ours_ms, "density": method.plan_density(plan)}
-    variants = {}
-    for label, changes in (("decay_near", {"decay_near": True}), ("disk", {"spatial": "disk"}),
-                           ("disk_decay_near", {"spatial": "disk", "decay_near": True})):
-        variant = dataclasses.replace(method, **changes)
-        variant_plan = variant.build_plan(layout, heads, q.device)
-        with torch.inference_mode():
-            ms = _median_ms(lambda v=variant, p=variant_plan: v.attend(q, k, v_, layout, p), reps=5)
-        variants[label] = {"density": variant.plan_density(variant_plan), "ms": ms}
-    result["variants"] = variants
+        density = float(method.run(q, k, v, layout, plan, AttentionCall()).density)  # dynamic methods: this call's
+    result = {"dense_cudnn_ms": dense_ms, "sparse_ms": ours_ms, "density": density, "method": method.name}
+    if method.name == "radial":
+        result["radial_ms"] = ours_ms  # the key of the committed radial results
+        variants = {}
+        for label, changes in (("decay_near", {"decay_near": True}), ("disk", {"spatial": "disk"}),
+                               ("disk_decay_near", {"spatial": "disk", "decay_near": True})):
+            variant = dataclasses.replace(method, **changes)
+            variant_plan = variant.build_plan(layout, heads, q.device)
+            with torch.inference_mode():
+                ms = _median_ms(lambda v=variant, p=variant_plan: v.attend(q, k, v_, layout, p), reps=5)
+            variants[label] = {"density": variant.plan_density(variant_plan), "ms": ms}
+        result["variants"] = variants
     try:
-        result["flex_ms"] = _flex_ms(q, k, v, plan, layout)
+        result["flex_ms"] = _flex_ms(q, k, v, plan, layout, method)
     except Exception as err:  # flex is a comparison point only; record why it could not run
         result["flex_error"] = f"{type(err).__name__}: {err}"[:300]
     return result
 
 
-def _flex_ms(q, k, v, plan, layout) -> float:
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+def sparse_attention_ms(attention: dict[str, Any]) -> float:
+    """The sparse method's attention time of a result row (older radial results call it ``radial_ms``)."""
+    return attention.get("sparse_ms", attention.get("radial_ms", math.nan))
 
-    block_layout = plan.block_layout
+
+def _flex_ms(q, k, v, plan, layout, method=None) -> float:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
     if layout.text_tokens:
         raise NotImplementedError("flex comparison only for video-only self-attention")
+    S = q.shape[1]
+    block_layout = getattr(plan, "block_layout", None)
+    if block_layout is None:  # a method that states its mask as a mask_mod (over its own token order)
+        mask_mod = method.flex_mask_mod(layout, plan, q.device) if method is not None else None
+        if mask_mod is None:
+            raise NotImplementedError(f"{getattr(method, 'name', '?')} has no flex mask")
+        mask = create_block_mask(mask_mod, None, None, S, S, device=q.device, BLOCK_SIZE=128, _compile=True)
+        compiled = torch.compile(flex_attention)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        with torch.inference_mode():
+            return _median_ms(lambda: compiled(qt, kt, vt, block_mask=mask), warmup=2, reps=5)
     dense_blocks = block_layout.to_mask()  # (1, nq, nk) at block granularity
     counts = dense_blocks.sum(-1, dtype=torch.int32)
     # Listed blocks first, in ascending order (a stable sort of "not listed").
     indices = torch.argsort((~dense_blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    S = q.shape[1]
     mask = BlockMask.from_kv_blocks(counts[None], indices[None], BLOCK_SIZE=block_layout.block_m, seq_lengths=(S, S))
     compiled = torch.compile(flex_attention)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -238,22 +262,37 @@ def _flex_ms(q, k, v, plan, layout) -> float:
         return _median_ms(lambda: compiled(qt, kt, vt, block_mask=mask), warmup=2, reps=5)
 
 
-def run_config(cfg: E2EConfig, compile: bool = False) -> dict[str, Any]:
-    """Time one config (see the module docstring); ``compile`` adds the `transformer.compile()` timings."""
+def method_and_schedule(cfg: E2EConfig, spec: str | None = None):
+    """The config's radial preset, or the method and schedule of a spec (``neighborhood:kernel_size=...``,
+    ``preset:psa-wan2.1-1.3b``, with ``dense_steps=...`` and the other schedule keys)."""
+    from accel.presets import radial_preset
+
+    if spec is None:
+        return radial_preset(cfg.preset)
+    from accel.methods.registry import parse_method_spec
+    from accel.schedule import Schedule
+
+    parsed = parse_method_spec(spec)
+    return parsed.method, Schedule(**parsed.schedule)
+
+
+def run_config(cfg: E2EConfig, compile: bool = False, spec: str | None = None) -> dict[str, Any]:
+    """Time one config (see the module docstring); ``compile`` adds the `transformer.compile()` timings;
+    ``spec`` replaces the config's radial preset by any registered method (and schedule)."""
     from torch.nn.attention import SDPBackend
 
     from accel.methods.dense import Dense
     from accel.pipelines.models import layout_for_model
-    from accel.presets import radial_preset
 
-    method, schedule = radial_preset(cfg.preset)
+    method, schedule = method_and_schedule(cfg, spec)
     all_sparse = type(schedule)()  # per-layer timing: every layer sparse
     layout = layout_for_model(cfg.family, cfg.frames, cfg.height, cfg.width)
     heads = cfg.model["num_attention_heads"]
     out: dict[str, Any] = {
         "config": cfg.name, "family": cfg.family, "frames": cfg.frames, "height": cfg.height, "width": cfg.width,
         "grid": list(layout.grid), "video_tokens": layout.video_tokens, "text_tokens": layout.text_tokens,
-        "method": repr(method), "schedule": repr(schedule), "reference_speedup": cfg.reference_speedup,
+        "method": repr(method), "method_name": method.name, "schedule": repr(schedule),
+        "reference_speedup": cfg.reference_speedup if spec is None else None,
     }
     out["attention"] = _attention_only(cfg, method, layout, heads)
     inputs = _inputs(cfg)
@@ -285,7 +324,7 @@ def run_config(cfg: E2EConfig, compile: bool = False) -> dict[str, Any]:
     out["reduced_depth_timings"] = timings
     out.update(_extrapolate(cfg, timings, schedule))
     if compile and "compile_error" not in out:
-        out["compiled"] = _extrapolate_compiled(cfg, timings, schedule, out)
+        out["compiled"] = _extrapolate_compiled(cfg, timings, schedule, out, method.name)
     if cfg.full_depth:
         model = _build(cfg, {})
         out["full_depth_dense_ms"] = _time_forward(model, inputs, Dense(), None)
@@ -310,7 +349,8 @@ def _dense_layers(schedule) -> int:
     return schedule.dense_layers if isinstance(schedule.dense_layers, int) else len(schedule.dense_layers)
 
 
-def _extrapolate_compiled(cfg: E2EConfig, timings: list[dict], schedule, eager: dict[str, Any]) -> dict[str, Any]:
+def _extrapolate_compiled(cfg: E2EConfig, timings: list[dict], schedule, eager: dict[str, Any],
+                          method_name: str = "radial") -> dict[str, Any]:
     """Full-depth forwards and 50-step totals of the compiled model, as `_extrapolate` does for eager.
 
     Rows: "dense cuDNN + torch.compile" (every step dense) and "radial + torch.compile" (the preset's
@@ -344,7 +384,7 @@ def _extrapolate_compiled(cfg: E2EConfig, timings: list[dict], schedule, eager: 
             {"label": "dense cuDNN + torch.compile", "forward_ms": fit["forward_dense_ms"],
              "total_s": fit["total_dense_s"], "speedup_vs_dense_cudnn": eager["total_dense_s"] / fit["total_dense_s"],
              "compile_s": [t["dense_compile_s"] for t in timings]},
-            {"label": "radial + torch.compile", "forward_ms": fit["forward_sparse_phase_ms"],
+            {"label": f"{method_name} + torch.compile", "forward_ms": fit["forward_sparse_phase_ms"],
              "total_s": fit["total_radial_s"], "speedup_vs_dense_cudnn": eager["total_dense_s"] / fit["total_radial_s"],
              "compile_s": [t["sparse_compile_s"] for t in timings]},
         ],
@@ -362,7 +402,8 @@ def table_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
         {"label": "dense cuDNN", "forward_ms": row["forward_dense_ms"], "total_s": base, "compile_s": None},
         {"label": "dense FA SDPA", "forward_ms": row["forward_dense_fa_ms"], "total_s": row["total_dense_fa_s"],
          "compile_s": None},
-        {"label": "radial", "forward_ms": row["forward_sparse_phase_ms"], "total_s": row["total_radial_s"],
+        {"label": row.get("method_name", "radial"), "forward_ms": row["forward_sparse_phase_ms"],
+         "total_s": row["total_radial_s"],
          "compile_s": None},
     ]
     for r in rows:
@@ -457,14 +498,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     rows = results["configs"]
     names = [r["config"] for r in rows]
-    attn = [r["attention"]["dense_cudnn_ms"] / r["attention"]["radial_ms"] for r in rows]
+    attn = [r["attention"]["dense_cudnn_ms"] / sparse_attention_ms(r["attention"]) for r in rows]
     flex = [r["attention"]["dense_cudnn_ms"] / r["attention"].get("flex_ms", math.nan) for r in rows]
     fwd = [r["forward_speedup"] for r in rows]
     total = [r["total_speedup"] for r in rows]
     total_fa = [r.get("total_speedup_vs_fa", math.nan) for r in rows]
     bars = [
-        (attn, "attention: radial (ours) vs cuDNN"),
-        (flex, "attention: flex radial vs cuDNN"),
+        (attn, "attention: sparse (ours) vs cuDNN"),
+        (flex, "attention: flex, same mask, vs cuDNN"),
         (fwd, "forward, sparse phase, vs cuDNN"),
         (total, "50 steps incl. dense steps, vs cuDNN"),
         (total_fa, "50 steps vs FlashAttention SDPA dense"),
@@ -486,7 +527,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.plot([i - len(bars) / 2 * w, i + len(bars) / 2 * w], [r["reference_speedup"]] * 2, "k--", lw=1)
     ax.set_xticks(list(x), names, rotation=15)
     ax.set_ylabel("speedup over dense cuDNN SDPA")
-    ax.set_title(f"Radial attention, full-size configs, random bf16 weights ({results['environment']['device']})\n"
+    methods = sorted({r.get("method_name", "radial") for r in rows})
+    device = results["environment"]["device"]
+    ax.set_title(f"{', '.join(methods).capitalize()} attention, full-size configs, random bf16 weights ({device})\n"
                  "dashed: speedup the reference reported on that shape (vs its own, slower dense baseline)")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.legend(fontsize=8)
@@ -499,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/bench",
                         help="output folder for e2e.json / e2e.png (default: %(default)s, relative to the current "
                              "directory; the committed results are updated only with --out benchmarks/results)")
+    parser.add_argument("--method", default=None, metavar="SPEC",
+                        help="time this method instead of each config's radial preset: a spec such as "
+                             "'neighborhood:kernel_size=10x16x26' or 'preset:psa-wan2.1-1.3b' (schedule keys "
+                             "dense_steps=... allowed)")
+    parser.add_argument("--tag", default="e2e", help="file name stem of the JSON and PNG (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="also time dense cuDNN and radial after transformer.compile() (compile time excluded "
                              "from the timings, reported separately)")
@@ -517,11 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"environment": _environment(), "configs": []}
     for name in names:
         start = time.perf_counter()
-        row = run_config(CONFIGS[name], compile=args.compile)
+        row = run_config(CONFIGS[name], compile=args.compile, spec=args.method)
         results["configs"].append(row)
         a = row["attention"]
-        print(f"{name}: density {a['density']:.3f} | attention cuDNN {a['dense_cudnn_ms']:.1f} ms, radial "
-              f"{a['radial_ms']:.1f} ms, flex {a.get('flex_ms', float('nan')):.1f} ms | forward dense "
+        print(f"{name}: density {a['density']:.3f} | attention cuDNN {a['dense_cudnn_ms']:.1f} ms, "
+              f"{row['method_name']} {sparse_attention_ms(a):.1f} ms, flex {a.get('flex_ms', float('nan')):.1f} ms"
+              " | forward dense "
               f"{row['forward_dense_ms']:.0f} ms, sparse {row['forward_sparse_phase_ms']:.0f} ms "
               f"({row['forward_speedup']:.2f}x), dense FA {row['forward_dense_fa_ms']:.0f} ms | 50 steps "
               f"{row['total_speedup']:.2f}x vs cuDNN, {row['total_speedup_vs_fa']:.2f}x vs FA "
@@ -535,10 +584,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{' / '.join(f'{v:.0f}' for v in c['compile_s']['radial'])}", flush=True)
         elif "compile_error" in row:
             print(f"{name}: torch.compile failed ({row['compile_error']})", flush=True)
-        (out_dir / "e2e.json").write_text(json.dumps(results, indent=1))
+        (out_dir / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
     print(format_table(results))
     try:
-        plot(results, out_dir / "e2e.png")
+        plot(results, out_dir / f"{args.tag}.png")
     except ImportError as err:
         print(f"no plot: {err}")
     return 0
