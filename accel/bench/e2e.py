@@ -568,8 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         row = run_config(CONFIGS[name], compile=args.compile, spec=args.method)
         results["configs"].append(row)
         a = row["attention"]
+        label = row.get("method_name", "radial")
         print(f"{name}: density {a['density']:.3f} | attention cuDNN {a['dense_cudnn_ms']:.1f} ms, "
-              f"{row['method_name']} {sparse_attention_ms(a):.1f} ms, flex {a.get('flex_ms', float('nan')):.1f} ms"
+              f"{label} {sparse_attention_ms(a):.1f} ms, flex {a.get('flex_ms', float('nan')):.1f} ms"
               " | forward dense "
               f"{row['forward_dense_ms']:.0f} ms, sparse {row['forward_sparse_phase_ms']:.0f} ms "
               f"({row['forward_speedup']:.2f}x), dense FA {row['forward_dense_fa_ms']:.0f} ms | 50 steps "
