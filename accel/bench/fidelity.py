@@ -3,8 +3,10 @@
 For each input family (how q, k, v are synthesised) and each method config, the benchmark runs the
 method on a (1, S, H, D) video-token sequence and reports the relative L2 error of its output against
 dense attention on the same inputs, ||O - O_dense|| / ||O_dense||, next to the method's tile density
-(`AttentionMethod.plan_density`). Results go to ``<out>/fidelity[_<tag>].json`` and a PNG with one
-panel per input family (error vs density, one line per method series).
+(`AttentionMethod.plan_density`; evaluated through the method, the density its calls reported, which is
+what dynamic methods such as pyramid choose per call: FLOP-equivalent there). Results go to
+``<out>/fidelity[_<tag>].json`` and a PNG with one panel per input family (error vs density, one line per
+method series).
 
 Input families
 --------------
@@ -340,10 +342,24 @@ def series_key(method: AttentionMethod) -> str:
 def _evaluate_method(
     method: AttentionMethod, plan: Any, mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, layout: TokenLayout,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float | None]:
+    """(output, the density the call reported, or None for the masked-SDPA evaluation).
+
+    Through the method, the tokens go in the method's own order (`token_order`) and back, as in a model."""
     if mask is not None:
-        return sdpa_mask(q, k, v, mask)
-    return method.attend(q, k, v, layout, plan)
+        return sdpa_mask(q, k, v, mask), None
+    from accel.methods.base import AttentionCall
+    from accel.pipelines.context import permute_tokens
+
+    perm = method.token_order(layout, q.device)
+    video = layout.video_slice
+    if perm is not None:
+        q, k, v = (permute_tokens(t, perm, 1, video) for t in (q, k, v))
+    attended = method.run(q, k, v, layout, plan, AttentionCall())
+    out = attended.out
+    if perm is not None:
+        out = permute_tokens(out, torch.argsort(perm), 1, video)
+    return out, float(attended.density)
 
 
 def sdpa_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -479,6 +495,7 @@ def run_fidelity(
     family_info = []
     for family in families:
         errors: list[list[float]] = [[] for _ in prepared]
+        call_densities: list[list[float]] = [[] for _ in prepared]
         seconds = [0.0 for _ in prepared]
         profile = None
         for seed in seeds:
@@ -492,9 +509,12 @@ def run_fidelity(
                     continue
                 if entry.same_as != i:
                     errors[i].append(errors[entry.same_as][-1])
+                    call_densities[i] += call_densities[entry.same_as][-1:]
                     continue
                 t0 = time.perf_counter()
-                out = _evaluate_method(entry.method, entry.plan, entry.mask, q, k, v, layout)
+                out, call_density = _evaluate_method(entry.method, entry.plan, entry.mask, q, k, v, layout)
+                if call_density is not None:
+                    call_densities[i].append(call_density)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds[i] += time.perf_counter() - t0
@@ -509,7 +529,9 @@ def run_fidelity(
                 "method_name": method.name,
                 "series": series_key(method),
                 "config": _jsonable(dataclasses.asdict(method)) if dataclasses.is_dataclass(method) else {},
-                "density": entry.density,
+                # what the calls computed (dynamic methods choose per call), else the plan's tile density
+                "density": (sum(call_densities[i]) / len(call_densities[i]) if call_densities[i]
+                            else entry.density),
             }
             if entry.skipped:
                 row.update(skipped=entry.skipped)
