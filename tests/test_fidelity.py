@@ -259,3 +259,13 @@ def test_fidelity_cli_writes_under_outputs_by_default(tmp_path, monkeypatch, cap
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["outputs/bench/fidelity.json", "outputs/bench/fidelity.png"]
     committed_results_unchanged()
+
+
+def test_named_series_group_specs_on_one_plot_line() -> None:
+    from accel.bench.fidelity import split_series
+
+    assert split_series("binary=pyramid:mode=topk,t1=0.2") == ("binary", "pyramid:mode=topk,t1=0.2")
+    assert split_series("radial:decay=0.2") == (None, "radial:decay=0.2")
+    assert split_series("dense") == (None, "dense")
+    with pytest.raises(ValueError, match="empty series name"):
+        split_series("=radial")

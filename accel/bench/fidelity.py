@@ -334,6 +334,17 @@ def token_mask_fn(method: AttentionMethod) -> Callable[[Any, TokenLayout], torch
     return None
 
 
+def split_series(text: str) -> tuple[str | None, str]:
+    """``"NAME=SPEC"`` -> (NAME, SPEC); a plain spec -> (None, spec). A name comes before the method's colon."""
+    head = text.split(":", 1)[0]
+    if "=" in head:
+        name, _, spec = text.partition("=")
+        if not name.strip():
+            raise ValueError(f"empty series name in {text!r}")
+        return name.strip(), spec
+    return None, text
+
+
 def series_key(method: AttentionMethod) -> str:
     """Plot series of a method: its label without the swept ``decay``."""
     return method_label(method, exclude=("decay",))
@@ -415,6 +426,7 @@ def run_fidelity(
     dtype: str | torch.dtype | None = None,
     evaluate: Literal["auto", "attend", "mask"] = "auto",
     labels: Sequence[str] | None = None,
+    series: Sequence[str | None] | None = None,
     profile_queries: int = 256,
     out_dir: str | Path | None = DEFAULT_OUT,
     tag: str | None = None,
@@ -434,6 +446,7 @@ def run_fidelity(
         evaluate: "attend" (the method's kernel), "mask" (masked SDPA with the method's token mask,
             the same math) or "auto" (mask on CPU when the method has one, else attend).
         labels: names for ``methods`` (default `method_label`).
+        series: plot series (a line each) for ``methods``; None entries use `series_key`.
         out_dir: where ``fidelity[_tag].json`` and ``.png`` go; None writes nothing.
 
     Returns:
@@ -459,9 +472,14 @@ def run_fidelity(
     labels = list(labels) if labels is not None else [method_label(m) for m in methods]
     if len(labels) != len(methods):
         raise ValueError(f"got {len(labels)} labels for {len(methods)} methods")
+    series = list(series) if series is not None else [None] * len(methods)
+    if len(series) != len(methods):
+        raise ValueError(f"got {len(series)} series names for {len(methods)} methods")
     if not any(isinstance(m, Dense) for m in methods):
         methods.insert(0, Dense())
         labels.insert(0, "dense")
+        series.insert(0, None)
+    series_of = {id(m): name for m, name in zip(methods, series, strict=True) if name}
     families = list(families) if families is not None else list(DEFAULT_FAMILIES)
     layout = TokenLayout(1, *grid)
     started = time.perf_counter()
@@ -527,7 +545,7 @@ def run_fidelity(
                 "structured": family.structured,
                 "method": entry.label,
                 "method_name": method.name,
-                "series": series_key(method),
+                "series": series_of.get(id(method)) or series_key(method),
                 "config": _jsonable(dataclasses.asdict(method)) if dataclasses.is_dataclass(method) else {},
                 # what the calls computed (dynamic methods choose per call), else the plan's tile density
                 "density": (sum(call_densities[i]) / len(call_densities[i]) if call_densities[i]
@@ -756,7 +774,8 @@ def add_fidelity_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    help="attend: the method's kernel; mask: masked SDPA with its token mask; auto: mask on CPU")
     p.add_argument("--methods", nargs="+", metavar="SPEC",
                    help="method specs, e.g. dense radial:decay=0.2 radial:decay=0.5,spatial=disk "
-                        "(default: dense + radial decays x band/disk x decay_near)")
+                        "(default: dense + radial decays x band/disk x decay_near); 'NAME=SPEC' puts a spec "
+                        "on the plot line NAME (e.g. binary=pyramid:mode=topk,t1=0.2,t2=0.2,t3=0.2,t4=0.2)")
     p.add_argument("--decays", type=float, nargs="+", help="decays of the default radial sweep")
     p.add_argument("--block-size", type=int, help="radial block size of the default sweep (default 16 on CPU)")
     p.add_argument("--families", nargs="+", metavar="SPEC",
@@ -779,18 +798,21 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     frames, height, width, heads, head_dim = SHAPES[shape]
     grid = tuple(args.grid) if args.grid else (frames, height, width)
     if args.methods:
-        specs = [parse_method_spec(s, allow_schedule=False) for s in args.methods]
+        named = [split_series(s) for s in args.methods]
+        specs = [parse_method_spec(spec, allow_schedule=False) for _, spec in named]
         methods, labels = [s.method for s in specs], [s.label for s in specs]
+        series = [name for name, _ in named]
     else:
         block = args.block_size if args.block_size else (16 if device.type == "cpu" else None)
         methods = default_methods(tuple(args.decays) if args.decays else DEFAULT_DECAYS, block_size=block)
-        labels = None
+        labels = series = None
     families = [parse_family_spec(s) for s in args.families] if args.families else None
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     result = run_fidelity(
         methods, families, grid=grid, heads=args.heads or heads, head_dim=args.head_dim or head_dim,
         seeds=tuple(range(args.seeds)), device=device, dtype=args.dtype, evaluate=args.evaluate, labels=labels,
+        series=series,
         profile_queries=args.profile_queries, out_dir=args.out, tag=args.tag, plot=not args.no_plot,
     )
     print(format_summary(result))
