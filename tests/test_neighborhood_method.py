@@ -85,7 +85,7 @@ def test_gradients_through_the_method() -> None:
 
 def test_options_parse_and_round_trip_through_specs() -> None:
     info = method_info("neighborhood")
-    assert [o.name for o in info.options] == ["kernel_size", "stride", "dilation", "is_causal", "tile"]
+    assert [o.name for o in info.options] == ["kernel_size", "stride", "dilation", "is_causal", "head_windows", "tile"]
     spec = parse_method_spec("neighborhood:kernel_size=3x5x5,stride=1x2x2,is_causal=true")
     assert spec.method == Neighborhood(kernel_size=(3, 5, 5), stride="1,2,2", is_causal=True)
     assert parse_method_spec(spec.label).method == spec.method
@@ -150,3 +150,53 @@ def test_flex_mask_mod_equals_the_token_mask_in_tile_major_order(spec) -> None:
     assert torch.equal(got, method.token_mask(layout, plan)[perm][:, perm])
     assert Neighborhood(kernel_size="4x7x11").flex_mask_mod(layout, Neighborhood(kernel_size="4x7x11").build_plan(
         layout, 1, torch.device("cpu")), torch.device("cpu")) is None  # a whole-grid window is dense
+
+
+@pytest.mark.parametrize("windows", ["0-1:2x3x5;3:4x6x4", "0+2-3:2x2x2"])
+def test_head_windows_give_each_head_its_window(windows: str) -> None:
+    """Per-head windows equal, head by head, the method with that head's kernel_size (text padding, batch 2)."""
+    layout = TokenLayout(2, 4, 6, 8, text_tokens=3, text_position="before")
+    method = Neighborhood(kernel_size="3x3x3", stride="1x1x2", head_windows=windows, tile="2x2x4")
+    heads = 4
+    q, k, v = (torch.randn(2, layout.total_tokens, heads, 16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, layout.total_tokens, dtype=torch.bool)
+    mask[1, 2] = False  # trailing text padding of batch 1
+    out, density, plan = _run_raster(method, q, k, v, layout, key_padding_mask=mask)
+    per_head = {h: "3x3x3" for h in range(heads)}
+    for group, window in method.windows():
+        per_head.update({h: window for h in group})
+    expected = []
+    for h in range(heads):
+        single = Neighborhood(kernel_size=per_head[h], stride="1x1x2")
+        head_mask = single.token_mask(layout) & mask[:, None, :]
+        expected.append(_masked_sdpa(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1], head_mask[:, None]))
+    expected = torch.cat(expected, 2)
+    assert (out - expected).abs().max().item() < 1e-5
+    singles = [Neighborhood(kernel_size=per_head[h], stride="1x1x2", tile="2x2x4").build_plan(
+        layout, 1, q.device).density for h in range(heads)]  # the same tile shape: the same visited tiles
+    assert density == pytest.approx(sum(singles) / heads)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).abs().max().item() < 1e-4
+    assert parse_method_spec(f"neighborhood:kernel_size=3x3x3,head_windows={windows}").method.head_windows == windows
+
+
+@pytest.mark.parametrize("windows, field", [
+    ("0-3", "HEADS:KERNEL"), ("a:3x3x3", "ranges"), ("3-1:3x3x3", "bad head range"),
+    ("0-2:3x3x3;2:2x2x2", "two windows"), ("0:1x3x3", ">= 2"), (";", "empty"),
+])
+def test_head_windows_errors_name_the_field(windows: str, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        Neighborhood(kernel_size="3", head_windows=windows)
+
+
+def test_head_windows_checked_against_the_model_and_grid() -> None:
+    layout = TokenLayout(1, 4, 6, 8)
+    with pytest.raises(ValueError, match="names head 5, but this model has 4 heads"):
+        Neighborhood(kernel_size="3", head_windows="5:2x2x2").build_plan(layout, 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="more than the 4 tokens"):
+        Neighborhood(kernel_size="3", head_windows="0:5x3x3").build_plan(layout, 4, torch.device("cpu"))
+    assert not Neighborhood(kernel_size="3", head_windows="9:2x2x2").can_run(
+        layout, 4, 16, torch.float32, torch.device("cpu"))

@@ -13,6 +13,7 @@ SDPA (NATTEN's self-attention fast path).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,11 @@ class NeighborhoodPlan:
         kernel, stride, dilation, causal: the per-axis NATTEN parameters resolved for this grid (images: the
             time axis is (1, 1, 1, False)).
         tiles: the kernel's `TilePlan` (None when the window covers the whole grid: dense).
-        density: fraction of video x video token pairs the kernel computes (1.0 when dense).
+        density: fraction of video x video token pairs the kernel computes (1.0 when dense), averaged over
+            heads when ``groups`` give some heads other windows.
+        heads: with ``groups``, the (int64, on the device) indices of the heads that use this plan's window.
+        groups: per-head windows (`Neighborhood.head_windows`): one sub-plan per window, each with its
+            ``heads``; the same tile shape (so one token order) for all.
     """
 
     grid: Axes
@@ -61,6 +66,8 @@ class NeighborhoodPlan:
     causal: tuple[bool, bool, bool]
     tiles: TilePlan | None
     density: float
+    heads: torch.Tensor | None = None
+    groups: tuple[NeighborhoodPlan, ...] = ()
 
     @property
     def dense(self) -> bool:
@@ -116,6 +123,9 @@ class Neighborhood(AttentionMethod):
         stride: stride-group size per axis (NATTEN ``stride``).
         dilation: dilation per axis (NATTEN ``dilation``).
         is_causal: causal along the time axis.
+        head_windows: per-head kernel sizes, ``"HEADS:KERNEL;..."`` with heads as ranges joined by "+"
+            (``"0-3+8:5x9x9;4-7:3x5x5"``); other heads use ``kernel_size``. Stride, dilation and causality are
+            shared. One kernel call per distinct window (a loop over windows, not heads).
         tile: kernel tile in tokens "TxHxW" ("HxW" for images); None picks 128 tokens on GPUs (64 before
             Ampere) and 16 on CPU under the Triton interpreter, shaped to the grid.
     """
@@ -131,6 +141,9 @@ class Neighborhood(AttentionMethod):
     dilation: str = option("1", "dilation per axis (int or 'TxHxW'): the window skips tokens in between",
                            kind=str)
     is_causal: bool = option(False, "causal along time: a frame sees only itself and earlier frames")
+    head_windows: str | None = option(
+        None, "other windows for some heads: 'HEADS:KERNEL;...', heads as 0-3+8, e.g. '0-3:5x9x9;8:3x5x5'",
+        kind=str, none_means="every head uses kernel_size")
     tile: str | None = option(
         None, "kernel tile in tokens, 'TxHxW' (images 'HxW')", kind=str,
         none_means="128 tokens on GPUs (64 before Ampere), 16 under the interpreter, shaped to the grid")
@@ -158,6 +171,10 @@ class Neighborhood(AttentionMethod):
             if stride[a] > kernel[a]:
                 raise ValueError(f"{owner}.stride must be <= kernel_size on every axis, got stride="
                                  f"{self.stride!r}, kernel_size={self.kernel_size!r}")
+        if self.head_windows is not None:
+            for _, window in self.windows():
+                if any(x < 2 for x in _parse(owner, "head_windows", window)):
+                    raise ValueError(f"{owner}.head_windows kernel sizes must be >= 2, got {self.head_windows!r}")
         if self.tile is not None:
             tile = _parse(owner, "tile", self.tile)
             if any(x < 1 for x in tile) or len(tile) == 1:
@@ -182,18 +199,51 @@ class Neighborhood(AttentionMethod):
             raise ValueError(f"Neighborhood.sta: tile and tiles must be positive, got tile={tile}, tiles={tiles}")
         return cls(kernel_size=tuple(t * n for t, n in zip(tile, tiles, strict=True)), stride=tile, **kwargs)
 
-    def resolve(self, layout: TokenLayout) -> tuple[Axes, Axes, Axes, tuple[bool, bool, bool]]:
-        """(kernel, stride, dilation, causal) per (frames, height, width) for this grid; raises naming the field."""
+    def windows(self) -> list[tuple[tuple[int, ...], str]]:
+        """``head_windows`` as [(head indices, kernel text)]; raises naming the field on bad syntax."""
+        if self.head_windows is None:
+            return []
+        owner = type(self).__name__
+        groups, seen = [], set()
+        for part in filter(None, (x.strip() for x in self.head_windows.split(";"))):
+            heads_text, colon, window = part.partition(":")
+            if not colon or not window.strip():
+                raise ValueError(f"{owner}.head_windows items are 'HEADS:KERNEL' (e.g. '0-3:5x9x9'), got {part!r}")
+            heads: list[int] = []
+            for piece in heads_text.split("+"):
+                first, dash, last = piece.strip().partition("-")
+                try:
+                    lo, hi = int(first), int(last if dash else first)
+                except ValueError:
+                    raise ValueError(f"{owner}.head_windows: heads are ints or ranges like 0-3 joined by '+', got "
+                                     f"{heads_text!r}") from None
+                if lo < 0 or hi < lo:
+                    raise ValueError(f"{owner}.head_windows: bad head range {piece.strip()!r}")
+                heads += range(lo, hi + 1)
+            if seen & set(heads):
+                raise ValueError(f"{owner}.head_windows gives head(s) {sorted(seen & set(heads))} two windows")
+            seen |= set(heads)
+            groups.append((tuple(heads), _canon(window.strip())))
+        if not groups:
+            raise ValueError(f"{owner}.head_windows is empty; omit it for one window on every head")
+        return groups
+
+    def resolve(self, layout: TokenLayout, kernel_size: str | None = None
+                ) -> tuple[Axes, Axes, Axes, tuple[bool, bool, bool]]:
+        """(kernel, stride, dilation, causal) per (frames, height, width) for this grid; raises naming the field.
+
+        ``kernel_size``: another window (a `head_windows` entry) with this method's stride and dilation."""
         owner = type(self).__name__
         frames = layout.frames
         out = []
         for name in ("kernel_size", "stride", "dilation"):
-            values = _parse(owner, name, getattr(self, name))
+            text = kernel_size if (name == "kernel_size" and kernel_size is not None) else getattr(self, name)
+            values = _parse(owner, name, text)
             if len(values) == 1:
                 values = values * (3 if frames > 1 else 2)
             if len(values) == 2:
                 if frames > 1:
-                    raise ValueError(f"{owner}.{name}={getattr(self, name)!r} gives (height, width) only: a video "
+                    raise ValueError(f"{owner}.{name}={text!r} gives (height, width) only: a video "
                                      f"of {frames} frames needs 'TxHxW'")
                 values = (1,) + values
             out.append(values)
@@ -256,19 +306,45 @@ class Neighborhood(AttentionMethod):
         if error is None:
             try:
                 self.resolve(layout)
+                self._check_windows(layout, heads)
             except ValueError as err:
                 error = err
         if error is not None and raise_error:
             raise error
         return error is None
 
+    def _check_windows(self, layout: TokenLayout, heads: int) -> list[tuple[tuple[int, ...], tuple]]:
+        """The resolved per-head windows; heads out of range or windows that do not fit raise naming the field."""
+        out = []
+        for group, window in self.windows():
+            if max(group) >= heads:
+                raise ValueError(f"{type(self).__name__}.head_windows names head {max(group)}, but this model has "
+                                 f"{heads} heads (0..{heads - 1})")
+            out.append((group, self.resolve(layout, kernel_size=window)))
+        return out
+
     def build_plan(self, layout: TokenLayout, heads: int, device: torch.device) -> NeighborhoodPlan:
         """Resolve the per-axis parameters and build the tile lists (pure; callers cache it per geometry)."""
-        kernel, stride, dilation, causal = self.resolve(layout)
+        window = self.resolve(layout)
         grid = layout.grid
+        tile = self.resolve_tile(grid, device, window)  # one tile shape, so one token order, for every head
+        plan = self._plan(grid, tile, window, device)
+        overrides = self._check_windows(layout, heads)
+        if not overrides:
+            return plan
+        own = sorted(set(range(heads)) - {h for group, _ in overrides for h in group})
+        groups = tuple(dataclasses.replace(self._plan(grid, tile, w, device),
+                                           heads=torch.tensor(group, dtype=torch.long, device=device))
+                       for group, w in overrides)
+        density = (len(own) * plan.density + sum(len(g.heads) * g.density for g in groups)) / heads
+        return dataclasses.replace(plan, density=density, heads=torch.tensor(own, dtype=torch.long, device=device),
+                                   groups=groups)
+
+    @staticmethod
+    def _plan(grid: Axes, tile: Axes, window: tuple, device: torch.device) -> NeighborhoodPlan:
+        kernel, stride, dilation, causal = window
         if not any(causal) and all(kernel[a] == grid[a] for a in range(3)):
             return NeighborhoodPlan(grid, kernel, stride, dilation, causal, None, 1.0)
-        tile = self.resolve_tile(grid, device, (kernel, stride, dilation, causal))
         tiles = build_tile_plan(grid, tile, kernel, stride, dilation, causal, device)
         return NeighborhoodPlan(grid, kernel, stride, dilation, causal, tiles, tiles.density)
 
@@ -296,6 +372,17 @@ class Neighborhood(AttentionMethod):
                             f"{type(plan).__name__}")
         if plan.grid != layout.grid:
             raise ValueError(f"plan was built for grid {plan.grid}, got a layout with grid {layout.grid}")
+        if plan.groups:  # per-head windows: one call per distinct window over its heads (no loop over heads)
+            if q.shape[2] != plan.heads.numel() + sum(g.heads.numel() for g in plan.groups):
+                raise ValueError(f"plan was built for {plan.heads.numel() + sum(g.heads.numel() for g in plan.groups)}"
+                                 f" heads, got {q.shape[2]}")
+            parts = [(plan.heads, dataclasses.replace(plan, groups=()))] if plan.heads.numel() else []
+            out = None
+            for heads, sub in parts + [(g.heads, g) for g in plan.groups]:
+                pick = [t.index_select(2, heads) for t in (q, k, v)]
+                part = self.run(*pick, layout, sub, call).out
+                out = (torch.zeros_like(q) if out is None else out).index_copy(2, heads, part)
+            return Attended(out, plan.density)
         if plan.dense:
             return Attended(sdpa_bshd(q, k, v, key_padding_mask=call.key_padding_mask, scale=call.scale), 1.0)
         if call.key_padding_mask is not None and call.text_lengths is None and call.text_mask is None:
@@ -319,8 +406,9 @@ class Neighborhood(AttentionMethod):
         return Attended(out, plan.density)
 
     def flex_mask_mod(self, layout: TokenLayout, plan: NeighborhoodPlan, device: torch.device):
-        """NATTEN's window as a flex mask_mod over the video tokens in tile-major order (None when dense)."""
-        if plan.dense:
+        """NATTEN's window as a flex mask_mod over the video tokens in tile-major order (None when dense, or
+        when heads have different windows)."""
+        if plan.dense or plan.groups:
             return None
         from accel.kernels.neighborhood_reference import axis_window
 
@@ -347,7 +435,9 @@ class Neighborhood(AttentionMethod):
         return mask_mod
 
     def token_mask(self, layout: TokenLayout, plan: NeighborhoodPlan | None = None) -> torch.Tensor:
-        """(S, S) bool NATTEN token mask in raster order (brute force; text dense both ways); small sizes only."""
+        """(S, S) bool NATTEN token mask in raster order (brute force; text dense both ways); small sizes only.
+
+        With ``head_windows`` the heads differ: this is the mask of the heads that use ``kernel_size``."""
         kernel, stride, dilation, causal = (
             (plan.kernel, plan.stride, plan.dilation, plan.causal) if plan is not None else self.resolve(layout))
         s = layout.total_tokens
@@ -367,7 +457,8 @@ class Neighborhood(AttentionMethod):
         grid = plan.grid
         layout = TokenLayout(1, *grid)
         title = (f"neighborhood kernel={'x'.join(map(str, plan.kernel))} stride={'x'.join(map(str, plan.stride))} "
-                 f"dilation={'x'.join(map(str, plan.dilation))}" + (" causal" if any(plan.causal) else ""))
+                 f"dilation={'x'.join(map(str, plan.dilation))}" + (" causal" if any(plan.causal) else "")
+                 + (f" (heads with other windows: {self.head_windows})" if plan.groups else ""))
         n = layout.video_tokens
         if n <= 8192:
             mask = natten_token_mask(grid, plan.kernel, plan.stride, plan.dilation, plan.causal)
