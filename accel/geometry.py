@@ -85,3 +85,16 @@ class TokenLayout:
     def geometry_key(self) -> tuple[int, int, int, int, str]:
         """What a sparsity plan depends on (batch excluded: plans are shared across the batch)."""
         return (self.frames, self.height, self.width, self.text_tokens, self.text_position)
+
+
+def compact_tile(grid: tuple[int, int, int], tokens: int) -> tuple[int, int, int]:
+    """A (T, H, W) box of ``tokens`` tokens (powers of two per axis, capped by the grid): each doubling goes to
+    the axis with the most tiles left (width first on ties), so tiles are near-cubic in tile counts."""
+    tile = [1, 1, 1]
+    while tile[0] * tile[1] * tile[2] < tokens:
+        grow = [a for a in (2, 1, 0) if tile[a] < grid[a]]
+        if not grow:
+            break
+        a = max(grow, key=lambda x: grid[x] / tile[x])
+        tile[a] *= 2
+    return (tile[0], tile[1], tile[2])

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from accel.geometry import TokenLayout
+from accel.geometry import TokenLayout, compact_tile
 from accel.kernels._common import triton_runs_here
 from accel.kernels.neighborhood_reference import TilePlan, build_tile_plan, natten_token_mask, tile_major_order
 from accel.methods.base import (
@@ -282,15 +282,7 @@ class Neighborhood(AttentionMethod):
             best = _cheapest_tile(grid, target, *window)
             if best is not None:
                 return best
-        tile = [1, 1, 1]
-        while _prod(tile) < target:
-            # grow the axis with the most tiles left (width first on ties): near-cubic tiles in token units
-            grow = [a for a in (2, 1, 0) if tile[a] < grid[a]]
-            if not grow:
-                break
-            a = max(grow, key=lambda x: grid[x] / tile[x])
-            tile[a] *= 2
-        return tuple(tile)
+        return compact_tile(grid, target)
 
     # ------------------------------------------------------------------ contract
     def can_run(
@@ -482,7 +474,10 @@ class Neighborhood(AttentionMethod):
                                  cell=factor, density=plan.density)
 
 
-MASKED_PAIR_COST = 2.5  # a tile pair with element masks vs one without (H200: masks, exp and the window tests)
+# A tile pair with element masks vs one without. An estimate, not a fit: on the H200 the masked stride-1 cases
+# ran at about a quarter of cuDNN's per-tile speed and unmasked ones at ~0.9 (benchmarks/results/
+# methods_neighborhood.json), a ratio near 3.5; 2.5 leaves room for the cheaper per-axis tests.
+MASKED_PAIR_COST = 2.5
 
 
 def _cheapest_tile(grid: Axes, target: int, kernel: Axes, stride: Axes, dilation: Axes,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
-from accel.geometry import TokenLayout
+from accel.geometry import TokenLayout, compact_tile
 from accel.kernels._common import triton_input_reason
 from accel.kernels.neighborhood_reference import tile_major_order
 from accel.kernels.pyramid_reference import (
@@ -66,16 +66,8 @@ class PyramidPlan:
 
 
 def block_tile(grid: tuple[int, int, int], block_size: int) -> tuple[int, int, int]:
-    """A (T, H, W) box of ``block_size`` tokens (powers of two, near-cubic in tile counts, width first on ties),
-    capped by the grid; the spatially compact blocks of `Pyramid.token_order`."""
-    tile = [1, 1, 1]
-    while tile[0] * tile[1] * tile[2] < block_size:
-        grow = [a for a in (2, 1, 0) if tile[a] < grid[a]]
-        if not grow:
-            break
-        a = max(grow, key=lambda x: grid[x] / tile[x])
-        tile[a] *= 2
-    return tuple(tile)
+    """The spatially compact blocks of `Pyramid.token_order`: a `compact_tile` of ``block_size`` tokens."""
+    return compact_tile(grid, block_size)
 
 
 @dataclass(frozen=True)
