@@ -243,9 +243,9 @@ def test_configs_are_used(monkeypatch):
                            (bwd_pipelined, "launch_dq", "dq")):
         real = getattr(mod, name)
 
-        def spy(*args, _real=real, _key=key):
+        def spy(*args, _real=real, _key=key, **kwargs):
             seen[_key] = args[-1]
-            return _real(*args)
+            return _real(*args, **kwargs)
         monkeypatch.setattr(mod, name, spy)
     cfgs = KernelConfigs(fwd=KernelConfig(16, 16), dkdv=KernelConfig(16, 32, 2), dq=KernelConfig(32, 16, 2))
     run_and_compare(1, 64, 64, 2, 16, 5, 32, 32, torch.float32, configs=cfgs)

@@ -12,8 +12,10 @@ import triton
 import triton.language as tl
 
 from .configs import KernelConfig, head_dim_pad
+from .layout import BOX_GUARD
 
 LOG2E = 1.4426950408889634
+_BOX_GUARD = tl.constexpr(BOX_GUARD)
 
 __all__ = ["LOG2E", "dot_precision", "ensure_allocator", "head_dim_pad", "launch_opts", "strides4",
            "ws_compile_failed"]
@@ -21,11 +23,12 @@ __all__ = ["LOG2E", "dot_precision", "ensure_allocator", "head_dim_pad", "launch
 
 # ---------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One (BLOCK_M x BLOCK_N) online-softmax step; k is (HEAD_DIM_PAD, BLOCK_N). n_valid used if MASK_N."""
+def _fwd_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One (BLOCK_M x BLOCK_N) online-softmax step; k is (HEAD_DIM_PAD, BLOCK_N). ``visible`` (broadcastable
+    to the tile: ``n_valid[None, :]`` or a 2-D mask) is used if MASK_N."""
     qk = tl.dot(q, k, input_precision=DOT_PRECISION)
     if MASK_N:
-        qk = tl.where(n_valid[None, :], qk * qk_scale, float("-inf"))
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A tile whose keys are all hidden must not turn -inf - -inf into NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -39,6 +42,16 @@ def _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, MASK_N: tl.constexpr, D
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _box_ok(row_lo, row_hi, key):
+    """(rows, columns) bool of a `layout.BoxMask`: every guarded 10-bit field of ``key`` (columns, packed key
+    coordinates plus the guard bits) within the rows' [lo, hi]. A field's guard bit survives the subtraction
+    iff it did not borrow, so one AND tests the three axes' lower and upper bounds at once."""
+    a = key[None, :] - row_lo[:, None]
+    b = row_hi[:, None] - key[None, :]
+    return (a & b & _BOX_GUARD) == _BOX_GUARD
 
 
 @triton.jit

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ._triton_common import (
     LOG2E,
+    _box_ok,
     _fwd_tile,
     _load_kv,
     _rows_desc,
@@ -23,12 +24,12 @@ from ._triton_common import (
     strides4,
 )
 from .configs import KernelConfig
-from .layout import BlockLayout
+from .layout import BlockLayout, BoxMask
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, EK, EV, EMask, Out, Lse, Offsets, Indices,
+    Q, K, V, EK, EV, EMask, Out, Lse, Offsets, Indices, BoxLo, BoxHi, BoxKey, BoxLocal,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -42,7 +43,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LAYOUT_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_MASK: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, HAS_BOX: tl.constexpr,
 ):
     SUB_M: tl.constexpr = BLOCK_Q // BLOCK_M
     SUB_N: tl.constexpr = BLOCK_K // BLOCK_N
@@ -88,6 +89,9 @@ def _fwd_kernel(
         if (last + 1) * BLOCK_K > Sk:
             n_full = hi - 1
     all_n = offs_n < BLOCK_N
+    if HAS_BOX:  # per-token box mask inside every video tile (layout.BoxMask)
+        box_lo = tl.load(BoxLo + offs_m, mask=m_mask, other=0)
+        box_hi = tl.load(BoxHi + offs_m, mask=m_mask, other=0)
     if USE_TMA:
         # Hopper bulk copies; rows past Sk and columns past HEAD_DIM arrive as zeros.
         k_desc = _rows_desc(K + off_b * stride_kb + off_h * stride_kh, Sk, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
@@ -101,7 +105,12 @@ def _fwd_kernel(
         else:
             k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
                             all_n, d_mask, False, EVEN_D)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, all_n, qk_scale, False, DOT_PRECISION)
+        if HAS_BOX:
+            key = tl.load(BoxKey + kb) + tl.load(BoxLocal + (it % SUB_N) * BLOCK_N + offs_n)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, _box_ok(box_lo, box_hi, key), qk_scale, True,
+                                      DOT_PRECISION)
+        else:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, all_n[None, :], qk_scale, False, DOT_PRECISION)
     for it in range(n_full * SUB_N, hi * SUB_N):
         kb = tl.load(row_idx + it // SUB_N)
         start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
@@ -112,7 +121,11 @@ def _fwd_kernel(
         else:
             k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
                             n_valid, d_mask, True, EVEN_D)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, True, DOT_PRECISION)
+        visible = n_valid[None, :]
+        if HAS_BOX:
+            key = tl.load(BoxKey + kb) + tl.load(BoxLocal + (it % SUB_N) * BLOCK_N + offs_n)
+            visible = visible & _box_ok(box_lo, box_hi, key)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
     if HAS_EXTRA:
         ek_base = (EK + off_b * stride_ekb + off_h * stride_ekh
                    + offs_n[None, :] * stride_ekn + offs_d[:, None] * stride_ekd)
@@ -125,7 +138,7 @@ def _fwd_kernel(
                 n_valid = n_valid & (vis != 0)
             k, v = _load_kv(ek_base + start_n * stride_ekn, ev_base + start_n * stride_evn, n_valid, d_mask,
                             True, EVEN_D)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, n_valid, qk_scale, True, DOT_PRECISION)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, n_valid[None, :], qk_scale, True, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -140,8 +153,9 @@ def _fwd_kernel(
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor | None, ev: torch.Tensor | None,
            emask: torch.Tensor | None, layout: BlockLayout, scale: float, out: torch.Tensor,
-           lse: torch.Tensor | None, cfg: KernelConfig) -> None:
-    """Run the pipelined forward: k, v the video keys, ek, ev the text keys (views), emask int8 (B, T)."""
+           lse: torch.Tensor | None, cfg: KernelConfig, box: BoxMask | None = None) -> None:
+    """Run the pipelined forward: k, v the video keys, ek, ev the text keys (views), emask int8 (B, T);
+    ``box``: a per-token box mask inside the video tiles (text keys are not boxed)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     T = ek.shape[1] if ek is not None else 0
@@ -152,6 +166,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor |
     _fwd_kernel[grid](
         q, k, v, ek if ek is not None else q, ev if ev is not None else q, emask if emask is not None else q,
         out, lse_t, layout.offsets, layout.indices,
+        *(box.tensors() if box is not None else (layout.offsets,) * 4),
         *q.stride(), *k.stride(), *v.stride(), *strides4(ek), *strides4(ev),
         emask.stride(0) if emask is not None else 0,
         *out.stride(),
@@ -162,5 +177,5 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor |
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         LAYOUT_PER_HEAD=layout.heads > 1, HAS_EXTRA=T > 0, HAS_EXTRA_MASK=emask is not None,
         WRITE_LSE=lse is not None, DOT_PRECISION=dot_precision(q.dtype), USE_TMA=cfg.tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_opts(cfg),
+        HAS_BOX=box is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_opts(cfg),
     )

@@ -488,13 +488,27 @@ def neighborhood_fwd(
     tiles: Tensor, offsets: Tensor, nfull: Tensor, indices: Tensor,
     t_offsets: Tensor, t_nfull: Tensor, t_indices: Tensor,
     params: list[int], parts: list[int], block: int, scale: float, skip_full: bool,
+    text_lengths: Tensor | None, box: list[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Triton forward over tile-major video queries q (B, V, H, D) and the joint k, v: (out, lse (B, H, V)).
 
-    ``skip_full``: leave out the unmasked tile pairs (they run in the block-sparse kernel and are merged)."""
+    ``skip_full``: leave out the unmasked tile pairs (they run in the block-sparse kernel and are merged).
+    ``box``: [`BoxMask` tensors..., all-pairs CSR offsets, indices] (`TilePlan.box`, `TilePlan.all_blocks`):
+    run every pair in the block-sparse forward kernels with the window as a per-token box mask (the tuned
+    Hopper kernels); ``text_lengths`` (B,) keeps trailing text padding on the warp-specialised one."""
     B, V, H, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, V, dtype=torch.float32, device=q.device)
+    if box:
+        from ._common import KeyParts
+        from .layout import BlockLayout, BoxMask
+        from .triton_impl import forward
+
+        n = offsets.shape[0] - 1
+        layout = BlockLayout(box[4], box[5], block, block, n, n)
+        mask = None if text_lengths is not None or text_vis is None else text_vis != 0
+        forward(q, k, v, layout, KeyParts(*parts), text_lengths, mask, scale, out, lse, box=BoxMask(*box[:4]))
+        return out, lse
     kv, ek = _parts(k, parts)
     vv, ev = _parts(v, parts)
     _launch_fwd(q, (kv, vv), (ek, ev), text_vis, (tiles, offsets, nfull, indices), params, block, scale, out, lse,
@@ -504,7 +518,7 @@ def neighborhood_fwd(
 
 @neighborhood_fwd.register_fake
 def _(q, k, v, text_vis, tiles, offsets, nfull, indices, t_offsets, t_nfull, t_indices, params, parts, block,
-      scale, skip_full):
+      scale, skip_full, text_lengths, box):
     B, V, H, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(B, H, V, dtype=torch.float32, device=q.device))
@@ -548,7 +562,8 @@ def _setup_context(ctx, inputs, output) -> None:
     q, k, v, text_vis, *plan_t = inputs[:11]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, text_vis, *plan_t)
-    ctx.meta = inputs[11:]
+    ctx.meta = inputs[11:16]  # params, parts, block, scale, skip_full (the backward needs no box)
+    ctx.box_len = len(inputs[17])
     ctx.set_materialize_grads(False)
 
 
@@ -557,7 +572,8 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.accel.neighborhood_bwd(dout, q, k, v, out, lse, dlse, text_vis, *plan_t, *ctx.meta)
-    return (dq, dk, dv) + (None,) * 13
+    # One entry per input, the box list as a list (torch.library matches the input structure).
+    return (dq, dk, dv) + (None,) * 14 + ([None] * ctx.box_len,)
 
 
 torch.library.register_autograd("accel::neighborhood_fwd", _backward, setup_context=_setup_context)
@@ -585,6 +601,7 @@ def neighborhood_attention(
     scale: float | None = None,
     return_lse: bool = False,
     split: bool | None = None,
+    box: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Neighborhood attention of tile-major video queries over the joint k/v (NATTEN semantics per `plan`).
 
@@ -597,9 +614,15 @@ def neighborhood_attention(
             (B, T) bool, True = visible. Read on the device (no host sync).
         scale: softmax scale (default 1/sqrt(D)).
         return_lse: also return the (B, H, V) float32 log-sum-exp.
-        split: run the unmasked tile pairs in the block-sparse kernel (its tuned Hopper kernels) and the rest
-            here, merged by their LSEs (needs every tile complete: `TilePlan.full_blocks`). None: when at
-            least `SPLIT_MIN_SHARE` of the pairs are unmasked.
+        split: run the unmasked tile pairs in the block-sparse kernel and the rest in this module's kernel,
+            merged by their LSEs (needs every tile complete: `TilePlan.full_blocks`). None: when at least
+            `SPLIT_MIN_SHARE` of the pairs are unmasked and the box path does not apply.
+        box: run every pair in the block-sparse forward kernels with the window as a per-token box mask
+            (`TilePlan.box`: complete tiles, no dilation; the backward stays this module's). None: whenever
+            the plan has one and ``split`` is not True.
+
+    A plan whose visited pairs are all unmasked (blocked windows, GNA/STA strides) runs as plain block-sparse
+    attention, text keys included, forward and backward.
 
     Returns:
         (B, V, H, D) output (and LSE). Differentiable in q, k, v (Triton backward).
@@ -618,23 +641,38 @@ def neighborhood_attention(
         raise ValueError(f"video_keys cover {parts.video_len} rows, q has {V} video tokens")
     if text_lengths is not None and text_mask is not None:
         raise ValueError("give text_lengths (trailing padding) or text_mask, not both")
-    vis = text_visibility(parts.text_len, text_lengths, text_mask, torch.int8) if parts.text_len else None
+    if not parts.text_len:
+        text_lengths = text_mask = None
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     plan = plan.to(q.device) if plan.tiles.device != q.device else plan
-    if split is None:
-        split = plan.full_blocks is not None and plan.full_pairs >= SPLIT_MIN_SHARE * max(plan.pairs, 1)
-    elif split and plan.full_blocks is None:
+    if box and plan.box is None:
+        raise ValueError("box=True needs a plan with a box mask (TilePlan.box: complete tiles, no dilation)")
+    if split and plan.full_blocks is None:
         raise ValueError("split=True needs a plan whose tiles are all complete (TilePlan.full_blocks)")
+    if plan.full_blocks is not None and plan.full_pairs == plan.pairs and not box:
+        from .block_sparse import block_sparse_attention
+
+        text = (parts.text_start, parts.text_len) if parts.text_len else None
+        return block_sparse_attention(q, k, v, plan.full_blocks, video_keys=(parts.video_start, V), text_keys=text,
+                                      text_lengths=text_lengths, text_mask=text_mask, scale=scale,
+                                      return_lse=return_lse)
+    if box is None:
+        box = plan.box is not None and not split
+    vis = text_visibility(parts.text_len, text_lengths, text_mask, torch.int8) if parts.text_len else None
+    if box:
+        split = False
+    elif split is None:
+        split = plan.full_blocks is not None and plan.full_pairs >= SPLIT_MIN_SHARE * max(plan.pairs, 1)
     if split:
         from .block_sparse import block_sparse_attention
 
         full_out, full_lse = block_sparse_attention(q, k, v, plan.full_blocks, video_keys=(parts.video_start, V),
                                                     scale=scale, return_lse=True)
-        if plan.full_pairs == plan.pairs and not parts.text_len:
-            return (full_out, full_lse) if return_lse else full_out
+    box_t = plan.box.tensors() + [plan.all_blocks.offsets, plan.all_blocks.indices] if box else []
+    lengths = text_lengths.to(torch.int32) if box and text_lengths is not None else None
     out, lse = torch.ops.accel.neighborhood_fwd(
         q, k, v, vis, plan.tiles, plan.offsets, plan.nfull, plan.indices, plan.t_offsets, plan.t_nfull,
-        plan.t_indices, plan.params(), list(parts), plan.block, scale, bool(split))
+        plan.t_indices, plan.params(), list(parts), plan.block, scale, bool(split), lengths, box_t)
     if split:
         out, lse = merge_partial_attention(full_out, full_lse, out, lse)
     return (out, lse) if return_lse else out

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import resolve_key_parts, text_visibility
-from .layout import BlockLayout
+from .layout import BlockLayout, BoxMask
 
 Axes = tuple[int, int, int]
 
@@ -133,6 +133,9 @@ class TilePlan:
         full_blocks: when every tile is complete, the unmasked pairs as a `BlockLayout` of ``block``-token
             blocks, so the block-sparse kernel can run them (`neighborhood_attention`'s split path); else None.
         full_pairs, pairs: unmasked and all visited tile pairs.
+        box, all_blocks: when every tile is complete and there is no dilation, the window as a per-token
+            `BoxMask` and all visited pairs as a `BlockLayout`: the block-sparse forward kernels (the tuned
+            Hopper ones) then run the masked pairs too; else None.
     """
 
     grid: Axes
@@ -153,6 +156,8 @@ class TilePlan:
     full_blocks: BlockLayout | None = None
     full_pairs: int = 0
     pairs: int = 0
+    box: BoxMask | None = None
+    all_blocks: BlockLayout | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -173,9 +178,11 @@ class TilePlan:
         names = ("tiles", "offsets", "nfull", "indices", "t_offsets", "t_nfull", "t_indices")
         moved = {n: getattr(self, n).to(device) for n in names}
         full = self.full_blocks.to(device) if self.full_blocks is not None else None
+        box = self.box.to(device) if self.box is not None else None
+        every = self.all_blocks.to(device) if self.all_blocks is not None else None
         return TilePlan(self.grid, self.tile, self.block, self.kernel, self.stride, self.dilation, self.causal,
                         density=self.density, full_blocks=full, full_pairs=self.full_pairs, pairs=self.pairs,
-                        **moved)
+                        box=box, all_blocks=every, **moved)
 
 
 def _axis_tile_pairs(length: int, tile: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,10 +264,30 @@ def build_tile_plan(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, dilation
         f_offsets[0, 1:] = torch.cumsum(nfull, 0)
         full_blocks = BlockLayout(f_offsets, unpack_index(indices[is_full])[None].contiguous(), block, block,
                                   num_tiles, num_tiles)
+    box = all_blocks = None
+    if bool((count == block).all()) and all(d == 1 for d in dilation):
+        box = _window_box(grid, tile, kernel, stride, causal, block)
+        if box is not None:
+            all_blocks = BlockLayout(offsets[None].contiguous(), unpack_index(indices)[None].contiguous(), block,
+                                     block, num_tiles, num_tiles)
     plan = TilePlan(tuple(grid), tuple(tile), block, tuple(kernel), tuple(stride), tuple(dilation),
                     tuple(bool(c) for c in causal), table, offsets, nfull, indices, t_offsets, t_nfull, t_indices,
-                    density, full_blocks, n_full, int(indices.numel()))
+                    density, full_blocks, n_full, int(indices.numel()), box, all_blocks)
     return plan.to(device)
+
+
+def _window_box(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, causal: tuple[bool, bool, bool],
+                block: int) -> BoxMask | None:
+    """The undilated window of every tile-major video token as a `BoxMask` (None: an axis is too long)."""
+    perm = tile_major_order(grid, tile)
+    T, H, W = grid
+    coords = torch.stack([perm // (H * W), (perm // W) % H, perm % W], 1)
+    lo, hi = [], []
+    for a in range(3):
+        windows = axis_window(grid[a], kernel[a], stride[a], 1, causal[a])
+        lo.append(torch.tensor([w[0] for w in windows])[coords[:, a]])
+        hi.append(torch.tensor([w[-1] for w in windows])[coords[:, a]])
+    return BoxMask.from_boxes(torch.stack(lo, 1), torch.stack(hi, 1), coords, block)
 
 
 # ---------------------------------------------------------------------------------------- reference attention

@@ -12,14 +12,15 @@ from . import select as _select
 from ._common import KeyParts, text_visibility
 from ._triton_common import ensure_allocator, ws_compile_failed
 from .configs import KernelConfigs
-from .layout import BlockLayout
+from .layout import BlockLayout, BoxMask
 from .select import WARP_SPECIALIZED
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, parts: KeyParts,
             text_lengths: torch.Tensor | None, text_mask: torch.Tensor | None, scale: float, out: torch.Tensor,
-            lse: torch.Tensor | None, configs: KernelConfigs | None = None) -> None:
-    """Write attention over the joint k, v into ``out`` (and ``lse`` when given)."""
+            lse: torch.Tensor | None, configs: KernelConfigs | None = None, box: BoxMask | None = None) -> None:
+    """Write attention over the joint k, v into ``out`` (and ``lse`` when given); ``box``: a per-token box
+    mask inside the layout's video tiles (forward only: the caller owns the backward)."""
     v0, vl, t0, tl = parts
     if not tl:
         text_lengths = text_mask = None
@@ -29,7 +30,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
         try:
             fwd_ws.launch(q, k, v, layout, scale, out, lse, choice.config, video_row=v0, video_len=vl,
                           text_row=t0, text_len=tl,
-                          text_lengths=text_lengths.to(torch.int32) if text_lengths is not None else None)
+                          text_lengths=text_lengths.to(torch.int32) if text_lengths is not None else None,
+                          box=box)
             return
         except Exception as err:  # only a failed build falls back; anything else is re-raised
             if not ws_compile_failed(err):
@@ -37,7 +39,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
         choice = choice.fallback
     emask = text_visibility(tl, text_lengths, text_mask, torch.int8) if tl else None
     fwd_pipelined.launch(q, k[:, v0:v0 + vl], v[:, v0:v0 + vl], k[:, t0:t0 + tl] if tl else None,
-                         v[:, t0:t0 + tl] if tl else None, emask, layout, scale, out, lse, choice.config)
+                         v[:, t0:t0 + tl] if tl else None, emask, layout, scale, out, lse, choice.config, box=box)
 
 
 def _try_ws(launch, *args) -> bool:

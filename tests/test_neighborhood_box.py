@@ -1,0 +1,146 @@
+"""The box-mask path: neighborhood windows as a per-token `BoxMask` inside the block-sparse forward kernels."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from accel.kernels.layout import BOX_MAX_COORD, BoxMask
+from accel.kernels.neighborhood_reference import (
+    build_tile_plan,
+    natten_token_mask,
+    reference_neighborhood_attention,
+    tile_major_order,
+)
+
+
+def _tile_major(t: torch.Tensor, perm: torch.Tensor, video: slice) -> torch.Tensor:
+    out = t.clone()
+    out[:, video] = t[:, video][:, perm]
+    return out
+
+
+def _random_case(rng: random.Random):
+    """A grid made of complete 16-token tiles and a random undilated window (stride, causal per axis)."""
+    tile = rng.choice([(1, 4, 4), (2, 2, 4), (1, 2, 8), (4, 2, 2)])
+    grid = tuple(tile[a] * rng.randint(1, 3) for a in range(3))
+    kernel = tuple(rng.randint(min(2, grid[a]), grid[a]) if grid[a] > 1 else 1 for a in range(3))
+    kernel = tuple(max(k, 1) for k in kernel)
+    stride = tuple(rng.randint(1, k) for k in kernel)
+    causal = (rng.random() < 0.3, False, rng.random() < 0.2)
+    return grid, tile, kernel, stride, causal
+
+
+def test_box_mask_is_the_natten_window_in_tile_major_order() -> None:
+    rng = random.Random(0)
+    for _ in range(12):
+        grid, tile, kernel, stride, causal = _random_case(rng)
+        plan = build_tile_plan(grid, tile, kernel, stride, (1, 1, 1), causal)
+        assert plan.box is not None and plan.all_blocks is not None
+        perm = tile_major_order(grid, tile)
+        v_len = perm.numel()
+        expected = natten_token_mask(grid, kernel, stride, (1, 1, 1), causal)[perm][:, perm]
+        got = plan.box.token_mask(torch.arange(v_len), torch.arange(v_len))
+        assert torch.equal(got, expected), (grid, tile, kernel, stride, causal)
+
+
+def test_box_mask_is_absent_when_it_cannot_describe_the_keys() -> None:
+    # dilation: windows are not boxes; partial tiles: rows are not blocks of one shape
+    assert build_tile_plan((2, 4, 8), (1, 4, 4), (2, 2, 3), (1, 1, 1), (1, 1, 2), (False,) * 3).box is None
+    assert build_tile_plan((2, 5, 8), (1, 4, 4), (2, 2, 3), (1, 1, 1), (1, 1, 1), (False,) * 3).box is None
+    coords = torch.zeros(16, 3, dtype=torch.long)
+    coords[:, 2] = torch.arange(16)
+    lo = hi = coords.clone()
+    assert BoxMask.from_boxes(lo, hi, coords, 16) is not None
+    assert BoxMask.from_boxes(lo, hi, coords[:12], 16) is None  # not a whole block
+    shuffled = coords.clone()
+    shuffled[8:, 2] = shuffled[8:, 2].flip(0)
+    assert BoxMask.from_boxes(lo, hi, torch.cat([coords, shuffled]), 16) is None  # blocks differ in shape
+    big = coords.clone()
+    big[:, 1] = BOX_MAX_COORD + 1
+    assert BoxMask.from_boxes(lo, hi, big, 16) is None
+    with pytest.raises(ValueError, match="lo must be"):
+        BoxMask.from_boxes(lo[:, :2], hi, coords, 16)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_box_path_matches_reference_forward_and_backward(seed: int) -> None:
+    from accel.kernels.neighborhood import neighborhood_attention
+
+    rng = random.Random(seed)
+    grid, tile, kernel, stride, causal = _random_case(rng)
+    plan = build_tile_plan(grid, tile, kernel, stride, (1, 1, 1), causal)
+    v_len, d, batch, heads = grid[0] * grid[1] * grid[2], 16, 2, rng.choice([1, 2])
+    text = rng.choice([0, 5])
+    q = torch.randn(batch, v_len, heads, d, requires_grad=True)
+    k = torch.randn(batch, v_len + text, heads, d, requires_grad=True)  # text after the video
+    v = torch.randn(batch, v_len + text, heads, d, requires_grad=True)
+    lengths = torch.tensor([text, max(0, text - 3)], dtype=torch.int32) if text else None
+    kw = dict(video_keys=(0, v_len), text_keys=(v_len, text) if text else None, text_lengths=lengths)
+    ref = reference_neighborhood_attention(q, k, v, grid, kernel, stride, (1, 1, 1), causal, **kw)
+    perm = tile_major_order(grid, tile)
+    inverse = torch.argsort(perm)
+    qo, ko, vo = q[:, perm], _tile_major(k, perm, slice(0, v_len)), _tile_major(v, perm, slice(0, v_len))
+    out, lse = neighborhood_attention(qo, ko, vo, plan, box=True, return_lse=True, **kw)
+    _, old_lse = neighborhood_attention(qo, ko, vo, plan, box=False, split=False, return_lse=True, **kw)
+    assert (out[:, inverse] - ref).abs().max().item() < 1e-5
+    assert (lse - old_lse).abs().max().item() < 1e-5
+    grad = torch.randn_like(ref)
+    expected = torch.autograd.grad(ref, (q, k, v), grad)
+    got = torch.autograd.grad(out[:, inverse], (q, k, v), grad)
+    for name, e, g in zip("qkv", expected, got, strict=True):
+        assert (e - g).abs().max().item() < 1e-4, name
+
+
+def test_box_path_fp16_scattered_text_mask() -> None:
+    from accel.kernels.neighborhood import neighborhood_attention
+
+    grid, tile, kernel, stride, causal = (2, 4, 8), (1, 4, 4), (2, 3, 5), (1, 2, 1), (False, False, False)
+    plan = build_tile_plan(grid, tile, kernel, stride, (1, 1, 1), causal)
+    v_len, text = 64, 6
+    q = torch.randn(2, v_len, 2, 32).half()
+    k = torch.randn(2, text + v_len, 2, 32).half()  # text before the video
+    v = torch.randn(2, text + v_len, 2, 32).half()
+    text_mask = torch.tensor([[True, False, True, True, False, True], [False] * 5 + [True]])
+    kw = dict(video_keys=(text, v_len), text_keys=(0, text), text_mask=text_mask, scale=0.3)
+    ref = reference_neighborhood_attention(q.float(), k.float(), v.float(), grid, kernel, stride, (1, 1, 1), causal,
+                                           **kw)
+    perm = tile_major_order(grid, tile)
+    vs = slice(text, text + v_len)
+    out = neighborhood_attention(q[:, perm], _tile_major(k, perm, vs), _tile_major(v, perm, vs), plan, box=True,
+                                 **kw)[:, torch.argsort(perm)]
+    assert out.dtype == torch.float16
+    assert (out.float() - ref).abs().max().item() < 3e-3
+
+
+def test_box_is_the_default_and_all_unmasked_plans_run_block_sparse_with_text(monkeypatch) -> None:
+    from accel.kernels import neighborhood as nbhd
+
+    calls = []
+    real = torch.ops.accel.neighborhood_fwd
+
+    def spy(*args):
+        calls.append(bool(args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.accel, "neighborhood_fwd", spy)
+    grid, tile = (2, 4, 8), (1, 4, 4)
+    q = torch.randn(1, 64, 1, 16)
+    k = torch.randn(1, 64 + 3, 1, 16)
+    kw = dict(video_keys=(0, 64), text_keys=(64, 3))
+    masked = build_tile_plan(grid, tile, (2, 3, 5), (1, 1, 1), (1, 1, 1), (False,) * 3)
+    nbhd.neighborhood_attention(q, k, k, masked, **kw)
+    assert calls == [True]  # the box path, no split
+    blocked = build_tile_plan(grid, tile, (1, 4, 4), (1, 4, 4), (1, 1, 1), (False,) * 3)
+    assert blocked.full_pairs == blocked.pairs
+    perm = tile_major_order(grid, tile)
+    out = nbhd.neighborhood_attention(q[:, perm], _tile_major(k, perm, slice(0, 64)),
+                                      _tile_major(k, perm, slice(0, 64)), blocked, **kw)
+    assert calls == [True]  # no neighborhood kernel at all
+    ref = reference_neighborhood_attention(q, k, k, grid, (1, 4, 4), (1, 4, 4), **kw)
+    assert (out[:, torch.argsort(perm)] - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="box=True needs"):
+        nbhd.neighborhood_attention(q, k, k, build_tile_plan(grid, tile, (2, 3, 5), (1, 1, 1), (1, 1, 2),
+                                                               (False,) * 3), box=True, **kw)
