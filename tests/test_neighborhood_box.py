@@ -22,10 +22,13 @@ def _tile_major(t: torch.Tensor, perm: torch.Tensor, video: slice) -> torch.Tens
     return out
 
 
-def _random_case(rng: random.Random):
-    """A grid made of complete 16-token tiles and a random undilated window (stride, causal per axis)."""
+def _random_case(rng: random.Random, ragged: bool = False):
+    """A grid of 16-token tiles (``ragged``: some partial) and a random undilated window (stride, causal)."""
     tile = rng.choice([(1, 4, 4), (2, 2, 4), (1, 2, 8), (4, 2, 2)])
     grid = tuple(tile[a] * rng.randint(1, 3) for a in range(3))
+    if ragged:
+        a = rng.choice([a for a in range(3) if tile[a] > 1])
+        grid = tuple(g + rng.randint(1, tile[a] - 1) if i == a else g for i, g in enumerate(grid))
     kernel = tuple(rng.randint(min(2, grid[a]), grid[a]) if grid[a] > 1 else 1 for a in range(3))
     kernel = tuple(max(k, 1) for k in kernel)
     stride = tuple(rng.randint(1, k) for k in kernel)
@@ -35,10 +38,11 @@ def _random_case(rng: random.Random):
 
 def test_box_mask_is_the_natten_window_in_tile_major_order() -> None:
     rng = random.Random(0)
-    for _ in range(12):
-        grid, tile, kernel, stride, causal = _random_case(rng)
+    for i in range(16):
+        grid, tile, kernel, stride, causal = _random_case(rng, ragged=i % 2 == 1)
         plan = build_tile_plan(grid, tile, kernel, stride, (1, 1, 1), causal)
         assert plan.box is not None and plan.all_blocks is not None
+        assert plan.ragged == (i % 2 == 1) and plan.box.uniform == (not plan.ragged)
         perm = tile_major_order(grid, tile)
         v_len = perm.numel()
         expected = natten_token_mask(grid, kernel, stride, (1, 1, 1), causal)[perm][:, perm]
@@ -46,18 +50,19 @@ def test_box_mask_is_the_natten_window_in_tile_major_order() -> None:
         assert torch.equal(got, expected), (grid, tile, kernel, stride, causal)
 
 
-def test_box_mask_is_absent_when_it_cannot_describe_the_keys() -> None:
-    # dilation: windows are not boxes; partial tiles: rows are not blocks of one shape
+def test_box_mask_is_absent_or_per_token_when_keys_are_not_uniform_blocks() -> None:
+    # dilation: windows are not boxes; partial tiles: keys are not blocks of one shape (per-token keys only)
     assert build_tile_plan((2, 4, 8), (1, 4, 4), (2, 2, 3), (1, 1, 1), (1, 1, 2), (False,) * 3).box is None
-    assert build_tile_plan((2, 5, 8), (1, 4, 4), (2, 2, 3), (1, 1, 1), (1, 1, 1), (False,) * 3).box is None
+    ragged = build_tile_plan((2, 5, 8), (1, 4, 4), (2, 2, 3), (1, 1, 1), (1, 1, 1), (False,) * 3)
+    assert ragged.ragged and ragged.box is not None and not ragged.box.uniform
     coords = torch.zeros(16, 3, dtype=torch.long)
     coords[:, 2] = torch.arange(16)
     lo = hi = coords.clone()
-    assert BoxMask.from_boxes(lo, hi, coords, 16) is not None
-    assert BoxMask.from_boxes(lo, hi, coords[:12], 16) is None  # not a whole block
+    assert BoxMask.from_boxes(lo, hi, coords, 16).uniform
+    assert not BoxMask.from_boxes(lo[:12], hi[:12], coords[:12], 16).uniform  # not a whole block
     shuffled = coords.clone()
     shuffled[8:, 2] = shuffled[8:, 2].flip(0)
-    assert BoxMask.from_boxes(lo, hi, torch.cat([coords, shuffled]), 16) is None  # blocks differ in shape
+    assert not BoxMask.from_boxes(lo, hi, torch.cat([coords, shuffled]), 16).uniform  # blocks differ in shape
     big = coords.clone()
     big[:, 1] = BOX_MAX_COORD + 1
     assert BoxMask.from_boxes(lo, hi, big, 16) is None
@@ -65,13 +70,14 @@ def test_box_mask_is_absent_when_it_cannot_describe_the_keys() -> None:
         BoxMask.from_boxes(lo[:, :2], hi, coords, 16)
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(6))
 def test_box_path_matches_reference_forward_and_backward(seed: int) -> None:
     from accel.kernels.neighborhood import neighborhood_attention
 
     rng = random.Random(seed)
-    grid, tile, kernel, stride, causal = _random_case(rng)
+    grid, tile, kernel, stride, causal = _random_case(rng, ragged=seed % 2 == 1)
     plan = build_tile_plan(grid, tile, kernel, stride, (1, 1, 1), causal)
+    assert plan.ragged == (seed % 2 == 1)
     v_len, d, batch, heads = grid[0] * grid[1] * grid[2], 16, 2, rng.choice([1, 2])
     text = rng.choice([0, 5])
     q = torch.randn(batch, v_len, heads, d, requires_grad=True)
@@ -97,9 +103,10 @@ def test_box_path_matches_reference_forward_and_backward(seed: int) -> None:
 def test_box_path_fp16_scattered_text_mask() -> None:
     from accel.kernels.neighborhood import neighborhood_attention
 
-    grid, tile, kernel, stride, causal = (2, 4, 8), (1, 4, 4), (2, 3, 5), (1, 2, 1), (False, False, False)
+    grid, tile, kernel, stride, causal = (2, 5, 8), (1, 4, 4), (2, 3, 5), (1, 2, 1), (False, False, False)
     plan = build_tile_plan(grid, tile, kernel, stride, (1, 1, 1), causal)
-    v_len, text = 64, 6
+    assert plan.ragged
+    v_len, text = 80, 6
     q = torch.randn(2, v_len, 2, 32).half()
     k = torch.randn(2, text + v_len, 2, 32).half()  # text before the video
     v = torch.randn(2, text + v_len, 2, 32).half()
@@ -122,7 +129,7 @@ def test_box_is_the_default_and_all_unmasked_plans_run_block_sparse_with_text(mo
     real = torch.ops.accel.neighborhood_fwd
 
     def spy(*args):
-        calls.append(bool(args[-1]))
+        calls.append(bool(args[-2]))  # the box tensors
         return real(*args)
 
     monkeypatch.setattr(torch.ops.accel, "neighborhood_fwd", spy)

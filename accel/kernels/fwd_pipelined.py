@@ -29,7 +29,7 @@ from .layout import BlockLayout, BoxMask
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, EK, EV, EMask, Out, Lse, Offsets, Indices, BoxLo, BoxHi, BoxKey, BoxLocal,
+    Q, K, V, EK, EV, EMask, Out, Lse, Offsets, Indices, BoxLo, BoxHi, BoxKey, Blocks,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -38,12 +38,13 @@ def _fwd_kernel(
     stride_emb,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh,
-    stride_offl, stride_idxl,
+    stride_offl, stride_idxl, stride_blk,
     H, Sq, Sk, T, num_k_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LAYOUT_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_MASK: tl.constexpr,
     WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, HAS_BOX: tl.constexpr,
+    RAGGED: tl.constexpr,
 ):
     SUB_M: tl.constexpr = BLOCK_Q // BLOCK_M
     SUB_N: tl.constexpr = BLOCK_K // BLOCK_N
@@ -55,11 +56,15 @@ def _fwd_kernel(
     qb = pid_m // SUB_M
     start_m = pid_m * BLOCK_M
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if RAGGED:  # block i holds rows [start_i, start_i + count_i) (Blocks[i, 0:2]); one compute tile per block
+        offs_m = tl.load(Blocks + pid_m * stride_blk) + tl.arange(0, BLOCK_M)
+        m_mask = tl.arange(0, BLOCK_M) < tl.load(Blocks + pid_m * stride_blk + 1)
+    else:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < Sq
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < Sq
 
     q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
               + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd)
@@ -84,7 +89,9 @@ def _fwd_kernel(
     hi = tl.load(row_offsets + 1)
     # Only the last key block can be a partial one (indices are sorted): it alone is masked.
     n_full = hi
-    if hi > lo:
+    if RAGGED or HAS_BOX:  # every tile masked: one loop
+        n_full = lo
+    elif hi > lo:
         last = tl.load(row_idx + hi - 1)
         if (last + 1) * BLOCK_K > Sk:
             n_full = hi - 1
@@ -105,16 +112,15 @@ def _fwd_kernel(
         else:
             k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
                             all_n, d_mask, False, EVEN_D)
-        if HAS_BOX:
-            key = tl.load(BoxKey + kb) + tl.load(BoxLocal + (it % SUB_N) * BLOCK_N + offs_n)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, _box_ok(box_lo, box_hi, key), qk_scale, True,
-                                      DOT_PRECISION)
-        else:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, all_n[None, :], qk_scale, False, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, all_n[None, :], qk_scale, False, DOT_PRECISION)
     for it in range(n_full * SUB_N, hi * SUB_N):
         kb = tl.load(row_idx + it // SUB_N)
-        start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
-        n_valid = start_n + offs_n < Sk
+        if RAGGED:  # the block's rows past its count belong to the next block: masked
+            start_n = tl.load(Blocks + kb * stride_blk)
+            n_valid = offs_n < tl.load(Blocks + kb * stride_blk + 1)
+        else:
+            start_n = kb * BLOCK_K + (it % SUB_N) * BLOCK_N
+            n_valid = start_n + offs_n < Sk
         if USE_TMA:  # rows past Sk arrive as zeros; n_valid hides them from the softmax
             k = k_desc.load([start_n, 0]).T
             v = v_desc.load([start_n, 0])
@@ -123,7 +129,7 @@ def _fwd_kernel(
                             n_valid, d_mask, True, EVEN_D)
         visible = n_valid[None, :]
         if HAS_BOX:
-            key = tl.load(BoxKey + kb) + tl.load(BoxLocal + (it % SUB_N) * BLOCK_N + offs_n)
+            key = tl.load(BoxKey + start_n + offs_n, mask=n_valid, other=0)
             visible = visible & _box_ok(box_lo, box_hi, key)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
     if HAS_EXTRA:
@@ -153,29 +159,39 @@ def _fwd_kernel(
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor | None, ev: torch.Tensor | None,
            emask: torch.Tensor | None, layout: BlockLayout, scale: float, out: torch.Tensor,
-           lse: torch.Tensor | None, cfg: KernelConfig, box: BoxMask | None = None) -> None:
-    """Run the pipelined forward: k, v the video keys, ek, ev the text keys (views), emask int8 (B, T);
-    ``box``: a per-token box mask inside the video tiles (text keys are not boxed)."""
+           lse: torch.Tensor | None, cfg: KernelConfig, box: BoxMask | None = None,
+           blocks: torch.Tensor | None = None) -> None:
+    """Run the pipelined forward: k, v the video keys, ek, ev the text keys (views), emask int8 (B, T).
+
+    ``box``: a per-token box mask inside the video tiles (text keys are not boxed). ``blocks``: (num blocks,
+    >= 2) int32 [first row, rows] per layout block, for blocks of unequal sizes (queries and keys share
+    them; needs ``box`` and one compute tile per layout block)."""
+    if blocks is not None and (box is None or (cfg.block_m, cfg.block_n) != (layout.block_m, layout.block_n)):
+        raise ValueError("fwd_pipelined.launch: blocks= needs a box mask and compute tiles equal to the layout's "
+                         f"blocks, got box={box is not None}, tiles {cfg.block_m}x{cfg.block_n}, blocks "
+                         f"{layout.block_m}x{layout.block_n}")
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     T = ek.shape[1] if ek is not None else 0
     if cfg.tma:
         ensure_allocator()
     lse_t = lse if lse is not None else out  # dummy pointer when not written
-    grid = (triton.cdiv(Sq, cfg.block_m), B * H)
+    grid = (layout.num_q_blocks if blocks is not None else triton.cdiv(Sq, cfg.block_m), B * H)
     _fwd_kernel[grid](
         q, k, v, ek if ek is not None else q, ev if ev is not None else q, emask if emask is not None else q,
         out, lse_t, layout.offsets, layout.indices,
-        *(box.tensors() if box is not None else (layout.offsets,) * 4),
+        *((box.row_lo, box.row_hi, box.key) if box is not None else (layout.offsets,) * 3),
+        blocks if blocks is not None else layout.offsets,
         *q.stride(), *k.stride(), *v.stride(), *strides4(ek), *strides4(ev),
         emask.stride(0) if emask is not None else 0,
         *out.stride(),
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        layout.offsets.stride(0), layout.indices.stride(0),
+        layout.offsets.stride(0), layout.indices.stride(0), blocks.stride(0) if blocks is not None else 0,
         H, Sq, Sk, T, layout.num_k_blocks, scale * LOG2E,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_Q=layout.block_m, BLOCK_K=layout.block_n,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         LAYOUT_PER_HEAD=layout.heads > 1, HAS_EXTRA=T > 0, HAS_EXTRA_MASK=emask is not None,
         WRITE_LSE=lse is not None, DOT_PRECISION=dot_precision(q.dtype), USE_TMA=cfg.tma,
-        HAS_BOX=box is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_opts(cfg),
+        HAS_BOX=box is not None, RAGGED=blocks is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_opts(cfg),
     )

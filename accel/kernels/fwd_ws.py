@@ -117,15 +117,17 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayou
     """Run the warp-specialised forward on joint K/V buffers (video and text rows read in place).
 
     ``text_lengths`` (B,) int32: each batch sees only its first ``text_lengths[b]`` text keys (values in
-    [0, text_len]; read on the device, no host sync). ``box``: a per-token box mask inside the video tiles.
-    The caller checks TMA-addressability (see select.py).
+    [0, text_len]; read on the device, no host sync). ``box``: a per-token box mask inside the video tiles
+    (uniform: `BoxMask.uniform`). The caller checks TMA-addressability (see select.py).
     """
+    if box is not None and not box.uniform:
+        raise ValueError("fwd_ws.launch: the box mask must be uniform (keys in blocks of one shape)")
     B, Sq, H, D = q.shape
     ensure_allocator()
     _fwd_ws_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
         q, k, v, text_lengths if text_lengths is not None else layout.offsets, out,
         lse if lse is not None else out, layout.offsets, layout.indices,
-        *(box.tensors() if box is not None else (layout.offsets,) * 4),
+        *((box.row_lo, box.row_hi, box.key_block, box.key_local) if box is not None else (layout.offsets,) * 4),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),

@@ -488,14 +488,15 @@ def neighborhood_fwd(
     tiles: Tensor, offsets: Tensor, nfull: Tensor, indices: Tensor,
     t_offsets: Tensor, t_nfull: Tensor, t_indices: Tensor,
     params: list[int], parts: list[int], block: int, scale: float, skip_full: bool,
-    text_lengths: Tensor | None, box: list[Tensor],
+    text_lengths: Tensor | None, box: list[Tensor], ragged: bool,
 ) -> tuple[Tensor, Tensor]:
     """Triton forward over tile-major video queries q (B, V, H, D) and the joint k, v: (out, lse (B, H, V)).
 
     ``skip_full``: leave out the unmasked tile pairs (they run in the block-sparse kernel and are merged).
     ``box``: [`BoxMask` tensors..., all-pairs CSR offsets, indices] (`TilePlan.box`, `TilePlan.all_blocks`):
     run every pair in the block-sparse forward kernels with the window as a per-token box mask (the tuned
-    Hopper kernels); ``text_lengths`` (B,) keeps trailing text padding on the warp-specialised one."""
+    Hopper kernels); ``text_lengths`` (B,) keeps trailing text padding on the warp-specialised one;
+    ``ragged``: some tiles are partial (rows from the ``tiles`` table)."""
     B, V, H, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, V, dtype=torch.float32, device=q.device)
@@ -505,9 +506,12 @@ def neighborhood_fwd(
         from .triton_impl import forward
 
         n = offsets.shape[0] - 1
-        layout = BlockLayout(box[4], box[5], block, block, n, n)
+        layout = BlockLayout(box[5], box[6], block, block, n, n)
         mask = None if text_lengths is not None or text_vis is None else text_vis != 0
-        forward(q, k, v, layout, KeyParts(*parts), text_lengths, mask, scale, out, lse, box=BoxMask(*box[:4]))
+        uniform = box[3].numel() > 0
+        boxed = BoxMask(box[0], box[1], box[2], box[3] if uniform else None, box[4] if uniform else None)
+        forward(q, k, v, layout, KeyParts(*parts), text_lengths, mask, scale, out, lse, box=boxed,
+                blocks=tiles if ragged else None)
         return out, lse
     kv, ek = _parts(k, parts)
     vv, ev = _parts(v, parts)
@@ -518,7 +522,7 @@ def neighborhood_fwd(
 
 @neighborhood_fwd.register_fake
 def _(q, k, v, text_vis, tiles, offsets, nfull, indices, t_offsets, t_nfull, t_indices, params, parts, block,
-      scale, skip_full, text_lengths, box):
+      scale, skip_full, text_lengths, box, ragged):
     B, V, H, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(B, H, V, dtype=torch.float32, device=q.device))
@@ -573,7 +577,7 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.accel.neighborhood_bwd(dout, q, k, v, out, lse, dlse, text_vis, *plan_t, *ctx.meta)
     # One entry per input, the box list as a list (torch.library matches the input structure).
-    return (dq, dk, dv) + (None,) * 14 + ([None] * ctx.box_len,)
+    return (dq, dk, dv) + (None,) * 14 + ([None] * ctx.box_len, None)
 
 
 torch.library.register_autograd("accel::neighborhood_fwd", _backward, setup_context=_setup_context)
@@ -645,8 +649,9 @@ def neighborhood_attention(
         text_lengths = text_mask = None
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     plan = plan.to(q.device) if plan.tiles.device != q.device else plan
-    if box and plan.box is None:
-        raise ValueError("box=True needs a plan with a box mask (TilePlan.box: complete tiles, no dilation)")
+    if box and not box_path_runs(q, plan):
+        raise ValueError("box=True needs a plan with a box mask (TilePlan.box: no dilation) and, for partial "
+                         "tiles, compute tiles equal to the plan's block")
     if split and plan.full_blocks is None:
         raise ValueError("split=True needs a plan whose tiles are all complete (TilePlan.full_blocks)")
     if plan.full_blocks is not None and plan.full_pairs == plan.pairs and not box:
@@ -657,7 +662,7 @@ def neighborhood_attention(
                                       text_lengths=text_lengths, text_mask=text_mask, scale=scale,
                                       return_lse=return_lse)
     if box is None:
-        box = plan.box is not None and not split
+        box = not split and box_path_runs(q, plan)
     vis = text_visibility(parts.text_len, text_lengths, text_mask, torch.int8) if parts.text_len else None
     if box:
         split = False
@@ -668,14 +673,35 @@ def neighborhood_attention(
 
         full_out, full_lse = block_sparse_attention(q, k, v, plan.full_blocks, video_keys=(parts.video_start, V),
                                                     scale=scale, return_lse=True)
-    box_t = plan.box.tensors() + [plan.all_blocks.offsets, plan.all_blocks.indices] if box else []
+    box_t = _box_tensors(plan) if box else []
     lengths = text_lengths.to(torch.int32) if box and text_lengths is not None else None
     out, lse = torch.ops.accel.neighborhood_fwd(
         q, k, v, vis, plan.tiles, plan.offsets, plan.nfull, plan.indices, plan.t_offsets, plan.t_nfull,
-        plan.t_indices, plan.params(), list(parts), plan.block, scale, bool(split), lengths, box_t)
+        plan.t_indices, plan.params(), list(parts), plan.block, scale, bool(split), lengths, box_t, plan.ragged)
     if split:
         out, lse = merge_partial_attention(full_out, full_lse, out, lse)
     return (out, lse) if return_lse else out
+
+
+def _box_tensors(plan: TilePlan) -> list[Tensor]:
+    """The box path's tensors in `neighborhood_fwd`'s order (empty key_block/key_local: not uniform)."""
+    b = plan.box
+    none = b.key.new_empty(0)
+    return [b.row_lo, b.row_hi, b.key, b.key_block if b.uniform else none, b.key_local if b.uniform else none,
+            plan.all_blocks.offsets, plan.all_blocks.indices]
+
+
+def box_path_runs(q: Tensor, plan: TilePlan) -> bool:
+    """Whether the box path can run this call: the plan has a box, and for partial tiles the pipelined
+    forward's compute tile equals the plan's block (fp32 on a GPU uses smaller tiles: no)."""
+    if plan.box is None:
+        return False
+    if not plan.ragged:
+        return True
+    from .configs import head_dim_pad, pick_config
+
+    cfg = pick_config("fwd", plan.block, plan.block, head_dim_pad(q.shape[-1]), q.device, q.dtype).pipelined()
+    return (cfg.block_m, cfg.block_n) == (plan.block, plan.block)
 
 
 SPLIT_MIN_SHARE = 0.25  # unmasked share of tile pairs from which the split path pays for its merge

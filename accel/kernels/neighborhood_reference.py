@@ -133,9 +133,9 @@ class TilePlan:
         full_blocks: when every tile is complete, the unmasked pairs as a `BlockLayout` of ``block``-token
             blocks, so the block-sparse kernel can run them (`neighborhood_attention`'s split path); else None.
         full_pairs, pairs: unmasked and all visited tile pairs.
-        box, all_blocks: when every tile is complete and there is no dilation, the window as a per-token
-            `BoxMask` and all visited pairs as a `BlockLayout`: the block-sparse forward kernels (the tuned
-            Hopper ones) then run the masked pairs too; else None.
+        box, all_blocks: without dilation, the window as a per-token `BoxMask` and all visited pairs as a
+            `BlockLayout` of tiles: the block-sparse forward kernels (the tuned Hopper ones) then run the
+            masked pairs too (partial tiles through their ``tiles`` rows); else None.
     """
 
     grid: Axes
@@ -158,10 +158,16 @@ class TilePlan:
     pairs: int = 0
     box: BoxMask | None = None
     all_blocks: BlockLayout | None = None
+    complete: bool = False
 
     @property
     def num_tiles(self) -> int:
         return self.tiles.shape[0]
+
+    @property
+    def ragged(self) -> bool:
+        """Whether some tile holds fewer than ``block`` tokens (then rows are not ``block``-aligned)."""
+        return not self.complete
 
     @property
     def video_tokens(self) -> int:
@@ -182,7 +188,7 @@ class TilePlan:
         every = self.all_blocks.to(device) if self.all_blocks is not None else None
         return TilePlan(self.grid, self.tile, self.block, self.kernel, self.stride, self.dilation, self.causal,
                         density=self.density, full_blocks=full, full_pairs=self.full_pairs, pairs=self.pairs,
-                        box=box, all_blocks=every, **moved)
+                        box=box, all_blocks=every, complete=self.complete, **moved)
 
 
 def _axis_tile_pairs(length: int, tile: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,14 +271,15 @@ def build_tile_plan(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, dilation
         full_blocks = BlockLayout(f_offsets, unpack_index(indices[is_full])[None].contiguous(), block, block,
                                   num_tiles, num_tiles)
     box = all_blocks = None
-    if bool((count == block).all()) and all(d == 1 for d in dilation):
+    if all(d == 1 for d in dilation):
         box = _window_box(grid, tile, kernel, stride, causal, block)
         if box is not None:
             all_blocks = BlockLayout(offsets[None].contiguous(), unpack_index(indices)[None].contiguous(), block,
                                      block, num_tiles, num_tiles)
     plan = TilePlan(tuple(grid), tuple(tile), block, tuple(kernel), tuple(stride), tuple(dilation),
                     tuple(bool(c) for c in causal), table, offsets, nfull, indices, t_offsets, t_nfull, t_indices,
-                    density, full_blocks, n_full, int(indices.numel()), box, all_blocks)
+                    density, full_blocks, n_full, int(indices.numel()), box, all_blocks,
+                    bool((count == block).all()))
     return plan.to(device)
 
 

@@ -18,14 +18,19 @@ from .select import WARP_SPECIALIZED
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, parts: KeyParts,
             text_lengths: torch.Tensor | None, text_mask: torch.Tensor | None, scale: float, out: torch.Tensor,
-            lse: torch.Tensor | None, configs: KernelConfigs | None = None, box: BoxMask | None = None) -> None:
-    """Write attention over the joint k, v into ``out`` (and ``lse`` when given); ``box``: a per-token box
-    mask inside the layout's video tiles (forward only: the caller owns the backward)."""
+            lse: torch.Tensor | None, configs: KernelConfigs | None = None, box: BoxMask | None = None,
+            blocks: torch.Tensor | None = None) -> None:
+    """Write attention over the joint k, v into ``out`` (and ``lse`` when given).
+
+    ``box``: a per-token box mask inside the layout's video tiles; ``blocks``: per-block [first row, rows] for
+    blocks of unequal sizes (`fwd_pipelined.launch`). Forward only: the caller owns the backward."""
     v0, vl, t0, tl = parts
     if not tl:
         text_lengths = text_mask = None
     choice = _select.select_forward(q, k, layout, v=v, parts=parts, text_lengths=text_lengths, text_mask=text_mask,
                                     out=out, lse=lse, configs=configs)
+    if choice.variant == WARP_SPECIALIZED and (blocks is not None or (box is not None and not box.uniform)):
+        choice = choice.fallback  # the warp-specialised kernel needs equal blocks
     if choice.variant == WARP_SPECIALIZED:
         try:
             fwd_ws.launch(q, k, v, layout, scale, out, lse, choice.config, video_row=v0, video_len=vl,
@@ -39,7 +44,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
         choice = choice.fallback
     emask = text_visibility(tl, text_lengths, text_mask, torch.int8) if tl else None
     fwd_pipelined.launch(q, k[:, v0:v0 + vl], v[:, v0:v0 + vl], k[:, t0:t0 + tl] if tl else None,
-                         v[:, t0:t0 + tl] if tl else None, emask, layout, scale, out, lse, choice.config, box=box)
+                         v[:, t0:t0 + tl] if tl else None, emask, layout, scale, out, lse, choice.config, box=box,
+                         blocks=blocks)
 
 
 def _try_ws(launch, *args) -> bool:
