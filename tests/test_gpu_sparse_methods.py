@@ -40,6 +40,7 @@ NEIGHBORHOOD_CASES = [
     ((6, 20, 24), "4x8x8", "2x4x8", "1", False, 13, 2, 2, 128),  # stride, text padding
     ((5, 17, 23), "3x5x6", "1x2x3", "1x2x1", True, 7, 2, 3, 64),  # odd grid, dilation, causal
     ((1, 40, 48), "13x17", "4x4", "1", False, 0, 1, 2, 128),  # image
+    ((8, 16, 32), "3x7x9", "1", "1", False, 13, 2, 2, 128),  # complete tiles: uniform box
 ]
 
 

@@ -42,7 +42,7 @@ def test_box_mask_is_the_natten_window_in_tile_major_order() -> None:
         grid, tile, kernel, stride, causal = _random_case(rng, ragged=i % 2 == 1)
         plan = build_tile_plan(grid, tile, kernel, stride, (1, 1, 1), causal)
         assert plan.box is not None and plan.all_blocks is not None
-        assert plan.ragged == (i % 2 == 1) and plan.box.uniform == (not plan.ragged)
+        assert plan.ragged == (i % 2 == 1)
         perm = tile_major_order(grid, tile)
         v_len = perm.numel()
         expected = natten_token_mask(grid, kernel, stride, (1, 1, 1), causal)[perm][:, perm]
@@ -50,24 +50,19 @@ def test_box_mask_is_the_natten_window_in_tile_major_order() -> None:
         assert torch.equal(got, expected), (grid, tile, kernel, stride, causal)
 
 
-def test_box_mask_is_absent_or_per_token_when_keys_are_not_uniform_blocks() -> None:
-    # dilation: windows are not boxes; partial tiles: keys are not blocks of one shape (per-token keys only)
+def test_box_mask_is_absent_when_windows_are_not_boxes_or_coordinates_too_large() -> None:
+    # dilation: windows are not boxes; partial tiles are fine (per-token key coordinates)
     assert build_tile_plan((2, 4, 8), (1, 4, 4), (2, 2, 3), (1, 1, 1), (1, 1, 2), (False,) * 3).box is None
     ragged = build_tile_plan((2, 5, 8), (1, 4, 4), (2, 2, 3), (1, 1, 1), (1, 1, 1), (False,) * 3)
-    assert ragged.ragged and ragged.box is not None and not ragged.box.uniform
+    assert ragged.ragged and ragged.box is not None
     coords = torch.zeros(16, 3, dtype=torch.long)
     coords[:, 2] = torch.arange(16)
-    lo = hi = coords.clone()
-    assert BoxMask.from_boxes(lo, hi, coords, 16).uniform
-    assert not BoxMask.from_boxes(lo[:12], hi[:12], coords[:12], 16).uniform  # not a whole block
-    shuffled = coords.clone()
-    shuffled[8:, 2] = shuffled[8:, 2].flip(0)
-    assert not BoxMask.from_boxes(lo, hi, torch.cat([coords, shuffled]), 16).uniform  # blocks differ in shape
+    assert BoxMask.from_boxes(coords, coords, coords) is not None
     big = coords.clone()
     big[:, 1] = BOX_MAX_COORD + 1
-    assert BoxMask.from_boxes(lo, hi, big, 16) is None
+    assert BoxMask.from_boxes(coords, coords, big) is None
     with pytest.raises(ValueError, match="lo must be"):
-        BoxMask.from_boxes(lo[:, :2], hi, coords, 16)
+        BoxMask.from_boxes(coords[:, :2], coords, coords)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -59,6 +59,10 @@ CASES: dict[str, MethodCase] = {c.name: c for c in (
                reference="tile-aligned window (STA-like): efficiency target >= 0.85"),
     MethodCase("nbhd-hunyuan-third", (30, 48, 80), 24, "neighborhood:kernel_size=10x16x26",
                reference="a window of about a third of each axis (the e2e setting)"),
+    MethodCase("nbhd-hunyuan-720p-129f-third", (33, 45, 80), 24, "neighborhood:kernel_size=11x15x27",
+               reference="HunyuanVideo 720p 129f, a third of each axis (partial tiles: 45 rows)"),
+    MethodCase("nbhd-wan14b-720p-81f-third", (21, 45, 80), 40, "neighborhood:kernel_size=7x15x27",
+               reference="Wan2.1-14B 720p 81f, a third of each axis (partial tiles: 45 rows)"),
     # Pyramid's levels depend on the data: i.i.d. random q/k give flat importance (nearly everything kept), so
     # the default thresholds run on "local" inputs; the topk quotas give a fixed 15% FLOP density on any input.
     MethodCase("pyramid-wan1.3b-480p-81f", (21, 30, 52), 12, "pyramid", inputs="local",

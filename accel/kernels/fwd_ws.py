@@ -6,14 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, _box_ok, _rows_desc, _vec_desc, ensure_allocator, head_dim_pad
+from ._triton_common import LOG2E, _rows_desc, _vec_desc, ensure_allocator, head_dim_pad
 from .configs import KernelConfig
-from .layout import BlockLayout, BoxMask
+from .layout import BlockLayout
 
 
 @triton.jit
 def _fwd_ws_kernel(
-    Q, K, V, TextLen, Out, Lse, Offsets, Indices, BoxLo, BoxHi, BoxKey, BoxLocal,
+    Q, K, V, TextLen, Out, Lse, Offsets, Indices,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -23,7 +23,7 @@ def _fwd_ws_kernel(
     H, Sq, Sk, T, kv_rows, video_row, text_row, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LAYOUT_PER_HEAD: tl.constexpr, WRITE_LSE: tl.constexpr, MASK_KEYS: tl.constexpr,
-    HAS_TEXT_LEN: tl.constexpr, HAS_BOX: tl.constexpr,
+    HAS_TEXT_LEN: tl.constexpr,
 ):
     """Hopper forward with Triton's automatic warp specialisation (FA3-style producer/consumers).
 
@@ -35,8 +35,7 @@ def _fwd_ws_kernel(
     tiles (a second loop would turn specialisation off). Text padding must be trailing: ``TextLen`` (B,)
     gives each batch's visible text keys and the loop stops there (a per-tile mask load in the loop
     stops specialisation from compiling or, through a descriptor, made it 2.7x slower). Needs one compute
-    tile per layout block. ``HAS_BOX``: a `layout.BoxMask` inside the video tiles (one scalar load per tile,
-    the rows' corners loaded once), e.g. a neighborhood window's partial tiles.
+    tile per layout block.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -60,11 +59,6 @@ def _fwd_ws_kernel(
     lo = tl.load(row_offsets)
     hi = tl.load(row_offsets + 1)
     offs_n = tl.arange(0, BLOCK_N)
-    if HAS_BOX:
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        box_lo = tl.load(BoxLo + offs_m, mask=offs_m < Sq, other=0)
-        box_hi = tl.load(BoxHi + offs_m, mask=offs_m < Sq, other=0)
-        box_local = tl.load(BoxLocal + offs_n)
     if HAS_TEXT_LEN:
         T = tl.load(TextLen + off_b)
     # Keys past the end of their part (the video tail tile reads into the text, a text tile past T) and
@@ -77,15 +71,7 @@ def _fwd_ws_kernel(
         k = k_desc.load([start_n, 0]).T
         v = v_desc.load([start_n, 0])
         qk = tl.dot(q, k)
-        if HAS_BOX:  # text tiles are not boxed
-            visible = _box_ok(box_lo, box_hi, tl.load(BoxKey + kb) + box_local) | (it >= hi)
-            if MASK_KEYS:
-                visible = visible & (local_n + offs_n < tl.where(is_video, Sk, T))[None, :]
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
-        elif MASK_KEYS:
+        if MASK_KEYS:
             qk = qk * qk_scale + tl.where(local_n + offs_n < tl.where(is_video, Sk, T), 0.0, float("-inf"))[None, :]
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # Every tile holds a real key, but keep -inf - -inf from ever turning into NaN.
@@ -112,22 +98,17 @@ def _fwd_ws_kernel(
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float,
            out: torch.Tensor, lse: torch.Tensor | None, cfg: KernelConfig, *, video_row: int, video_len: int,
-           text_row: int = 0, text_len: int = 0, text_lengths: torch.Tensor | None = None,
-           box: BoxMask | None = None) -> None:
+           text_row: int = 0, text_len: int = 0, text_lengths: torch.Tensor | None = None) -> None:
     """Run the warp-specialised forward on joint K/V buffers (video and text rows read in place).
 
     ``text_lengths`` (B,) int32: each batch sees only its first ``text_lengths[b]`` text keys (values in
-    [0, text_len]; read on the device, no host sync). ``box``: a per-token box mask inside the video tiles
-    (uniform: `BoxMask.uniform`). The caller checks TMA-addressability (see select.py).
+    [0, text_len]; read on the device, no host sync). The caller checks TMA-addressability (see select.py).
     """
-    if box is not None and not box.uniform:
-        raise ValueError("fwd_ws.launch: the box mask must be uniform (keys in blocks of one shape)")
     B, Sq, H, D = q.shape
     ensure_allocator()
     _fwd_ws_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
         q, k, v, text_lengths if text_lengths is not None else layout.offsets, out,
         lse if lse is not None else out, layout.offsets, layout.indices,
-        *((box.row_lo, box.row_hi, box.key_block, box.key_local) if box is not None else (layout.offsets,) * 4),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
@@ -137,6 +118,5 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayou
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         LAYOUT_PER_HEAD=layout.heads > 1, WRITE_LSE=lse is not None,
         MASK_KEYS=video_len % cfg.block_n != 0 or text_len % cfg.block_n != 0 or text_lengths is not None,
-        HAS_TEXT_LEN=text_lengths is not None, HAS_BOX=box is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        HAS_TEXT_LEN=text_lengths is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -186,30 +186,22 @@ class BoxMask:
     ``lo[r] <= coord[c] <= hi[r]`` (a box per query, e.g. a neighborhood window).
 
     Stored packed (`pack_box_coords`) so the kernel tests all three axes with two subtractions and one AND
-    (a SWAR range test on guarded 10-bit fields, coordinates <= `BOX_MAX_COORD`). When the keys are blocks
-    of one shape (``uniform``), a key's coordinates are its block's origin plus an in-block offset shared by
-    every block, so the warp-specialised kernel reads one scalar per key block, never a per-token table.
+    (a SWAR range test on guarded 10-bit fields, coordinates <= `BOX_MAX_COORD`) instead of six compares.
 
     Attributes:
         row_lo: (Sq,) int32 packed lower corners.
         row_hi: (Sq,) int32 packed upper corners (inclusive) plus ``2 * BOX_GUARD``.
         key: (Sk,) int32 packed key coordinates plus ``BOX_GUARD``.
-        key_block: (Sk / block_n,) int32 ``key`` of each block's first key, or None (not uniform).
-        key_local: (block_n,) int32 packed offsets of a block's keys from its first key, or None.
     """
 
     row_lo: torch.Tensor
     row_hi: torch.Tensor
     key: torch.Tensor
-    key_block: torch.Tensor | None = None
-    key_local: torch.Tensor | None = None
 
     @classmethod
-    def from_boxes(cls, lo: torch.Tensor, hi: torch.Tensor, key_coords: torch.Tensor, block_n: int
-                   ) -> BoxMask | None:
+    def from_boxes(cls, lo: torch.Tensor, hi: torch.Tensor, key_coords: torch.Tensor) -> BoxMask | None:
         """From per-query (Sq, 3) inclusive corners and per-key (Sk, 3) coordinates; None when a coordinate
-        exceeds `BOX_MAX_COORD` (callers then use a per-token mask instead). Uniform when ``Sk`` is a
-        multiple of ``block_n`` and every block's keys sit at the same offsets from its first key."""
+        exceeds `BOX_MAX_COORD` (callers then use a per-token mask instead)."""
         for name, t in (("lo", lo), ("hi", hi), ("key_coords", key_coords)):
             if t.dim() != 2 or t.shape[1] != 3:
                 raise ValueError(f"BoxMask.from_boxes: {name} must be (N, 3), got {tuple(t.shape)}")
@@ -218,24 +210,10 @@ class BoxMask:
         stacked = torch.cat([lo, hi, key_coords])
         if stacked.numel() and (int(stacked.min()) < 0 or int(stacked.max()) > BOX_MAX_COORD):
             return None
-        key = pack_box_coords(key_coords) + BOX_GUARD
-        key_block = key_local = None
-        sk = key.numel()
-        if sk and sk % block_n == 0:
-            blocks = key.view(-1, block_n)
-            local = blocks[0] - blocks[0, 0]
-            if torch.equal(blocks - blocks[:, :1], local.expand_as(blocks)):
-                key_block, key_local = blocks[:, 0].contiguous(), local.contiguous()
-        return cls(pack_box_coords(lo), pack_box_coords(hi) + 2 * BOX_GUARD, key, key_block, key_local)
-
-    @property
-    def uniform(self) -> bool:
-        """Whether the keys are blocks of one shape (``key_block``/``key_local`` exist)."""
-        return self.key_block is not None
+        return cls(pack_box_coords(lo), pack_box_coords(hi) + 2 * BOX_GUARD, pack_box_coords(key_coords) + BOX_GUARD)
 
     def to(self, device: torch.device | str) -> BoxMask:
-        return BoxMask(*(t.to(device) if t is not None else None
-                         for t in (self.row_lo, self.row_hi, self.key, self.key_block, self.key_local)))
+        return BoxMask(self.row_lo.to(device), self.row_hi.to(device), self.key.to(device))
 
     def token_mask(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """(len(rows), len(cols)) bool for given query rows and key columns (tests, small inputs only)."""

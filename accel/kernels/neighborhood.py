@@ -493,10 +493,9 @@ def neighborhood_fwd(
     """Triton forward over tile-major video queries q (B, V, H, D) and the joint k, v: (out, lse (B, H, V)).
 
     ``skip_full``: leave out the unmasked tile pairs (they run in the block-sparse kernel and are merged).
-    ``box``: [`BoxMask` tensors..., all-pairs CSR offsets, indices] (`TilePlan.box`, `TilePlan.all_blocks`):
-    run every pair in the block-sparse forward kernels with the window as a per-token box mask (the tuned
-    Hopper kernels); ``text_lengths`` (B,) keeps trailing text padding on the warp-specialised one;
-    ``ragged``: some tiles are partial (rows from the ``tiles`` table)."""
+    ``box``: [row_lo, row_hi, key (`BoxMask`), all-pairs CSR offsets, indices] (`TilePlan.box`,
+    `TilePlan.all_blocks`): run every pair in the block-sparse pipelined forward kernel (TMA loads on Hopper)
+    with the window as a per-token box mask; ``ragged``: some tiles are partial (rows from ``tiles``)."""
     B, V, H, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, V, dtype=torch.float32, device=q.device)
@@ -506,11 +505,9 @@ def neighborhood_fwd(
         from .triton_impl import forward
 
         n = offsets.shape[0] - 1
-        layout = BlockLayout(box[5], box[6], block, block, n, n)
+        layout = BlockLayout(box[3], box[4], block, block, n, n)
         mask = None if text_lengths is not None or text_vis is None else text_vis != 0
-        uniform = box[3].numel() > 0
-        boxed = BoxMask(box[0], box[1], box[2], box[3] if uniform else None, box[4] if uniform else None)
-        forward(q, k, v, layout, KeyParts(*parts), text_lengths, mask, scale, out, lse, box=boxed,
+        forward(q, k, v, layout, KeyParts(*parts), text_lengths, mask, scale, out, lse, box=BoxMask(*box[:3]),
                 blocks=tiles if ragged else None)
         return out, lse
     kv, ek = _parts(k, parts)
@@ -684,11 +681,9 @@ def neighborhood_attention(
 
 
 def _box_tensors(plan: TilePlan) -> list[Tensor]:
-    """The box path's tensors in `neighborhood_fwd`'s order (empty key_block/key_local: not uniform)."""
+    """The box path's tensors in `neighborhood_fwd`'s order."""
     b = plan.box
-    none = b.key.new_empty(0)
-    return [b.row_lo, b.row_hi, b.key, b.key_block if b.uniform else none, b.key_local if b.uniform else none,
-            plan.all_blocks.offsets, plan.all_blocks.indices]
+    return [b.row_lo, b.row_hi, b.key, plan.all_blocks.offsets, plan.all_blocks.indices]
 
 
 def box_path_runs(q: Tensor, plan: TilePlan) -> bool:

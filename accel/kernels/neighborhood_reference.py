@@ -272,7 +272,7 @@ def build_tile_plan(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, dilation
                                   num_tiles, num_tiles)
     box = all_blocks = None
     if all(d == 1 for d in dilation):
-        box = _window_box(grid, tile, kernel, stride, causal, block)
+        box = _window_box(grid, tile, kernel, stride, causal)
         if box is not None:
             all_blocks = BlockLayout(offsets[None].contiguous(), unpack_index(indices)[None].contiguous(), block,
                                      block, num_tiles, num_tiles)
@@ -283,8 +283,8 @@ def build_tile_plan(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, dilation
     return plan.to(device)
 
 
-def _window_box(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, causal: tuple[bool, bool, bool],
-                block: int) -> BoxMask | None:
+def _window_box(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, causal: tuple[bool, bool, bool]
+                ) -> BoxMask | None:
     """The undilated window of every tile-major video token as a `BoxMask` (None: an axis is too long)."""
     perm = tile_major_order(grid, tile)
     T, H, W = grid
@@ -294,7 +294,7 @@ def _window_box(grid: Axes, tile: Axes, kernel: Axes, stride: Axes, causal: tupl
         windows = axis_window(grid[a], kernel[a], stride[a], 1, causal[a])
         lo.append(torch.tensor([w[0] for w in windows])[coords[:, a]])
         hi.append(torch.tensor([w[-1] for w in windows])[coords[:, a]])
-    return BoxMask.from_boxes(torch.stack(lo, 1), torch.stack(hi, 1), coords, block)
+    return BoxMask.from_boxes(torch.stack(lo, 1), torch.stack(hi, 1), coords)
 
 
 # ---------------------------------------------------------------------------------------- reference attention

@@ -29,14 +29,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
         text_lengths = text_mask = None
     choice = _select.select_forward(q, k, layout, v=v, parts=parts, text_lengths=text_lengths, text_mask=text_mask,
                                     out=out, lse=lse, configs=configs)
-    if choice.variant == WARP_SPECIALIZED and (blocks is not None or (box is not None and not box.uniform)):
-        choice = choice.fallback  # the warp-specialised kernel needs equal blocks
+    if choice.variant == WARP_SPECIALIZED and box is not None:
+        # Triton 3.6's warp-specialisation pass failed to build the box-masked loop (H200, 2026-12-02).
+        choice = choice.fallback
     if choice.variant == WARP_SPECIALIZED:
         try:
             fwd_ws.launch(q, k, v, layout, scale, out, lse, choice.config, video_row=v0, video_len=vl,
                           text_row=t0, text_len=tl,
-                          text_lengths=text_lengths.to(torch.int32) if text_lengths is not None else None,
-                          box=box)
+                          text_lengths=text_lengths.to(torch.int32) if text_lengths is not None else None)
             return
         except Exception as err:  # only a failed build falls back; anything else is re-raised
             if not ws_compile_failed(err):
