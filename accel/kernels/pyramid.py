@@ -4,11 +4,9 @@ Semantics in `accel.kernels.pyramid_reference` (group means per level, +ln(count
 Per call the pooled K/V of levels 2, 4 and 8 are built in one pass (`pool_levels`, hierarchical sums) into one
 buffer; level-1 keys and the text keys are read in place from the joint K/V buffer. One program owns one query
 block and walks, level by level, the KV blocks of its row listed for that level (index lists sorted by level from
-the (B, H, n, n) level map on the device: no host sync). A level-p tile packs p listed KV blocks, b/p pooled
-rows each with its bias (lane -> (block, row) computed per lane, so nothing unrelated is read, unlike the
-reference's merge path); list tails and empty groups of the last partial block are masked, so every (block size,
-level) pair is exact and a level-p block costs 1/p of a tile. Skipped blocks are never read. Text keys join the
-same online softmax.
+the (B, H, n, n) level map on the device: no host sync), loading b/p pooled rows per block with the bias; the
+tile holds max(16, b/p) rows and the lanes past b/p (and empty groups of the last partial block) are masked, so
+every (block size, level) pair is exact. Skipped blocks are never read. Text keys join the same online softmax.
 
 The forward also writes the natural-log LSE per query row. Backward (`pyramid_bwd.py`): FA2's split with
 Delta = rowsum(dO * O) - dLse, a dQ pass over query blocks (the same level lists as the forward) and a dK/dV pass
@@ -68,28 +66,13 @@ def _pooled_lanes(kb, sub, NV, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.const
 
 
 @triton.jit
-def _packed_lanes(Idx, it, hi, NV, P: tl.constexpr, BS: tl.constexpr):
-    """The level-P list entries ``Idx[it:it + P]`` packed into one BS-lane tile: (row in the level, valid, log2
-    bias). Lane r holds pooled row r % (BS/P) of entry it + r // (BS/P); entries past ``hi`` and empty groups
-    are invalid. The same rows and biases as `_pooled_lanes`, P KV blocks per tile, so a pooled block costs
-    1/P of a full tile instead of a whole (mostly masked) tile."""
-    PER: tl.constexpr = BS // P
-    lanes = tl.arange(0, BS)
-    j = it + lanes // PER
-    listed = j < hi
-    kb = tl.load(Idx + j, mask=listed, other=0)
-    offs_r = lanes % PER
-    cnt = tl.minimum(NV - (kb * BS + offs_r * P), P)
-    bias = tl.math.log2(tl.maximum(cnt, 1).to(tl.float32))
-    return kb * PER + offs_r, listed & (cnt > 0), bias
-
-
-@triton.jit
 def _level_pass(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, Idx, lo, hi, row0, NV, qk_scale,
-                offs_d, d_mask, P: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """KV blocks ``Idx[lo:hi]`` at level P (b/P pooled rows each, from row0 + block * b/P), P blocks per tile."""
-    for it in range(lo, hi, P):
-        lrow, valid, bias = _packed_lanes(Idx, it, hi, NV, P, BS)
+                offs_d, d_mask, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """KV blocks ``Idx[lo:hi]`` at level P: b/P pooled rows each (starting at row0 + block * b/P)."""
+    for it in range(lo, hi):
+        kb = tl.load(Idx + it)
+        lrow, valid, bias, _ = _pooled_lanes(kb, 0, NV, P, BS, ROWS)
         rows = (row0 + lrow).to(tl.int64)
         kT = tl.load(k_base + rows[None, :] * stride_kn, mask=valid[None, :] & d_mask[:, None], other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vn, mask=valid[:, None] & d_mask[None, :], other=0.0)
@@ -112,6 +95,7 @@ def _pyramid_fwd_kernel(
     stride_lb, stride_lh,
     H, NV, NB, T, R4, R8, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BS: tl.constexpr,
+    R1_: tl.constexpr, R2_: tl.constexpr, R4_: tl.constexpr, R8_: tl.constexpr,
     HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, TEXT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
@@ -140,13 +124,13 @@ def _pyramid_fwd_kernel(
     kp = KP + off_b * stride_pkb + off_h * stride_pkh + offs_d[:, None] * stride_pkd
     vp = VP + off_b * stride_pvb + off_h * stride_pvh + offs_d[None, :] * stride_pvd
     acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, k1, v1, stride_kn, stride_vn, idx, 0, e1, 0, NV, qk_scale,
-                                offs_d, d_mask, 1, BS, DOT_PRECISION)
+                                offs_d, d_mask, 1, BS, R1_, DOT_PRECISION)
     acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e1, e2, 0, NV, qk_scale,
-                                offs_d, d_mask, 2, BS, DOT_PRECISION)
+                                offs_d, d_mask, 2, BS, R2_, DOT_PRECISION)
     acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e2, e4, R4, NV, qk_scale,
-                                offs_d, d_mask, 4, BS, DOT_PRECISION)
+                                offs_d, d_mask, 4, BS, R4_, DOT_PRECISION)
     acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e4, e8, R8, NV, qk_scale,
-                                offs_d, d_mask, 8, BS, DOT_PRECISION)
+                                offs_d, d_mask, 8, BS, R8_, DOT_PRECISION)
     if HAS_TEXT:
         offs_t = tl.arange(0, TEXT_BLOCK)
         ek = EK + off_b * stride_ekb + off_h * stride_ekh + offs_d[:, None] * stride_ekd
@@ -239,6 +223,7 @@ def pyramid_fwd(
         emask.stride(0) if emask is not None else 0, *out.stride(), lse.stride(0), lse.stride(1),
         H, NV, nb, T, r4, r8, scale * LOG2E,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BS=block,
+        R1_=max(16, block), R2_=max(16, block // 2), R4_=max(16, block // 4), R8_=max(16, block // 8),
         HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, TEXT_BLOCK=_TEXT_BLOCK, DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
