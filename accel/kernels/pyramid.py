@@ -225,8 +225,15 @@ def pyramid_fwd(
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BS=block,
         R1_=max(16, block), R2_=max(16, block // 2), R4_=max(16, block // 4), R8_=max(16, block // 8),
         HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, TEXT_BLOCK=_TEXT_BLOCK, DOT_PRECISION=dot_precision(q.dtype),
+        **_fwd_launch(block, head_dim_pad(D)),
     )
     return out, lse
+
+
+def _fwd_launch(block: int, hdp: int) -> dict[str, int]:
+    """Forward launch knobs. H200 sweep at Wan2.1-1.3B 480p (benchmarks/results/pyramid_stages_b*.json):
+    128-row tiles at D=128 want 8 warps (3.15 ms vs 4.28 with 4), 64-row tiles 4 warps (3.41 vs 5.46)."""
+    return {"num_warps": 8 if block * hdp >= 128 * 128 else 4, "num_stages": 3}
 
 
 @pyramid_fwd.register_fake

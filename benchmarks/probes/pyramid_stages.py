@@ -1,6 +1,6 @@
 """Probe: where the time of one pyramid attention call goes on a GPU (estimate, levels, lists, pooling, kernel).
 
-    python benchmarks/probes/pyramid_stages.py [--out DIR]   (writes pyramid_stages.json; GPU only)
+    python benchmarks/probes/pyramid_stages.py [--out DIR]   (writes pyramid_stages_b<block>.json; GPU only)
 
 Times each stage at the Wan2.1-1.3B 480p 81-frame shape with `do_bench`, the kernel at several launch
 configurations, and the block-sparse kernel over the level-1 blocks alone for comparison.
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--grid", default="21x30x52")
     parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--block", type=int, default=64, choices=(32, 64, 128))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     grid = tuple(int(x) for x in args.grid.split("x"))
     layout = TokenLayout(1, *grid)
-    H, D, block = args.heads, 128, 64
+    H, D, block = args.heads, 128, args.block
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = local_qkv(layout, H, D, torch.bfloat16, gen)
     res: dict = {"grid": list(grid), "heads": H, "block": block, "device": torch.cuda.get_device_name()}
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                     *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *pk._strides(None),
                     *pk._strides(None), 0, *out.stride(), lse.stride(0), lse.stride(1),
                     H, NV, nb, 0, r4, r8, (1 / math.sqrt(D)) * 1.4426950408889634,
-                    HEAD_DIM=D, HEAD_DIM_PAD=D, BS=block, R1_=64, R2_=32, R4_=16, R8_=16,
+                    HEAD_DIM=D, HEAD_DIM_PAD=D, BS=block, R1_=max(16, block), R2_=max(16, block // 2),
+                    R4_=max(16, block // 4), R8_=max(16, block // 8),
                     HAS_TEXT=False, HAS_TEXT_MASK=False, TEXT_BLOCK=32, DOT_PRECISION=pk.dot_precision(q.dtype),
                     num_warps=nw, num_stages=ns)
             try:
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     res["level1_density"] = lay1.density()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pyramid_stages.json").write_text(json.dumps(res, indent=1))
+    (out_dir / f"pyramid_stages_b{block}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return 0
 
