@@ -7,10 +7,11 @@
 2. Stage 1: `accel.demo.vae.train_vae` (own loop, resumable, wall-clock budget).
 3. Stage 2: the project's trainer (`accel.lora.train`) in full-parameter mode on a `WanPipeline` holding the
    trained VAE, the frozen text encoder and a fresh transformer; latents and text embeddings are cached by its
-   `LatentCache`. The stage runs in chunks of `train()` calls with ``resume=True``: a short probe chunk measures
-   the step time and the per-call overhead, then the chunk sizes fill `DiTTrainConfig.budget_s`. The trainer's
-   resume is exact (weights, AdamW, data order, RNG), so chunks end with the same weights as one call, and a
-   killed run continues from its last checkpoint when the recipe is rerun.
+   `LatentCache`. One `train()` call (``resume=True``) per recipe run, with a timer that sends SIGTERM when
+   `DiTTrainConfig.budget_s` (summed over reruns) or the run's deadline is reached: the trainer's own stop
+   (checkpoint, then return). One call rather than several short ones because each call scans (decodes) every
+   clip once. The trainer's resume is exact (weights, AdamW, data order, RNG), so a killed or budget-stopped run
+   continues from its last checkpoint when the recipe is rerun.
 4. Export: the three parts as safetensors in the model's storage dtype with ``manifest.json``
    (`accel.demo.model.export_weights`), and ``training_curve.png`` (loss vs step of both stages).
 
@@ -21,8 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,18 +40,21 @@ from accel.demo.tokenizer import NULL_CAPTION
 from accel.demo.vae import VAETrainConfig
 
 MODELS = {"demo": DEMO, "micro": MICRO}
+EXPORT_RESERVE_S = 30.0  # seconds kept for export and plotting when a deadline is given
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The training clips: `count` synthetic clips of `seed`, plus `null_fraction` of them again captioned <null>."""
+    """The training clips: `count` synthetic clips in `shards` parallel parts, plus `null_fraction` of them captioned
+    ``<null>`` again (caption dropout)."""
 
-    count: int = 2000
+    count: int = 1600
     seed: int = 0
     null_fraction: float = 0.1
+    shards: int = 16
 
     def __post_init__(self) -> None:
-        for name, minimum in (("count", 1), ("seed", 0)):
+        for name, minimum in (("count", 1), ("seed", 0), ("shards", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"DataConfig.{name} must be a whole number >= {minimum}, got {value!r}")
@@ -62,7 +69,6 @@ class DiTTrainConfig:
 
     Attributes:
         steps: optimizer steps at most; budget_s: wall-clock seconds for the stage at most (whichever comes first).
-        probe_steps: the first chunk, which measures the step time and the per-call overhead.
         batch_size, lr, warmup, weight_decay, max_grad_norm, weighting, attention, save_every, log_every,
             gradient_checkpointing: passed to `TrainConfig`.
         mixed_precision: used on CUDA; CPU runs in float32.
@@ -70,7 +76,6 @@ class DiTTrainConfig:
 
     steps: int = 20000
     budget_s: float = 420.0
-    probe_steps: int = 50
     batch_size: int = 32
     lr: float = 3e-4
     warmup: int = 200
@@ -85,7 +90,7 @@ class DiTTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, minimum in (("steps", 1), ("probe_steps", 1), ("batch_size", 1), ("warmup", 0),
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup", 0),
                               ("save_every", 0), ("log_every", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -145,10 +150,10 @@ class RecipeConfig:
     @classmethod
     def smoke(cls) -> RecipeConfig:
         """The micro model with a handful of steps: the whole recipe in seconds on CPU (used by the tests)."""
-        return cls(model=MICRO, data=DataConfig(count=4, null_fraction=0.25),
+        return cls(model=MICRO, data=DataConfig(count=4, null_fraction=0.25, shards=2),
                    vae=VAETrainConfig(steps=3, batch_size=2, frames=5, stats_clips=4, save_every=2, log_every=1,
                                       mixed_precision="no"),
-                   dit=DiTTrainConfig(steps=4, probe_steps=2, batch_size=2, warmup=1, lr=1e-3, save_every=2,
+                   dit=DiTTrainConfig(steps=4, batch_size=2, warmup=1, lr=1e-3, save_every=2,
                                       log_every=1), device="cpu")
 
 
@@ -166,25 +171,52 @@ def load_recipe(path: str | Path) -> RecipeConfig:
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def make_training_data(root: str | Path, model: DemoModelConfig, data: DataConfig, *, progress: bool = True) -> Path:
-    """The clips of `data` at `model`'s training shape in `root` (reused when already there with the same config)."""
+def _write_shard(root: str, synthetic: dict[str, Any], shard: int) -> None:
     from accel.lora.synthetic import SyntheticConfig, make_dataset
 
+    sub = Path(root) / f".shard{shard:02d}"
+    make_dataset(sub, SyntheticConfig(**synthetic), progress=False)
+    for p in sub.iterdir():
+        if p.suffix in (".mp4", ".txt"):
+            os.replace(p, Path(root) / f"s{shard:02d}_{p.name}")
+    shutil.rmtree(sub)
+
+
+def make_training_data(root: str | Path, model: DemoModelConfig, data: DataConfig, *, progress: bool = True) -> Path:
+    """The clips of `data` at `model`'s training shape in `root` (reused when already there with the same config).
+
+    `data.shards` calls of `accel.lora.synthetic.make_dataset` (synthetic seed ``data.seed * 1000 + shard``, files
+    ``s<shard>_clip_<i>.mp4``) run in parallel processes: encoding mp4s is the slow part (~60 ms a clip on one core).
+    A deterministic `null_fraction` of the clips is copied as ``null_*.mp4`` captioned ``<null>``.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
     root = Path(root)
-    synthetic = SyntheticConfig(count=data.count, frames=model.frames, height=model.height, width=model.width,
-                                fps=model.generation.fps, seed=data.seed, format="mp4")
+    per = -(-data.count // data.shards)
+    counts = [max(0, min(per, data.count - k * per)) for k in range(data.shards)]
+    configs = [dict(count=c, frames=model.frames, height=model.height, width=model.width, fps=model.generation.fps,
+                    seed=data.seed * 1000 + k, format="mp4") for k, c in enumerate(counts) if c]
     stamp = root / "recipe_data.json"
-    want = {"synthetic": asdict(synthetic), "null_fraction": data.null_fraction}
+    want = {"shards": configs, "null_fraction": data.null_fraction}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return root
     if root.exists():
         shutil.rmtree(root)
-    make_dataset(root, synthetic, progress=progress)
-    nulls = int(round(data.null_fraction * data.count))
-    picks = np.random.default_rng([data.seed, 17]).choice(data.count, size=nulls, replace=False) if nulls else []
+    root.mkdir(parents=True)
+    workers = max(1, min(len(configs), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as pool:
+        jobs = [pool.submit(_write_shard, str(root), c, k) for k, c in enumerate(configs)]
+        for job in tqdm(jobs, desc="make-dataset shards", disable=not progress):
+            job.result()
+    clips = sorted(p.name for p in root.glob("s*_clip_*.mp4"))
+    nulls = int(round(data.null_fraction * len(clips)))
+    picks = np.random.default_rng([data.seed, 17]).choice(len(clips), size=nulls, replace=False) if nulls else []
     for i in sorted(int(i) for i in picks):
-        shutil.copyfile(root / f"clip_{i:05d}.mp4", root / f"null_{i:05d}.mp4")
-        (root / f"null_{i:05d}.txt").write_text(NULL_CAPTION + "\n")
+        name = clips[i].replace("_clip_", "_null_")
+        shutil.copyfile(root / clips[i], root / name)
+        (root / name).with_suffix(".txt").write_text(NULL_CAPTION + "\n")
     stamp.write_text(json.dumps(want) + "\n")
     return root
 
@@ -222,50 +254,90 @@ def _scalars(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class BudgetExpired(Exception):
+    """Stage 2's wall-clock budget ran out before the trainer's loop could take the stop request."""
+
+
+class _Budget:
+    """Sends this process SIGTERM after `seconds`: the trainer's documented stop (checkpoint, then return).
+
+    Outside the trainer's loop (data scan, caching, final export) the SIGTERM lands on this guard's handler,
+    which raises `BudgetExpired`; a SIGTERM that does not come from the timer is re-delivered as KeyboardInterrupt.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = max(0.0, seconds)
+        self.fired = False
+        self._timer: threading.Timer | None = None
+        self._previous: Any = None
+
+    def _fire(self) -> None:
+        self.fired = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.fired:
+            raise BudgetExpired(f"stage 2 budget of {self.seconds:.0f} s used up")
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __enter__(self) -> _Budget:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._timer = threading.Timer(self.seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_transformer(config: RecipeConfig, run: str | Path, vae: Any, *, device: torch.device,
-                      progress: bool = True) -> dict[str, Any]:
-    """Stage 2 in budgeted chunks of the project's trainer; returns its summary (steps, seconds, chunks)."""
+                      deadline: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """Stage 2: one call of the project's trainer (resuming), stopped by SIGTERM when the budget runs out.
+
+    The budget is `DiTTrainConfig.budget_s` summed over reruns (``dit/recipe_progress.json``), and at most until
+    `deadline` (a `time.monotonic()` value) minus `EXPORT_RESERVE_S`. Returns steps done, seconds and each call.
+    """
     from accel.lora.checkpoint import load_latest
     from accel.lora.train import train
 
     run = Path(run)
     d = config.dit
     state_path = run / "dit" / "recipe_progress.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"seconds": 0.0, "chunks": []}
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"seconds": 0.0, "calls": []}
     latest = load_latest(run / "dit" / "checkpoints")
-    step = latest.step if latest is not None else 0
-    step_time, overhead = None, None
-    while step < d.steps:
-        remaining = d.budget_s - state["seconds"]
-        if step_time is None:
-            target = min(d.steps, step + d.probe_steps)
-        else:
-            n = int((remaining - overhead) / step_time * 0.97)
-            if n < max(1, d.probe_steps // 5):
-                break
-            target = min(d.steps, step + n)
-        if remaining <= 0:
-            break
+    start = latest.step if latest is not None else 0
+    seconds = d.budget_s - state["seconds"]
+    if deadline is not None:
+        seconds = min(seconds, deadline - time.monotonic() - EXPORT_RESERVE_S)
+    call: dict[str, Any] = {"from": start, "budget_s": seconds}
+    if start < d.steps and seconds > 0:
         t0 = time.perf_counter()
-        result = train(_train_config(config, run, target, device, progress), pipe=stage_pipeline(config.model, vae))
-        seconds = time.perf_counter() - t0
-        rows = [r for r in _scalars(run / "dit" / "logs" / "scalars.jsonl")
-                if r["tag"] == "train/step_time_s" and step < r["step"] <= result.step]
-        stepping = sum(r["value"] for r in rows)
-        if rows:
-            step_time = stepping / len(rows)
-            overhead = max(0.0, seconds - stepping * (result.step - step) / len(rows))
-        state["seconds"] += seconds
-        state["chunks"].append({"from": step, "to": result.step, "seconds": seconds,
-                                "eval_loss_start": result.eval_loss_start, "eval_loss_end": result.eval_loss_end})
-        state_path.write_text(json.dumps(state, indent=1) + "\n")
-        step = result.step
-        if result.interrupted:
-            raise KeyboardInterrupt(f"stage 2 stopped at step {step} (checkpoint saved); rerun to resume")
-        if step_time is None:
-            break  # log_every longer than the chunk: nothing to plan with; one chunk only
-    return {"step": step, "seconds": state["seconds"], "chunks": state["chunks"], "step_time_s": step_time,
-            "overhead_s": overhead}
+        result = None
+        pipe = stage_pipeline(config.model, vae)
+        run.joinpath("dit").mkdir(parents=True, exist_ok=True)
+        try:
+            with _Budget(seconds) as budget:
+                result = train(_train_config(config, run, d.steps, device, progress), pipe=pipe)
+        except BudgetExpired:
+            pass
+        finally:
+            state["seconds"] += time.perf_counter() - t0
+            latest = load_latest(run / "dit" / "checkpoints")
+            call.update(to=latest.step if latest is not None else start, seconds=time.perf_counter() - t0)
+            if result is not None:
+                call.update(eval_loss_start=result.eval_loss_start, eval_loss_end=result.eval_loss_end)
+            state["calls"].append(call)
+            state_path.write_text(json.dumps(state, indent=1) + "\n")
+        if result is not None and result.interrupted and not budget.fired:
+            raise KeyboardInterrupt(f"stage 2 stopped at step {result.step} (checkpoint saved); rerun to resume")
+    latest = load_latest(run / "dit" / "checkpoints")
+    rows = [r for r in _scalars(run / "dit" / "logs" / "scalars.jsonl") if r["tag"] == "train/step_time_s"]
+    step_time = float(np.median([r["value"] for r in rows])) if rows else None
+    return {"step": latest.step if latest is not None else 0, "seconds": state["seconds"], "calls": state["calls"],
+            "median_step_time_s": step_time}
 
 
 def trained_pipeline(config: RecipeConfig, run: str | Path, vae: Any) -> Any:
@@ -327,9 +399,12 @@ def git_commit(root: Path | None = None) -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
-def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, progress: bool = True
-               ) -> dict[str, Any]:
-    """All stages into run folder `run`, the final weights, manifest and curve into `weights`; returns a summary."""
+def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, max_seconds: float | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """All stages into run folder `run`, the final weights, manifest and curve into `weights`; returns a summary.
+
+    `max_seconds` bounds this call's wall time (stage 2 stops early enough to export); a rerun continues.
+    """
     import diffusers
 
     from accel.demo.model import export_weights, parameter_counts
@@ -339,12 +414,13 @@ def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, pr
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     t0 = time.perf_counter()
     make_training_data(run / "data", config.model, config.data, progress=progress)
     data_s = time.perf_counter() - t0
     stage1 = train_vae(config.model, config.vae, run / "vae", device=device.type, progress=progress)
-    vae = stage1.vae.to(torch.float32)
-    stage2 = train_transformer(config, run, vae, device=device, progress=progress)
+    vae = stage1.vae
+    stage2 = train_transformer(config, run, vae, device=device, deadline=deadline, progress=progress)
     pipe = trained_pipeline(config, run, vae)
     summary = {
         "recipe": config.to_dict(),
