@@ -44,7 +44,8 @@ def build_tokenizer(vocab: tuple[str, ...] | None = None, *, model_max_length: i
     vocab = vocabulary() if vocab is None else tuple(vocab)
     if vocab[: len(SPECIALS)] != SPECIALS:
         raise ValueError(f"vocab must start with {SPECIALS}, got {vocab[:len(SPECIALS)]}")
-    if len(set(vocab)) != len(vocab) or not all(isinstance(w, str) and w and w == w.strip() for w in vocab):
+    words_ok = all(isinstance(w, str) and w and not any(c.isspace() for c in w) for w in vocab)
+    if len(set(vocab)) != len(vocab) or not words_ok:
         raise ValueError(f"vocab must hold distinct non-empty words without spaces, got {vocab!r}")
     if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 2:
         raise ValueError(f"model_max_length must be a whole number >= 2, got {model_max_length!r}")
