@@ -283,7 +283,9 @@ def load_demo_pipeline(path: str | Path | None = None, device: str | torch.devic
             raise _fail(DemoWeightsError, root, f"{weight_file(part)} does not fit the manifest's model config "
                                                 f"(missing {sorted(set(missing) - tied)[:3]}, unexpected "
                                                 f"{sorted(unexpected)[:3]})")
-        module.to(device=device, dtype=dtype).eval()
+        if dtype != torch.float32:  # loaded into float32 parameters; .to() only when another dtype is asked for
+            module.to(dtype=dtype)
+        module.to(device).eval()
     pipe = WanPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
