@@ -53,7 +53,9 @@ def weights(smoke, tmp_path):
 
 def test_smoke_recipe_writes_weights_manifest_and_curve(smoke):
     w = smoke / "w"
-    assert sorted(p.name for p in w.iterdir()) == sorted([*FILES, "manifest.json", "training_curve.png"])
+    assert sorted(p.name for p in w.iterdir()) == sorted([*FILES, "manifest.json", "training_curve.png", "eval.json"])
+    report = json.loads((w / "eval.json").read_text())
+    assert report["count"] == 1 and report["method"] == "dense" and 0 <= report["match_rate"] <= 1
     assert (w / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((w / "manifest.json").read_text())
     assert manifest["model"] == MICRO.to_dict() and manifest["retrain"] == RETRAIN
@@ -105,6 +107,21 @@ def test_loads_offline_and_generates(weights):
     again = load_demo_pipeline(weights)(prompt="a red square moving right", output_type="np",
                                         generator=torch.Generator().manual_seed(0), **kw).frames[0]
     np.testing.assert_array_equal(frames, again)
+
+
+def test_evaluate_scores_dense_and_a_method_against_dense(weights):
+    from accel.demo.evaluate import EVAL_PROMPTS, evaluate, generate
+
+    pipe = load_demo_pipeline(weights)
+    dense = evaluate(pipe, MICRO, prompts=EVAL_PROMPTS[:2], seeds=(0, 1), progress=False)
+    assert [(s.prompt, s.seed) for s in dense.scores] == [(p, s) for p in EVAL_PROMPTS[:2] for s in (0, 1)]
+    assert dense.mean_psnr is None and dense.to_dict()["count"] == 4
+    same = evaluate(pipe, MICRO, prompts=EVAL_PROMPTS[:1], method="dense", progress=False)
+    assert same.mean_psnr == float("inf") and same.mean_ssim == 1.0  # dense vs dense: identical videos
+    video = generate(pipe, EVAL_PROMPTS[0], 0, MICRO, num_frames=9)
+    assert video.dtype == np.uint8 and video.shape == (9, 32, 32, 3)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        evaluate(pipe, MICRO, prompts=(), progress=False)
 
 
 def test_missing_file_names_it_and_the_retrain_command(weights):

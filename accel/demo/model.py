@@ -152,7 +152,9 @@ def export_weights(pipe: Any, config: DemoModelConfig, out: str | Path, *,
         fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            save_file(state, tmp, metadata={"format": FORMAT, "part": part})
+            # One metadata key: safetensors writes metadata in hash-map order, so two keys would make the bytes
+            # (and the sha256) of identical weights differ from run to run.
+            save_file(state, tmp, metadata={"format": FORMAT})
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

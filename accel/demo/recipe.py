@@ -14,6 +14,8 @@
    continues from its last checkpoint when the recipe is rerun.
 4. Export: the three parts as safetensors in the model's storage dtype with ``manifest.json``
    (`accel.demo.model.export_weights`), and ``training_curve.png`` (loss vs step of both stages).
+5. Task metric: the exported model, loaded back through `load_demo_pipeline`, generates the first
+   `eval_prompts` of `accel.demo.evaluate.EVAL_PROMPTS`; ``eval.json`` says which match their caption.
 
 Every stage skips work already done in the run folder, so rerunning the same command after a kill resumes.
 """
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from accel.demo.config import DEMO, MICRO, DemoModelConfig
+from accel.demo.evaluate import EVAL_PROMPTS
 from accel.demo.tokenizer import NULL_CAPTION
 from accel.demo.vae import VAETrainConfig
 
@@ -114,10 +117,16 @@ class RecipeConfig:
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     dit: DiTTrainConfig = field(default_factory=DiTTrainConfig)
     device: str | None = None
+    eval_prompts: int = 16
+
+    def __post_init__(self) -> None:
+        n = self.eval_prompts
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(EVAL_PROMPTS):
+            raise ValueError(f"RecipeConfig.eval_prompts must be a whole number in [0, {len(EVAL_PROMPTS)}], got {n!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "data": asdict(self.data), "vae": asdict(self.vae),
-                "dit": asdict(self.dit), "device": self.device}
+                "dit": asdict(self.dit), "device": self.device, "eval_prompts": self.eval_prompts}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecipeConfig:
@@ -126,7 +135,8 @@ class RecipeConfig:
             raise TypeError(f"a recipe must be a JSON object, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in fields(cls)} - {"comment"})
         if unknown:
-            raise ValueError(f"recipe: unknown field(s) {', '.join(unknown)}; known: model, data, vae, dit, device")
+            raise ValueError(f"recipe: unknown field(s) {', '.join(unknown)}; known: model, data, vae, dit, device, "
+                             "eval_prompts")
         model = data.get("model", "demo")
         if isinstance(model, str):
             if model not in MODELS:
@@ -135,7 +145,8 @@ class RecipeConfig:
         else:
             model = DemoModelConfig.from_dict(model)
         parts = {"data": DataConfig, "vae": VAETrainConfig, "dit": DiTTrainConfig}
-        kw: dict[str, Any] = {"model": model, "device": data.get("device")}
+        kw: dict[str, Any] = {"model": model, "device": data.get("device"),
+                              "eval_prompts": data.get("eval_prompts", 16)}
         for key, part in parts.items():
             value = data.get(key, {})
             if not isinstance(value, dict):
@@ -154,7 +165,7 @@ class RecipeConfig:
                    vae=VAETrainConfig(steps=3, batch_size=2, frames=5, stats_clips=4, save_every=2, log_every=1,
                                       mixed_precision="no"),
                    dit=DiTTrainConfig(steps=4, batch_size=2, warmup=1, lr=1e-3, save_every=2,
-                                      log_every=1), device="cpu")
+                                      log_every=1), device="cpu", eval_prompts=1)
 
 
 def load_recipe(path: str | Path) -> RecipeConfig:
@@ -435,6 +446,14 @@ def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, ma
     }
     export_weights(pipe, config.model, weights, extra=summary)
     plot_curve(run, weights / "training_curve.png")
+    if config.eval_prompts:
+        from accel.demo.evaluate import evaluate
+        from accel.demo.model import load_demo_pipeline
+
+        report = evaluate(load_demo_pipeline(weights, device=device), config.model,
+                          prompts=EVAL_PROMPTS[:config.eval_prompts], progress=progress)
+        summary["eval"] = report.to_dict()
+        (weights / "eval.json").write_text(json.dumps(summary["eval"], indent=1) + "\n")
     return summary
 
 

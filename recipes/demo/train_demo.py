@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['stage2']['step']} steps in {summary['stage2']['seconds']:.0f} s")
     print(f"wrote {weights} ({manifest['total_bytes'] / 1e6:.2f} MB of weights, "
           f"{sum(summary['parameters'].values()) / 1e6:.2f} M parameters) and {weights / 'training_curve.png'}")
+    if "eval" in summary:
+        e = summary["eval"]
+        print(f"task metric: {e['match_rate']:.0%} of {e['count']} prompts match (colour {e['colour_rate']:.0%}, "
+              f"direction {e['direction_rate']:.0%}, speed {e['speed_rate']:.0%}); {weights / 'eval.json'}")
     return 0
 
 
