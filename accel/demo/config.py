@@ -18,9 +18,10 @@ Why these sizes (measured on the 2-core CPU of the dev machine with random weigh
 - Training (estimate for one H200, bf16 autocast): a forward pass costs about 22 GFLOP per clip (12 GFLOP of
   matmuls: ~4.7 M per-token weights x 2 x 1,280 tokens; 10 GFLOP of attention: 4 N^2 d x 6 layers), so a
   training step at batch 32 is ~2.1 TFLOP. At a pessimistic 10-20% of the H200's dense bf16 peak for
-  d=256 matmuls that is 10-20 ms of compute, plus ~20-40 ms of Python, launch and cache-loading overhead: about
-  15-25 steps/s, i.e. ~7,000-10,000 steps (250k clips seen) in an 8-minute stage 2. The CPU measures ~110
-  GFLOP/s on the same model (0.4 s per batch-2 forward), ~3 s per batch-1 training step.
+  d=256 matmuls that is 10-20 ms of compute, plus ~30-50 ms of Python, launch and cache-loading overhead: about
+  15-25 steps/s, i.e. ~7,000-10,000 steps (~250k clips seen) in ~8 minutes of stage-2 stepping. The CPU
+  measures ~100 GFLOP/s on the same model: 0.22 s per batch-1 forward, 0.65 s per batch-1 training step
+  (forward + backward, ~66 GFLOP), which is what the FLOP count above predicts.
 - `rope_max_seq_len=64` covers 512 px and 253 frames (64 latent frames): enough for 4x length extension.
 """
 
