@@ -2,6 +2,7 @@
 offline loading and generation, the clear errors for missing, truncated, corrupted or re-typed files, resume, and the
 config checks."""
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -94,6 +95,19 @@ def test_rerun_reuses_finished_stages(smoke):
     assert time.perf_counter() - t0 < 20
     after = json.loads((smoke / "w2" / "manifest.json").read_text())
     assert after["files"] == json.loads(before)["files"]  # same weights: nothing retrained
+
+
+def test_deadline_pauses_without_export_and_rerun_finishes(tmp_path):
+    from accel.demo.recipe import run_recipe
+
+    config = RecipeConfig.smoke()
+    paused = run_recipe(config, tmp_path / "run", tmp_path / "w", max_seconds=0.0, progress=False)
+    assert "stage 1 paused" in paused["paused"] and not (tmp_path / "w").exists()
+    tight = dataclasses.replace(config, dit=dataclasses.replace(config.dit, budget_s=1e-3))
+    paused = run_recipe(tight, tmp_path / "run", tmp_path / "w", progress=False)
+    assert "stage 2 has no checkpoint" in paused["paused"] and not (tmp_path / "w").exists()
+    done = run_recipe(config, tmp_path / "run", tmp_path / "w", progress=False)  # the budget is summed: 420 s left
+    assert done["stage2"]["step"] == 4 and (tmp_path / "w" / "manifest.json").is_file()
 
 
 def test_loads_offline_and_generates(weights):

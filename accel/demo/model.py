@@ -155,6 +155,7 @@ def export_weights(pipe: Any, config: DemoModelConfig, out: str | Path, *,
             # One metadata key: safetensors writes metadata in hash-map order, so two keys would make the bytes
             # (and the sha256) of identical weights differ from run to run.
             save_file(state, tmp, metadata={"format": FORMAT})
+            os.chmod(tmp, 0o644)  # mkstemp makes it private
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -40,7 +40,7 @@ import torch
 from accel.demo.config import DEMO, MICRO, DemoModelConfig
 from accel.demo.evaluate import EVAL_PROMPTS
 from accel.demo.tokenizer import NULL_CAPTION
-from accel.demo.vae import VAETrainConfig
+from accel.demo.vae import StagePaused, VAETrainConfig
 
 MODELS = {"demo": DEMO, "micro": MICRO}
 EXPORT_RESERVE_S = 45.0  # seconds kept for export, plotting and the task-metric evaluation under a deadline
@@ -414,7 +414,8 @@ def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, ma
                progress: bool = True) -> dict[str, Any]:
     """All stages into run folder `run`, the final weights, manifest and curve into `weights`; returns a summary.
 
-    `max_seconds` bounds this call's wall time (stage 2 stops early enough to export); a rerun continues.
+    `max_seconds` bounds this call's wall time (stage 2 stops early enough to export); a rerun continues. When the
+    deadline comes during stage 1, nothing is exported and the summary is ``{"paused": reason}``.
     """
     import diffusers
 
@@ -429,9 +430,16 @@ def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, ma
     t0 = time.perf_counter()
     make_training_data(run / "data", config.model, config.data, progress=progress)
     data_s = time.perf_counter() - t0
-    stage1 = train_vae(config.model, config.vae, run / "vae", device=device.type, progress=progress)
+    try:
+        stage1 = train_vae(config.model, config.vae, run / "vae", device=device.type,
+                           deadline=None if deadline is None else deadline - EXPORT_RESERVE_S, progress=progress)
+    except StagePaused as paused:
+        return {"paused": str(paused)}
     vae = stage1.vae
     stage2 = train_transformer(config, run, vae, device=device, deadline=deadline, progress=progress)
+    if stage2["step"] == 0:
+        return {"paused": f"stage 2 has no checkpoint yet after {stage2['seconds']:.0f} s (budget or deadline "
+                          "reached while caching); rerun to continue"}
     pipe = trained_pipeline(config, run, vae)
     summary = {
         "recipe": config.to_dict(),

@@ -7,10 +7,11 @@ blurred into the background) plus a tiny KL term on the posterior. Afterwards th
 the latents (posterior mode over `stats_clips` clips) go into the VAE config, which is how WanPipeline and the
 training cache normalise latents.
 
-Resumable: a checkpoint (weights, AdamW state, step, wall time spent) every `save_every` steps, on Ctrl-C and on
-SIGTERM; the posterior noise of step s is seeded from s, so a resumed run continues exactly. The stage stops
-at `steps` or when `budget_s` seconds of training (summed over resumes) are spent, and then writes
-``vae.safetensors`` + ``vae.json``; a finished stage is loaded, not retrained.
+Resumable: a checkpoint (weights, AdamW state, step, wall time spent) every `save_every` steps, at the end, on
+Ctrl-C and on SIGTERM; the clips and the posterior noise of step s are seeded from s, so a resumed run ends with
+the same weights as an uninterrupted one. The stage stops at `steps` or when `budget_s` seconds of training
+(summed over resumes) are spent, and then writes ``vae.safetensors`` + ``vae.json``; a stage finished with the
+same config is loaded, not retrained, and raising `steps` or `budget_s` continues from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ class VAETrainConfig:
                                  f"got {value!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"VAETrainConfig.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+
+
+class StagePaused(Exception):
+    """A stage stopped at the caller's deadline with a checkpoint; rerunning continues it."""
 
 
 @dataclass
@@ -168,8 +173,21 @@ def _log(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def load_trained_vae(out: str | Path, model: DemoModelConfig) -> VAEResult | None:
-    """The finished stage-1 VAE in `out` (``vae.safetensors`` + ``vae.json``), or None if the stage has not finished."""
+# Fields that may change between a run and its resume: how long to train and how often to save or log.
+_EXTENDABLE = ("steps", "budget_s", "save_every", "log_every")
+
+
+def _resumable(saved: dict[str, Any], config: VAETrainConfig) -> bool:
+    now = asdict(config)
+    return all(saved.get(k) == v for k, v in now.items() if k not in _EXTENDABLE)
+
+
+def load_trained_vae(out: str | Path, model: DemoModelConfig, config: VAETrainConfig | None = None
+                     ) -> VAEResult | None:
+    """The finished stage-1 VAE in `out` (``vae.safetensors`` + ``vae.json``), or None if there is none.
+
+    With `config`, only a VAE finished with exactly that config counts (a longer budget continues training).
+    """
     from safetensors.torch import load_file
 
     from accel.demo.model import build_components
@@ -178,6 +196,8 @@ def load_trained_vae(out: str | Path, model: DemoModelConfig) -> VAEResult | Non
     if not (root / "vae.json").is_file() or not (root / "vae.safetensors").is_file():
         return None
     info = json.loads((root / "vae.json").read_text())
+    if config is not None and info.get("config") != asdict(config):
+        return None
     vae = build_components(model, latents_mean=info["latents_mean"], latents_std=info["latents_std"])["vae"]
     vae.load_state_dict(load_file(str(root / "vae.safetensors")))
     return VAEResult(vae.eval(), info["step"], info["seconds"], info["latents_mean"], info["latents_std"],
@@ -185,8 +205,11 @@ def load_trained_vae(out: str | Path, model: DemoModelConfig) -> VAEResult | Non
 
 
 def train_vae(model: DemoModelConfig, config: VAETrainConfig, out: str | Path, *, device: str | None = None,
-              progress: bool = True) -> VAEResult:
-    """Train (or resume, or reuse) the demo VAE in folder `out`; returns it with its latent statistics set."""
+              deadline: float | None = None, progress: bool = True) -> VAEResult:
+    """Train (or resume, or reuse) the demo VAE in folder `out`; returns it with its latent statistics set.
+
+    `deadline` (a `time.monotonic()` value) stops early with a checkpoint and raises `StagePaused`.
+    """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -195,7 +218,7 @@ def train_vae(model: DemoModelConfig, config: VAETrainConfig, out: str | Path, *
     from accel.lora.train import step_seed, warmup_lambda
 
     root = Path(out)
-    done = load_trained_vae(root, model)
+    done = load_trained_vae(root, model, config)
     if done is not None:
         return done
     root.mkdir(parents=True, exist_ok=True)
@@ -207,8 +230,9 @@ def train_vae(model: DemoModelConfig, config: VAETrainConfig, out: str | Path, *
     ckpt_dir = root / "checkpoints"
     ckpt = load_latest(ckpt_dir)
     if ckpt is not None:
-        if ckpt.meta.get("config") != asdict(config) or ckpt.meta.get("model") != model.to_dict():
-            raise ValueError(f"stage 1 checkpoint {ckpt.path} was made with other settings; use a new output folder")
+        if not _resumable(ckpt.meta.get("config", {}), config) or ckpt.meta.get("model") != model.to_dict():
+            raise ValueError(f"stage 1 checkpoint {ckpt.path} was made with other settings (only "
+                             f"{', '.join(_EXTENDABLE)} may change on resume); use a new output folder")
         with torch.no_grad():
             for name, p in vae.named_parameters():
                 p.copy_(ckpt.tensors[f"param.{name}"])
@@ -232,6 +256,8 @@ def train_vae(model: DemoModelConfig, config: VAETrainConfig, out: str | Path, *
     bar = tqdm(total=config.steps, initial=step, desc="stage 1: vae", disable=not progress)
     with _StopOnSignal() as stop:
         while step < config.steps and seconds < config.budget_s and not stop.requested:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             t0 = time.perf_counter()
             generator.manual_seed(step_seed(config.seed, step, 0))
             x = clip_batch(config.seed, step * config.batch_size, config.batch_size, config.frames, model.height,
@@ -258,6 +284,9 @@ def train_vae(model: DemoModelConfig, config: VAETrainConfig, out: str | Path, *
     bar.close()
     if stop.requested:
         raise KeyboardInterrupt(f"stage 1 stopped by {stop.requested} at step {step}; rerun to resume")
+    if step < config.steps and seconds < config.budget_s:
+        raise StagePaused(f"stage 1 paused at step {step} ({seconds:.0f} of {config.budget_s:.0f} s) at the deadline; "
+                          "rerun to continue")
     vae.eval()
     mean, std = latent_statistics(vae, model, config, dev)
     vae.register_to_config(latents_mean=mean, latents_std=std)
@@ -269,5 +298,5 @@ def train_vae(model: DemoModelConfig, config: VAETrainConfig, out: str | Path, *
     return VAEResult(vae.cpu(), step, seconds, mean, std, losses, resumed_from)
 
 
-__all__ = ["VAEResult", "VAETrainConfig", "clip_batch", "latent_statistics", "load_trained_vae", "train_vae",
-           "vae_loss"]
+__all__ = ["StagePaused", "VAEResult", "VAETrainConfig", "clip_batch", "latent_statistics", "load_trained_vae",
+           "train_vae", "vae_loss"]

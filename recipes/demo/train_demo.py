@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     run = args.run or ROOT / "outputs" / ("demo-smoke" if args.smoke else "demo-run")
     weights = args.weights or (run / "weights" if args.smoke else DEFAULT_WEIGHTS)
     summary = run_recipe(config, run, weights, max_seconds=args.max_seconds, progress=not args.no_progress)
+    if "paused" in summary:
+        print(f"{summary['paused']} (run folder {run})")
+        return 0
     manifest = json.loads((weights / "manifest.json").read_text())
     print(f"stage 1: {summary['stage1']['steps']} steps in {summary['stage1']['seconds']:.0f} s; stage 2: "
           f"{summary['stage2']['step']} steps in {summary['stage2']['seconds']:.0f} s")
