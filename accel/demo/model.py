@@ -280,8 +280,9 @@ def load_demo_pipeline(path: str | Path | None = None, device: str | torch.devic
         module = parts[part]
         state = load_file(str(root / weight_file(part)))
         missing, unexpected = module.load_state_dict(state, strict=False)
-        tied = {n for n, t in module.state_dict().items() if n not in state and any(
-            t.data_ptr() == module.state_dict()[m].data_ptr() for m in state)}
+        own = module.state_dict()
+        stored = {own[m].data_ptr() for m in state if m in own}
+        tied = {n for n in missing if own[n].data_ptr() in stored}  # e.g. UMT5's embed_tokens = shared
         if unexpected or set(missing) - tied:
             raise _fail(DemoWeightsError, root, f"{weight_file(part)} does not fit the manifest's model config "
                                                 f"(missing {sorted(set(missing) - tied)[:3]}, unexpected "

@@ -20,6 +20,7 @@ import json
 import math
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,15 +254,22 @@ def train_vae(model: DemoModelConfig, config: VAETrainConfig, out: str | Path, *
                 "config": asdict(config), "model": model.to_dict()}
         save_checkpoint(ckpt_dir, step, tensors, meta, keep=2)
 
+    def batch(at: int) -> torch.Tensor:
+        return clip_batch(config.seed, at * config.batch_size, config.batch_size, config.frames, model.height,
+                          model.width)
+
     bar = tqdm(total=config.steps, initial=step, desc="stage 1: vae", disable=not progress)
-    with _StopOnSignal() as stop:
+    # Rendering a batch on the CPU takes about as long as a GPU step: the next one is drawn while this one runs.
+    prefetch = ThreadPoolExecutor(1)
+    pending = prefetch.submit(batch, step)
+    with _StopOnSignal() as stop, prefetch:
         while step < config.steps and seconds < config.budget_s and not stop.requested:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             t0 = time.perf_counter()
             generator.manual_seed(step_seed(config.seed, step, 0))
-            x = clip_batch(config.seed, step * config.batch_size, config.batch_size, config.frames, model.height,
-                           model.width).to(dev)
+            x = pending.result().to(dev)
+            pending = prefetch.submit(batch, step + 1)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, parts = vae_loss(vae, x, generator, config)
             optimizer.zero_grad(set_to_none=True)
