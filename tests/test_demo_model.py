@@ -182,6 +182,16 @@ def test_wrong_dtype_is_caught_even_with_a_matching_hash(weights):
         verify_weights(weights)
 
 
+@pytest.mark.parametrize("change,match", [({"num_layers": 2}, "missing"), ({"ffn_dim": 24}, "size mismatch")])
+def test_weights_that_do_not_fit_the_manifest_config_are_refused(weights, change, match):
+    manifest = json.loads((weights / "manifest.json").read_text())
+    manifest["model"]["transformer"].update(change)
+    (weights / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DemoWeightsError, match=f"transformer.safetensors does not fit the manifest's model config.*"
+                                               f"{match}"):
+        load_demo_pipeline(weights)
+
+
 def test_bad_manifest_is_refused(weights):
     (weights / "manifest.json").write_text("{not json")
     with pytest.raises(DemoWeightsError, match="not valid JSON"):

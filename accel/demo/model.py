@@ -279,7 +279,12 @@ def load_demo_pipeline(path: str | Path | None = None, device: str | torch.devic
     for part in PARTS:
         module = parts[part]
         state = load_file(str(root / weight_file(part)))
-        missing, unexpected = module.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = module.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+            raise _fail(DemoWeightsError, root, f"{weight_file(part)} does not fit the manifest's model config "
+                                                f"({first})") from None
         own = module.state_dict()
         stored = {own[m].data_ptr() for m in state if m in own}
         tied = {n for n in missing if own[n].data_ptr() in stored}  # e.g. UMT5's embed_tokens = shared
