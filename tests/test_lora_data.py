@@ -66,6 +66,21 @@ def test_make_dataset_formats_and_manifest(tmp_path):
         SyntheticConfig(frames=0)
 
 
+def test_npz_clips_are_lossless_and_bad_ones_named(tmp_path):
+    from accel.lora.dataset import read_frames
+
+    root = make_dataset(tmp_path / "npz", SyntheticConfig(count=2, frames=5, height=32, width=48, format="npz"),
+                        progress=False)
+    frames = read_frames(root / "clip_00001.npz")
+    assert frames.dtype == np.uint8 and np.array_equal(frames, render_clip(clip_spec(0, 1), 5, 32, 48))
+    np.savez(tmp_path / "nokey.npz", video=frames)
+    np.savez(tmp_path / "float.npz", frames=frames.astype(np.float32))
+    np.savez(tmp_path / "pickled.npz", frames=np.array([{"a": 1}], dtype=object))
+    for name, reason in (("nokey", "no 'frames' array"), ("float", "uint8"), ("pickled", "cannot read npz")):
+        with pytest.raises(DataError, match=rf"^{name}\.npz: .*{reason}"):
+            read_frames(tmp_path / f"{name}.npz")
+
+
 # ------------------------------------------------------------------------------------------ dataset
 
 

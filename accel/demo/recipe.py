@@ -1,9 +1,9 @@
 """The demo model's whole recipe (issue #17): dataset, stage 1 (VAE), stage 2 (transformer), export, curve.
 
-1. Data: `accel.lora.synthetic` clips at the model's training shape as mp4 (not GIF: Pillow merges identical
-   consecutive frames, so a slow shape's GIF has fewer frames than the clip), plus a `null_fraction` of copies
-   captioned ``<null>`` (caption dropout: the tokenizer reads ``<null>`` as the empty prompt, which
-   classifier-free guidance uses as its negative).
+1. Data: `accel.lora.synthetic` clips at the model's training shape as npz (lossless frames, no codec: the
+   GPU machine has no ffmpeg, mp4 is lossy, and Pillow merges identical consecutive GIF frames), plus a
+   `null_fraction` of copies captioned ``<null>`` (caption dropout: the tokenizer reads ``<null>`` as the
+   empty prompt, which classifier-free guidance uses as its negative).
 2. Stage 1: `accel.demo.vae.train_vae` (own loop, resumable, wall-clock budget).
 3. Stage 2: the project's trainer (`accel.lora.train`) in full-parameter mode on a `WanPipeline` holding the
    trained VAE, the frozen text encoder and a fresh transformer; latents and text embeddings are cached by its
@@ -188,7 +188,7 @@ def _write_shard(root: str, synthetic: dict[str, Any], shard: int) -> None:
     sub = Path(root) / f".shard{shard:02d}"
     make_dataset(sub, SyntheticConfig(**synthetic), progress=False)
     for p in sub.iterdir():
-        if p.suffix in (".mp4", ".txt"):
+        if p.suffix in (".npz", ".txt"):
             os.replace(p, Path(root) / f"s{shard:02d}_{p.name}")
     shutil.rmtree(sub)
 
@@ -197,8 +197,8 @@ def make_training_data(root: str | Path, model: DemoModelConfig, data: DataConfi
     """The clips of `data` at `model`'s training shape in `root` (reused when already there with the same config).
 
     `data.shards` calls of `accel.lora.synthetic.make_dataset` (synthetic seed ``data.seed * 1000 + shard``, files
-    ``s<shard>_clip_<i>.mp4``) run in parallel processes: encoding mp4s is the slow part (~60 ms a clip on one core).
-    A deterministic `null_fraction` of the clips is copied as ``null_*.mp4`` captioned ``<null>``.
+    ``s<shard>_clip_<i>.npz``) run in parallel processes. A deterministic `null_fraction` of the clips is copied as
+    ``null_*.npz`` captioned ``<null>``.
     """
     from concurrent.futures import ProcessPoolExecutor
 
@@ -208,7 +208,7 @@ def make_training_data(root: str | Path, model: DemoModelConfig, data: DataConfi
     per = -(-data.count // data.shards)
     counts = [max(0, min(per, data.count - k * per)) for k in range(data.shards)]
     configs = [dict(count=c, frames=model.frames, height=model.height, width=model.width, fps=model.generation.fps,
-                    seed=data.seed * 1000 + k, format="mp4") for k, c in enumerate(counts) if c]
+                    seed=data.seed * 1000 + k, format="npz") for k, c in enumerate(counts) if c]
     stamp = root / "recipe_data.json"
     want = {"shards": configs, "null_fraction": data.null_fraction}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
@@ -221,7 +221,7 @@ def make_training_data(root: str | Path, model: DemoModelConfig, data: DataConfi
         jobs = [pool.submit(_write_shard, str(root), c, k) for k, c in enumerate(configs)]
         for job in tqdm(jobs, desc="make-dataset shards", disable=not progress):
             job.result()
-    clips = sorted(p.name for p in root.glob("s*_clip_*.mp4"))
+    clips = sorted(p.name for p in root.glob("s*_clip_*.npz"))
     nulls = int(round(data.null_fraction * len(clips)))
     picks = np.random.default_rng([data.seed, 17]).choice(len(clips), size=nulls, replace=False) if nulls else []
     for i in sorted(int(i) for i in picks):

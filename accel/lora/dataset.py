@@ -20,7 +20,7 @@ import torch
 
 logger = logging.getLogger("accel.lora")
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi", ".npz")
 MANIFESTS = ("metadata.jsonl", "metadata.csv")
 
 
@@ -150,7 +150,12 @@ def probe_video(path: Path) -> tuple[int, int, int]:
 
 
 def read_frames(path: Path) -> np.ndarray:
-    """All frames of a video as (F, H, W, 3) uint8; DataError naming the file when it cannot be decoded."""
+    """All frames of a video as (F, H, W, 3) uint8; DataError naming the file when it cannot be decoded.
+
+    ``.npz``: a numpy archive whose ``frames`` array is (F, H, W, 3) uint8 (lossless, no codec; pickles refused).
+    """
+    if path.suffix.lower() == ".npz":
+        return _read_npz(path)
     import imageio.v3 as iio
 
     try:
@@ -166,6 +171,21 @@ def read_frames(path: Path) -> np.ndarray:
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
     return np.ascontiguousarray(frames[..., :3])
+
+
+def _read_npz(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "frames" not in archive.files:
+                raise DataError(path, f"npz video has no 'frames' array (arrays: {', '.join(archive.files) or 'none'})")
+            frames = archive["frames"]
+    except DataError:
+        raise
+    except Exception as err:  # zipfile/numpy raise many types for corrupt files
+        raise DataError(path, f"cannot read npz video ({type(err).__name__}: {err})") from None
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
+        raise DataError(path, f"npz 'frames' must be (F, H, W, 3) uint8, got {frames.dtype} {tuple(frames.shape)}")
+    return np.ascontiguousarray(frames)
 
 
 def choose_bucket(buckets: tuple[Bucket, ...], frames: int, height: int, width: int, stride: int = 1) -> Bucket | None:

@@ -24,7 +24,7 @@ DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1.0, 0.0), "right": (1.0
                                               "down": (0.0, 1.0)}
 SPEEDS: dict[str, float] = {"slow": 0.004, "fast": 0.012}  # fraction of the frame side per frame
 SIZES: dict[str, float] = {"small": 0.12, "large": 0.24}  # radius as a fraction of the shorter side
-FORMATS = ("mp4", "gif", "webm")
+FORMATS = ("mp4", "gif", "webm", "npz")  # npz: lossless uint8 frames, no codec (machines without ffmpeg)
 BACKGROUND = (16, 16, 24)
 
 
@@ -113,7 +113,10 @@ def iter_clips(config: SyntheticConfig) -> Iterator[tuple[str, np.ndarray, ClipS
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Write uint8 (F, H, W, 3) frames as mp4/webm (ffmpeg) or gif, chosen by the suffix."""
+    """Write uint8 (F, H, W, 3) frames as mp4/webm (ffmpeg), gif or npz (numpy, key ``frames``), by the suffix."""
+    if path.suffix == ".npz":
+        np.savez_compressed(path, frames=np.ascontiguousarray(frames, dtype=np.uint8))
+        return
     import imageio.v3 as iio
 
     if path.suffix == ".gif":
