@@ -24,13 +24,15 @@ def method_registry() -> dict[str, type[AttentionMethod]]:
 
 
 def git_commit() -> str | None:
-    """Current commit of the checkout holding this package (with ``-dirty``), else $ACCEL_GIT_COMMIT
-    (for copies without .git, e.g. on a remote GPU machine), else None."""
+    """$ACCEL_GIT_COMMIT when set (a remote GPU machine gets a copy of the working tree whose .git may still
+    name an older commit), else the commit of the checkout holding this package (with ``-dirty``), else None."""
     import os
     import subprocess
     from pathlib import Path
 
     fallback = os.environ.get("ACCEL_GIT_COMMIT") or None
+    if fallback:
+        return fallback
 
     root = Path(__file__).resolve().parents[2]
     try:

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -479,11 +478,9 @@ def _extrapolate(cfg: E2EConfig, timings: list[dict], schedule) -> dict[str, Any
 def _environment() -> dict[str, Any]:
     import triton
 
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-        commit = git.stdout.strip()
-    except OSError:
-        commit = ""
+    from accel.bench import git_commit
+
+    commit = git_commit() or ""
     return {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "commit": commit, "date": time.strftime("%Y-%m-%d"),

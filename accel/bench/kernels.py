@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -270,10 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg):
         print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except Exception:
-        commit = "?"
+    from accel.bench import git_commit
+
+    commit = git_commit() or "?"
     import triton
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   commit=commit, block=args.block, protocol="do_bench median, bf16, B=1", shapes=[])
