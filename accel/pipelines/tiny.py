@@ -603,7 +603,8 @@ class TinySpec:
     ``height``/``width``/``num_frames`` are defaults that satisfy :func:`valid_size` and give enough
     tokens for sparse-attention tests (video: 5 latent frames x 4x4 tokens = 80; image: 8x8 = 64).
     ``call_defaults`` holds extra pipeline kwargs the tiny configs need (short ``max_sequence_length``
-    matching the tiny text encoders, guidance, Hunyuan's prompt template).
+    matching the tiny text encoders, guidance, Hunyuan's prompt template). ``learned``: the built-in learned
+    demo model (`accel.demo`), built from its committed weights (a clear error when they are missing).
     """
 
     name: str
@@ -617,6 +618,7 @@ class TinySpec:
     needs_image: bool = False  # image-to-video: pass ``image=`` (e.g. :func:`example_image`)
     vae: tuple[int, int] | None = None  # (spatial, temporal) when the tiny VAE differs from the family's
     patch: tuple[int, int, int] | None = None  # (t, h, w) when the tiny patch differs from the family's
+    learned: bool = False  # trained weights loaded from files (`accel-demo`), not a random test model
 
     @property
     def facts(self) -> FamilyFacts:
@@ -725,6 +727,28 @@ for _spec in (
     ),
 ):
     _register(_spec)
+
+
+def _demo_pipeline():
+    """The learned demo model (`accel.demo.model.load_demo_pipeline`) from its committed weights, offline."""
+    from accel.demo.model import load_demo_pipeline
+
+    return load_demo_pipeline()
+
+
+def _demo_spec() -> TinySpec:
+    from accel.demo.config import DEMO
+
+    g = DEMO.generation
+    vae = (2 ** (len(DEMO.vae.dim_mult) - 1), 2 ** sum(DEMO.vae.temperal_downsample))
+    return TinySpec(name="accel-demo", build=_demo_pipeline, height=g.height, width=g.width, num_frames=g.num_frames,
+                    num_inference_steps=g.num_inference_steps, fps=g.fps, vae=vae,
+                    patch=tuple(DEMO.transformer.patch_size), learned=True,
+                    call_defaults={"max_sequence_length": DEMO.text.max_sequence_length,
+                                   "guidance_scale": g.guidance_scale})
+
+
+_register(_demo_spec())
 
 
 def example_image(height: int, width: int, seed: int = 0):

@@ -80,7 +80,7 @@ FACTS = FamilyFacts(
     spatial_multiple=16,  # check_inputs: height/width % 16; __call__ rounds to VAE x patch and frames to 4k+1
     limits=_limits,
     context_parallel=True,
-    tiny_models=("tiny-wan", "tiny-wan-i2v", "tiny-wan22"),
+    tiny_models=("tiny-wan", "tiny-wan-i2v", "tiny-wan22", "accel-demo"),
     name_hints=("wan",),
 )
 
