@@ -34,6 +34,17 @@ def test_demo_is_a_built_in_wan_model_with_its_generation_defaults() -> None:
     assert spec.geometry.patch == (1, 1, 1) and (spec.geometry.vae_spatial, spec.geometry.vae_temporal) == (8, 4)
 
 
+def test_demo_pipeline_geometry_matches_its_spec(smoke_weights, monkeypatch) -> None:
+    from accel.pipelines.families import family_for_pipeline
+    from accel.pipelines.tiny import build_tiny, size_rules
+
+    monkeypatch.setattr(demo_model, "DEFAULT_WEIGHTS", smoke_weights)
+    spec = TINY_MODELS["accel-demo"]
+    pipe = build_tiny("accel-demo")
+    assert family_for_pipeline(pipe).name == "wan"
+    assert family_for_pipeline(pipe).facts.geometry(pipe) == spec.geometry and size_rules(pipe) == spec.rules
+
+
 def test_generate_with_the_demo_model(smoke_weights, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(demo_model, "DEFAULT_WEIGHTS", smoke_weights)
     out = tmp_path / "demo.mp4"

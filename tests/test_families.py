@@ -247,7 +247,7 @@ def _run_once(pipe, name: str, frames: int, height: int, width: int) -> set[tupl
     return seen
 
 
-@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("name", sorted(n for n, s in TINY_MODELS.items() if not s.learned))  # accel-demo: own test
 def test_token_grid_agrees_with_the_adapter_on_a_real_forward(name: str) -> None:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     spec = TINY_MODELS[name]
