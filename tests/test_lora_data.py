@@ -295,3 +295,27 @@ def test_make_dataset_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["make-dataset", str(tmp_path), "--count", "0"])
     assert "count must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_cache_fill_batches_clips_of_one_bucket_and_encodes_each_caption_once(tmp_path, clips):
+    report = scan(DatasetConfig(clips, BUCKET))
+    items = report.items
+    calls = {"video": [], "text": []}
+
+    def encode_video(video):
+        calls["video"].append(video.shape[0])
+        return video.mean(dim=(1, 3, 4), keepdim=True)[:, :, :1] * torch.arange(1, 5).view(1, 4, 1, 1, 1)
+
+    def encode_text(caption):
+        calls["text"].append(caption)
+        return {"text": torch.full((2, 3), float(len(caption)))}
+
+    b = items[0].bucket
+    cache = LatentCache(tmp_path / "c", CacheSettings("fp", 16, 1))
+    pair = 2 * b.frames * b.height * b.width
+    assert cache.fill(items, encode_video, encode_text, progress=False, batch_pixels=pair) == []
+    assert calls["video"] == [2, 1] and sorted(calls["text"]) == sorted({it.caption for it in items})
+    one = LatentCache(tmp_path / "one", CacheSettings("fp", 16, 1))
+    one.fill(items, encode_video, encode_text, progress=False, batch_pixels=1)
+    for it in items:
+        assert torch.allclose(cache.load(it)["latents"], one.load(it)["latents"])

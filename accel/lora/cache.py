@@ -32,6 +32,9 @@ class CacheSettings:
     frame_stride: int = 1
 
 
+BATCH_PIXELS = 8 * 17 * 128 * 128  # video pixels per VAE call while caching (8 demo-size clips; 480p clips go alone)
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -101,27 +104,55 @@ class LatentCache:
             raise DataError(item.path, f"cache entry {path.name} is unreadable ({err}); delete it to re-encode"
                             ) from None
 
-    def fill(self, items: list[VideoItem], encode_video, encode_text, *, progress: bool = True) -> list[DataError]:
+    def fill(self, items: list[VideoItem], encode_video, encode_text, *, progress: bool = True,
+             batch_pixels: int = BATCH_PIXELS) -> list[DataError]:
         """Encode and store every item without an entry; returns the items that failed to decode.
 
-        `encode_video` maps (1, 3, F, H, W) to (1, C, F', H', W'); `encode_text` a caption to a dict of tensors.
+        `encode_video` maps (B, 3, F, H, W) to (B, C, F', H', W'); `encode_text` a caption to a dict of tensors.
+        Clips of one bucket are encoded together, up to `batch_pixels` video pixels per call (small clips:
+        one VAE call per batch instead of per clip; a large clip still goes alone), and each distinct caption is
+        encoded once per call.
         """
         from tqdm import tqdm
 
         failed = []
         todo = self.missing(items)
-        for item in tqdm(todo, desc="caching latents", disable=not progress or not todo):
-            try:
-                clip = load_clip(item, self.settings.frame_stride)
-            except DataError as err:
-                failed.append(err)
-                continue
-            with torch.no_grad():
-                tensors = {"latents": encode_video(clip[None])[0], **encode_text(item.caption)}
-            tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-            save_atomic(tensors, self.path(item),
-                        {"file": item.path.name, "caption": item.caption, "bucket": str(item.bucket)})
+        texts: dict[str, dict[str, torch.Tensor]] = {}
+        bar = tqdm(total=len(todo), desc="caching latents", disable=not progress or not todo)
+        for group in _bucket_batches(todo, batch_pixels):
+            clips, kept = [], []
+            for item in group:
+                try:
+                    clips.append(load_clip(item, self.settings.frame_stride))
+                    kept.append(item)
+                except DataError as err:
+                    failed.append(err)
+            if kept:
+                with torch.no_grad():
+                    latents = encode_video(torch.stack(clips))
+                    for item in kept:
+                        if item.caption not in texts:
+                            texts[item.caption] = encode_text(item.caption)
+                for item, latent in zip(kept, latents, strict=True):
+                    tensors = {"latents": latent, **texts[item.caption]}
+                    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+                    save_atomic(tensors, self.path(item),
+                                {"file": item.path.name, "caption": item.caption, "bucket": str(item.bucket)})
+            bar.update(len(group))
+        bar.close()
         return failed
+
+
+def _bucket_batches(items: list[VideoItem], batch_pixels: int) -> list[list[VideoItem]]:
+    """Items grouped by bucket (first-seen order), each group at most `batch_pixels` pixels (at least one item)."""
+    by_bucket: dict[Any, list[VideoItem]] = {}
+    for item in items:
+        by_bucket.setdefault(item.bucket, []).append(item)
+    groups = []
+    for bucket, members in by_bucket.items():
+        per = max(1, batch_pixels // max(1, bucket.frames * bucket.height * bucket.width))
+        groups += [members[i:i + per] for i in range(0, len(members), per)]
+    return groups
 
 
 __all__ = ["CACHE_VERSION", "CacheSettings", "LatentCache", "encoder_fingerprint", "entry_key", "file_digest",
