@@ -618,9 +618,9 @@ def neighborhood_attention(
         split: run the unmasked tile pairs in the block-sparse kernel and the rest in this module's kernel,
             merged by their LSEs (needs every tile complete: `TilePlan.full_blocks`). None: when at least
             `SPLIT_MIN_SHARE` of the pairs are unmasked and the box path does not apply.
-        box: run every pair in the block-sparse forward kernels with the window as a per-token box mask
-            (`TilePlan.box`: complete tiles, no dilation; the backward stays this module's). None: whenever
-            the plan has one and ``split`` is not True.
+        box: run every pair in the block-sparse pipelined forward with the window as a per-token box mask
+            (`TilePlan.box`: no dilation; partial tiles need compute tiles equal to the plan's block, see
+            `box_path_runs`; the backward stays this module's). None: whenever it can and ``split`` is not True.
 
     A plan whose visited pairs are all unmasked (blocked windows, GNA/STA strides) runs as plain block-sparse
     attention, text keys included, forward and backward.
