@@ -89,23 +89,28 @@ class RunSettings:
         return dataclasses.asdict(self)
 
 
-def held_out_captions(count: int, seed: int = EVAL_SEED) -> list[str]:
-    """`EVAL_PROMPTS` (for the default seed), then more captions of synthetic dataset `seed` (never trained on)."""
-    prompts = list(EVAL_PROMPTS) if seed == EVAL_SEED else []
+def held_out_captions(count: int, seed: int = EVAL_SEED, *, exclude: Sequence[str] = ()) -> list[str]:
+    """`count` distinct captions never trained on: `EVAL_PROMPTS` first (for the default seed; its repeated
+    captions once), then further clips of synthetic dataset `seed`; captions in `exclude` are skipped."""
+    skip = set(exclude)
+    prompts = [p for p in dict.fromkeys(EVAL_PROMPTS) if p not in skip] if seed == EVAL_SEED else []
     i = len(EVAL_PROMPTS) - 1 if seed == EVAL_SEED else 0  # EVAL_PROMPTS already holds clips 0..14 of EVAL_SEED
     while len(prompts) < count:
         caption = clip_spec(seed, i).caption
-        if caption not in prompts:
+        if caption not in prompts and caption not in skip:
             prompts.append(caption)
         i += 1
+        if i > 100_000:
+            raise ValueError(f"only {len(prompts)} distinct captions found, {count} asked for")
     return prompts[:count]
 
 
-def prompt_pairs(pairs: int, seeds: int = 2, *, caption_seed: int = EVAL_SEED) -> list[tuple[str, int]]:
+def prompt_pairs(pairs: int, seeds: int = 2, *, caption_seed: int = EVAL_SEED,
+                 exclude: Sequence[str] = ()) -> list[tuple[str, int]]:
     """The first `pairs` (prompt, seed) pairs: each held-out caption with seeds 0 .. seeds - 1."""
     _whole("prompt_pairs", "pairs", pairs, 1)
     _whole("prompt_pairs", "seeds", seeds, 1)
-    prompts = held_out_captions(-(-pairs // seeds), caption_seed)
+    prompts = held_out_captions(-(-pairs // seeds), caption_seed, exclude=exclude)
     return [(p, s) for p in prompts for s in range(seeds)][:pairs]
 
 
@@ -509,22 +514,26 @@ def write_report(report: dict[str, Any], out: str | Path, plot: Callable[[dict[s
     return path
 
 
-def _figure(ncols: int, width: float = 5.0) -> tuple[Any, Any]:
+def _figure(ncols: int, width: float = 5.0, rows: int = 6) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4.0))
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, max(3.5, 1.0 + 0.28 * rows)))
     return fig, np.atleast_1d(axes)
 
 
-def _bars(ax: Any, report: dict[str, Any], key: str, title: str, ylabel: str, percent: bool = False) -> None:
+def _bars(ax: Any, report: dict[str, Any], key: str, title: str, xlabel: str, percent: bool = False) -> None:
+    """Horizontal bars of one summary value per variant (long spec labels fit on the y axis)."""
     labels = [v["label"] for v in report["variants"]]
     values = [v["summary"].get(key) or 0.0 for v in report["variants"]]
-    ax.bar(range(len(labels)), [x * 100 if percent else x for x in values], color="tab:blue")
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set(title=title, ylabel=ylabel)
+    ax.barh(range(len(labels)), [x * 100 if percent else x for x in values], color="tab:blue")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel=xlabel)
+    if percent:
+        ax.set_xlim(0, 100)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -630,7 +639,7 @@ def run_fidelity(pipe: Any, config: DemoModelConfig, settings: RunSettings = Run
 
 def plot_fidelity(report: dict[str, Any], path: Path) -> Path:
     """PSNR vs density per variant (one colour per method, hollow = with schedule) and match rates."""
-    fig, (a, b) = _figure(2, 6.0)
+    fig, (a, b) = _figure(2, 6.5, len(report["variants"]))
     colours = {"radial": "tab:blue", "pyramid": "tab:orange", "neighborhood": "tab:green"}
     for v in report["variants"][1:]:
         s = v["summary"]
@@ -705,7 +714,7 @@ def run_length(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSe
 
 
 def plot_length(report: dict[str, Any], path: Path) -> Path:
-    fig, (a, b) = _figure(2)
+    fig, (a, b) = _figure(2, 5.0, len(report["variants"]))
     _bars(a, report, "match_rate", "task metric: caption match", "match rate (%)", percent=True)
     _bars(b, report, "median_seconds", "time per video", "seconds (median)")
     return _save(fig, path)
@@ -766,7 +775,7 @@ def train_length_lora(weights: str | Path | None, run: str | Path, config: Lengt
 
     run = Path(run)
     pipe = load_demo_pipeline(weights, device="cpu", dtype=torch.float32)  # the trainer moves it and autocasts
-    model = _model_config(weights)
+    model = demo_config(weights)
     frames = config.frames or extended_frames(model.frames)
     long_model = dataclasses.replace(model, frames=frames)
     make_training_data(run / "data", long_model, DataConfig(count=config.clips, seed=config.data_seed,
@@ -789,7 +798,8 @@ def train_length_lora(weights: str | Path | None, run: str | Path, config: Lengt
     return Path(result.output)
 
 
-def _model_config(weights: str | Path | None) -> DemoModelConfig:
+def demo_config(weights: str | Path | None) -> DemoModelConfig:
+    """The model config stored in a weights folder's manifest (default: the committed weights)."""
     from accel.demo.model import read_manifest
 
     return DemoModelConfig.from_dict(read_manifest(weights)["model"])
@@ -891,7 +901,7 @@ def run_caches(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSe
 
 
 def plot_caches(report: dict[str, Any], path: Path) -> Path:
-    fig, (a, b, c) = _figure(3, 4.5)
+    fig, (a, b, c) = _figure(3, 4.5, len(report["variants"]))
     _bars(a, report, "mean_skipped_forwards", "transformer forwards skipped", "per video (mean)")
     _bars(b, report, "median_seconds", "time per video", "seconds (median)")
     _bars(c, report, "match_rate", "task metric: caption match", "match rate (%)", percent=True)
@@ -950,7 +960,8 @@ def run_heads(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSet
     from accel.pipelines.families import adapter_for
 
     kwargs = call_kwargs(config, settings)
-    search_pairs = prompt_pairs(search.pairs, 1, caption_seed=SEARCH_SEED)
+    pairs = prompt_pairs(settings.pairs, settings.seeds)
+    search_pairs = prompt_pairs(search.pairs, 1, caption_seed=SEARCH_SEED, exclude=[p for p, _ in pairs])
     search_config = SearchConfig(prompts=tuple(search_pairs), rounds=search.rounds, top_k=search.top_k,
                                  strength=search.strength, scale=search.scale, candidates=search.candidates)
     log = Path(out) / "demo_heads_search.jsonl"
@@ -975,7 +986,6 @@ def run_heads(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSet
         variants.append(Variant(f"cfg+random heads u={search.strength:g}", reference="cfg",
                                 guidance=HeadPerturbation(heads=control, strength=search.strength,
                                                           scale=search.scale)))
-    pairs = prompt_pairs(settings.pairs, settings.seeds)
     rows = run_variants(pipe, config, settings, variants, pairs, desc="heads")
     candidates = [{"round": r["round"], "head": r["head"], "score": r["score"], "scores": r["scores"]}
                   for r in _read_jsonl(log) if r.get("event") == "candidate"]
@@ -986,7 +996,7 @@ def run_heads(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSet
         "control_heads": [list(h) for h in control], "seconds": search_seconds, "log": str(log),
         "candidates": candidates},
         "notes": ["scorer: accel.demo.experiments:task_scorer, the fraction of colour/direction/speed checks passed.",
-                  f"search prompts: captions of synthetic seed {SEARCH_SEED}, disjoint from the evaluation pairs.",
+                  f"search prompts: captions of synthetic seed {SEARCH_SEED} that are not evaluation prompts.",
                   "PSNR/SSIM compare with the CFG-only video of the same pair."]}
     return _report("heads", variants, rows, settings, config, device, weights, extra)
 
@@ -999,7 +1009,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def plot_heads(report: dict[str, Any], path: Path) -> Path:
     """Candidate scores of the search (first round) and the task metric with and without guidance."""
-    fig, (a, b) = _figure(2, 6.0)
+    fig, (a, b) = _figure(2, 6.0, len(report["variants"]))
     cands = [c for c in report["search"]["candidates"] if c["round"] == 0]
     cands.sort(key=lambda c: -c["score"])
     selected = {tuple(h) for h in report["search"]["selected"]}
@@ -1016,7 +1026,8 @@ PLOTS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
 
 
 __all__ = ["CacheSettings", "DEFAULT_OUT", "EXPERIMENTS", "Generation", "HeadSearchSettings", "LengthLoRAConfig",
-           "PLOTS", "RunSettings", "SEARCH_SEED", "Variant", "calibrate_mag_cache", "call_kwargs", "extended_frames",
+           "PLOTS", "RunSettings", "SEARCH_SEED", "Variant", "calibrate_mag_cache", "call_kwargs", "demo_config",
+           "extended_frames",
            "fidelity_specs", "fidelity_variants", "generate_video", "held_out_captions", "latent_grid",
            "length_radial_spec", "length_variants", "markdown_table", "plot_caches", "plot_fidelity", "plot_heads",
            "plot_length", "prompt_pairs", "run_caches", "run_fidelity", "run_heads", "run_length", "run_variants",
