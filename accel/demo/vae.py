@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ import torch
 
 from accel.demo.config import DemoModelConfig
 from accel.lora.synthetic import BACKGROUND, clip_spec, render_clip
+from accel.lora.train import _StopFlag  # SIGTERM/Ctrl-C: checkpoint, then stop (the trainer's own)
 
 PRECISIONS = ("no", "bf16")
 
@@ -144,31 +144,6 @@ def latent_statistics(vae: Any, model: DemoModelConfig, config: VAETrainConfig, 
     return [float(v) for v in mean.cpu()], [float(v) for v in std.cpu()]
 
 
-class _StopOnSignal:
-    """SIGTERM and Ctrl-C set `requested`, so the loop saves a checkpoint and stops (a second Ctrl-C interrupts)."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopOnSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _log(path: Path, row: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -262,7 +237,7 @@ def train_vae(model: DemoModelConfig, config: VAETrainConfig, out: str | Path, *
     # Rendering a batch on the CPU takes about as long as a GPU step: the next one is drawn while this one runs.
     prefetch = ThreadPoolExecutor(1)
     pending = prefetch.submit(batch, step)
-    with _StopOnSignal() as stop, prefetch:
+    with _StopFlag() as stop, prefetch:
         while step < config.steps and seconds < config.budget_s and not stop.requested:
             if deadline is not None and time.monotonic() >= deadline:
                 break
