@@ -67,7 +67,7 @@ def test_smoke_recipe_writes_weights_manifest_and_curve(smoke):
     assert manifest["total_bytes"] == sum((w / n).stat().st_size for n in FILES)
     training = manifest["training"]
     assert training["stage1"]["steps"] == 3 and training["stage2"]["step"] == 4
-    assert training["recipe"] == RecipeConfig.smoke().to_dict() and "commit" in training["git"]
+    assert training["recipe"] == RecipeConfig.smoke().to_dict() and "git_commit" in training
     assert len(manifest["latents_mean"]) == len(manifest["latents_std"]) == MICRO.vae.z_dim
     data = sorted(p.name for p in (smoke / "run" / "data").glob("*.npz"))
     assert len(data) == 5 and sum("_null_" in n for n in data) == 1  # 4 clips + 25% caption dropout

@@ -27,7 +27,7 @@ def test_committed_files_match_the_manifest_and_budget():
         total += entry["bytes"]
     assert total <= 16 * 10**6, f"{total / 1e6:.2f} MB of weights, the budget is 16 MB"
     assert (DEFAULT_WEIGHTS / "training_curve.png").is_file()
-    assert manifest["training"]["git"]["commit"], "the manifest names the commit that trained it"
+    assert manifest["training"]["git_commit"], "the manifest names the commit that trained it"
 
 
 @pytest.fixture(scope="module")

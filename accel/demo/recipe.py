@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -397,19 +396,6 @@ def plot_curve(run: str | Path, path: str | Path) -> Path:
     return save_figure(fig, path, dpi=100)
 
 
-def git_commit(root: Path | None = None) -> dict[str, Any]:
-    """The commit (and whether the tree had changes) of the repository holding this file; Nones when unknown."""
-    root = root or Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True,
-                                    text=True, check=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
-
-
 def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, max_seconds: float | None = None,
                progress: bool = True) -> dict[str, Any]:
     """All stages into run folder `run`, the final weights, manifest and curve into `weights`; returns a summary.
@@ -419,6 +405,7 @@ def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, ma
     """
     import diffusers
 
+    from accel.bench import git_commit
     from accel.demo.model import export_weights, parameter_counts
     from accel.demo.vae import train_vae
 
@@ -443,7 +430,7 @@ def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, ma
     pipe = trained_pipeline(config, run, vae)
     summary = {
         "recipe": config.to_dict(),
-        "git": git_commit(),
+        "git_commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "data_seconds": data_s,
@@ -465,6 +452,6 @@ def run_recipe(config: RecipeConfig, run: str | Path, weights: str | Path, *, ma
     return summary
 
 
-__all__ = ["DataConfig", "DiTTrainConfig", "MODELS", "RecipeConfig", "git_commit", "load_recipe",
+__all__ = ["DataConfig", "DiTTrainConfig", "MODELS", "RecipeConfig", "load_recipe",
            "make_training_data", "plot_curve", "run_recipe", "stage_pipeline", "train_transformer",
            "trained_pipeline"]
