@@ -542,14 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    from accel.pipelines.generate import DEFAULT_MODEL, DEFAULT_PROMPT
+
     size = _int_type("size", 1)
     model_default = " (omit: the model's default)"
 
     gen = sub.add_parser("generate", help="generate a video (or image) and write an mp4",
                          formatter_class=_HelpFormatter,
                          description="Generate a video (or image) with the chosen self-attention method.")
-    gen.add_argument("--model", default="tiny-wan", help="tiny-* built-in model, local diffusers folder or Hub id")
-    gen.add_argument("--prompt", default="a dog running on the beach at sunset", help="text prompt")
+    gen.add_argument("--model", default=DEFAULT_MODEL,
+                     help="built-in model (accel-demo: the learned demo; tiny-*: random test models), local "
+                          "diffusers folder or Hub id")
+    gen.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
     gen.add_argument("--negative-prompt", help="negative prompt (omit: none)")
     gen.add_argument("--frames", type=_int_type("frames", 1, note=model_default), metavar="N",
                      help="frames to generate, >= 1" + model_default)

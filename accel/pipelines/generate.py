@@ -24,7 +24,11 @@ from accel.schedule import Schedule
 
 logger = logging.getLogger("accel")
 
-DEFAULT_MODEL = "tiny-wan"
+DEFAULT_MODEL = "accel-demo"
+"""The learned demo model (issue #17, `accel.demo`): the one built-in model whose videos show the prompt; the
+random ``tiny-*`` models stay for tests."""
+DEFAULT_PROMPT = "a red square moving right"
+"""A caption in the demo model's vocabulary (colour, size, shape, direction, speed: `accel.lora.synthetic`)."""
 
 
 PHASES = ("loading", "encoding", "denoising", "decoding", "writing")
@@ -48,7 +52,7 @@ class GenerationRequest:
     """Everything one generation needs; None means the model's default."""
 
     model: str = DEFAULT_MODEL
-    prompt: str = "a dog running on the beach at sunset"
+    prompt: str = DEFAULT_PROMPT
     negative_prompt: str | None = None
     frames: int | None = None
     height: int | None = None

@@ -17,7 +17,7 @@ import gradio as gr
 
 from accel.guidance.ui import PRESET_KEY, guidance_controls, guidance_from_form, preset_form_values
 from accel.methods.registry import methods
-from accel.pipelines.generate import DEFAULT_MODEL, GenerationRequest, load_pipeline
+from accel.pipelines.generate import DEFAULT_MODEL, DEFAULT_PROMPT, GenerationRequest, load_pipeline
 from accel.pipelines.tiny import TINY_MODELS
 from accel.ui.engine import (
     CUSTOM_PRESET,
@@ -343,16 +343,17 @@ def build_app(
             with gr.Column(scale=5):
                 model = gr.Dropdown(
                     choices=sorted(TINY_MODELS), value=DEFAULT_MODEL, allow_custom_value=True, label="Model",
-                    info="a tiny-* built-in (offline), or type a Hub id (org/name) or a local diffusers folder",
+                    info="accel-demo (the learned demo) or a tiny-* random test model (offline), or type a Hub id "
+                         "(org/name) or a local diffusers folder",
                 )
                 prompt = gr.Textbox(
-                    value="a dog running on the beach at sunset", label="Prompt", lines=1, max_lines=6,
+                    value=DEFAULT_PROMPT, label="Prompt", lines=1, max_lines=6,
                     info="Enter generates", elem_id="prompt",
                 )
                 negative_prompt = gr.Textbox(value="", label="Negative prompt", placeholder="(none)")
                 with gr.Row():
                     height = gr.Number(value=spec.height, label="Height", elem_id="height",
-                                       info="pixels; a multiple of the model's patch (16 for tiny-wan)")
+                                       info="pixels; a multiple of the model's VAE factor times its patch")
                     width = gr.Number(value=spec.width, label="Width", elem_id="width", info="pixels")
                     frames = gr.Number(value=spec.num_frames, label="Frames", elem_id="frames",
                                        info="Wan: 4k+1 (5, 9, 13, 17, ...)")
