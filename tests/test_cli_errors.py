@@ -100,7 +100,7 @@ def test_preset_selects_its_method_and_flags_override_it() -> None:
     ],
 )
 def test_schedule_without_a_sparse_call_is_an_error(tmp_path, capsys, no_generation, argv, message):
-    code, err = _run(["generate", "--out", str(tmp_path / "x.mp4"), *argv], capsys)
+    code, err = _run(["generate", "--model", "tiny-wan", "--out", str(tmp_path / "x.mp4"), *argv], capsys)
     assert code == 2
     assert err.startswith(message), err
 
@@ -154,7 +154,7 @@ def test_mask_out_under_a_file(tmp_path, capsys) -> None:
 
 
 def test_tiny_model_above_1024_px(tmp_path, capsys, no_loading) -> None:
-    code, err = _run(["generate", "--height", "2048", "--out", str(tmp_path / "x.mp4")], capsys)
+    code, err = _run(["generate", "--model", "tiny-wan", "--height", "2048", "--out", str(tmp_path / "x.mp4")], capsys)
     assert code == 2
     assert err.startswith("error: tiny-wan") and "height" in err and "2048" in err and "1024" in err, err
 
@@ -282,6 +282,6 @@ def test_a_method_that_cannot_take_the_size_fails_before_denoising(monkeypatch, 
 
     monkeypatch.setattr(generate, "run_generation", no_run)
     monkeypatch.setattr(cli, "run_generation", no_run, raising=False)
-    code = cli.main(["generate", "--attention", "neighborhood", "--kernel-size", "3x9x9", "--out", "/tmp/x.mp4"])
+    code = cli.main(["generate", "--model", "tiny-wan", "--attention", "neighborhood", "--kernel-size", "3x9x9", "--out", "/tmp/x.mp4"])
     err = capsys.readouterr().err
     assert code == 2 and "neighborhood attention cannot run at 64x64" in err and "kernel_size" in err, err

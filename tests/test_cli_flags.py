@@ -89,7 +89,7 @@ def test_help_shows_defaults_and_cites_no_missing_files(capsys, command) -> None
     if command != ["bench"]:  # bench only lists its subcommands
         assert "(default:" in text
     if command == ["generate"]:
-        for needle in ("(default: tiny-wan)", "(default: outputs/video.mp4)", "(default: 1.0, or the preset's)",
+        for needle in ("(default: accel-demo)", "(default: outputs/video.mp4)", "(default: 1.0, or the preset's)",
                        "(default: on, or the preset's)", "(omit: the model's default)", "--dense-layers N"):
             assert needle in text, needle
     if command == ["ui"]:
@@ -129,8 +129,8 @@ def test_radial_generation_prints_settings_and_phases(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(generate, "run_generation", with_phases)
     out = tmp_path / "radial.mp4"
-    argv = ["generate", "--frames", "9", "--height", "48", "--width", "80", "--steps", "2", "--attention", "radial",
-            "--decay", "0.5", "--block-size", "16", "--dense-layers", "1", "--out", str(out)]
+    argv = ["generate", "--model", "tiny-wan", "--frames", "9", "--height", "48", "--width", "80", "--steps", "2",
+            "--attention", "radial", "--decay", "0.5", "--block-size", "16", "--dense-layers", "1", "--out", str(out)]
     assert main(argv) == 0
     captured = capsys.readouterr()
     settings = captured.out.splitlines()[0]

@@ -61,7 +61,9 @@ def server(tmp_path_factory):
     from accel.ui import launch
 
     out = tmp_path_factory.mktemp("ui-out")
-    demo = launch(host="127.0.0.1", port=_free_port(), output_dir=out, prevent_thread_lock=True, quiet=True)
+    # tiny-wan: 2 layers at 64x64, so browser tests generate in a second (the page's default is accel-demo)
+    demo = launch(host="127.0.0.1", port=_free_port(), output_dir=out, prevent_thread_lock=True, quiet=True,
+                  model="tiny-wan")
     try:
         yield SimpleNamespace(demo=demo, url=demo.local_url, out=out, controller=demo.accel_controller)
     finally:
@@ -403,6 +405,21 @@ def test_add_ui_command_defaults() -> None:
     assert (args.host, args.port, args.share, args.output_dir) == ("127.0.0.1", 7860, False, "outputs/ui")
     args = parser.parse_args(["ui", "--host", "0.0.0.0", "--port", "9000", "--share", "--output-dir", "x"])
     assert (args.host, args.port, args.share, args.output_dir) == ("0.0.0.0", 9000, True, "x")
+    assert args.model == "accel-demo" and parser.parse_args(["ui", "--model", "tiny-wan"]).model == "tiny-wan"
+
+
+@pytest.mark.parametrize("model", [None, "tiny-wan", "org/some-model"])
+def test_the_page_opens_on_the_learned_demo_model_with_its_sizes(tmp_path, model) -> None:
+    from accel.pipelines.tiny import TINY_MODELS
+    from accel.ui.app import build_app
+
+    demo = build_app(tmp_path) if model is None else build_app(tmp_path, model=model)
+    values = {c.get("elem_id") or c.get("label"): c.get("value") for c in
+              (block["props"] for block in demo.config["components"])}
+    spec = TINY_MODELS.get(model or "accel-demo")
+    assert values["Model"] == (model or "accel-demo")
+    want = (spec.height, spec.width, spec.num_frames, spec.num_inference_steps) if spec else (0, 0, 0, 0)
+    assert (values["height"], values["width"], values["frames"], values["steps"]) == want
 
 
 # ------------------------------------------------------------------------------ a real browser

@@ -314,7 +314,8 @@ def _gradio_cache_in(folder: Path) -> Iterator[None]:
 
 
 def build_app(
-    output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, *, loader: Callable[[str], Any] = load_pipeline
+    output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, *, loader: Callable[[str], Any] = load_pipeline,
+    model: str = DEFAULT_MODEL,
 ) -> gr.Blocks:
     """The accel web UI as a queued `gr.Blocks` (one job at a time); call `.launch()` or use `launch()`.
 
@@ -334,7 +335,9 @@ def build_app(
     out_dir = controller.output_dir
     os.environ.setdefault("MPLCONFIGDIR", str(out_dir / ".scratch" / "matplotlib"))
     clean_scratch(out_dir)
-    spec = TINY_MODELS[DEFAULT_MODEL]
+    spec = TINY_MODELS.get(model)  # a Hub id or folder: size fields start at 0 (the model's default)
+    size_defaults = (spec.height, spec.width, spec.num_frames, spec.num_inference_steps,
+                     spec.call_defaults.get("guidance_scale")) if spec is not None else (0, 0, 0, 0, None)
     registry = methods()
     with _gradio_cache_in(out_dir), gr.Blocks(title="accel", analytics_enabled=False) as demo:
         demo.accel_controller = controller  # for tests and embedding
@@ -342,7 +345,7 @@ def build_app(
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 model = gr.Dropdown(
-                    choices=sorted(TINY_MODELS), value=DEFAULT_MODEL, allow_custom_value=True, label="Model",
+                    choices=sorted(TINY_MODELS), value=model, allow_custom_value=True, label="Model",
                     info="accel-demo (the learned demo) or a tiny-* random test model (offline), or type a Hub id "
                          "(org/name) or a local diffusers folder",
                 )
@@ -352,15 +355,15 @@ def build_app(
                 )
                 negative_prompt = gr.Textbox(value="", label="Negative prompt", placeholder="(none)")
                 with gr.Row():
-                    height = gr.Number(value=spec.height, label="Height", elem_id="height",
+                    height = gr.Number(value=size_defaults[0], label="Height", elem_id="height",
                                        info="pixels; a multiple of the model's VAE factor times its patch")
-                    width = gr.Number(value=spec.width, label="Width", elem_id="width", info="pixels")
-                    frames = gr.Number(value=spec.num_frames, label="Frames", elem_id="frames",
+                    width = gr.Number(value=size_defaults[1], label="Width", elem_id="width", info="pixels")
+                    frames = gr.Number(value=size_defaults[2], label="Frames", elem_id="frames",
                                        info="Wan: 4k+1 (5, 9, 13, 17, ...)")
                 with gr.Row():
-                    steps = gr.Number(value=spec.num_inference_steps, label="Steps", elem_id="steps",
+                    steps = gr.Number(value=size_defaults[3], label="Steps", elem_id="steps",
                                       info="denoising steps")
-                    guidance = gr.Number(value=spec.call_defaults.get("guidance_scale"), label="Guidance scale",
+                    guidance = gr.Number(value=size_defaults[4], label="Guidance scale",
                                          info="classifier-free guidance strength")
                     with gr.Column(min_width=160):
                         seed = gr.Number(value=0, label="Seed", info="same seed, same video")
@@ -461,10 +464,11 @@ def launch(
     share: bool = False,
     output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
     prevent_thread_lock: bool = False,
+    model: str = DEFAULT_MODEL,
     **launch_kwargs: Any,
 ) -> gr.Blocks:
     """Build and serve the UI (blocks unless `prevent_thread_lock`); returns the app (`.local_url`, `.close()`)."""
-    demo = build_app(output_dir)
+    demo = build_app(output_dir, model=model)
     out = str(demo.accel_controller.output_dir)
     demo.launch(
         server_name=host, server_port=port, share=share, allowed_paths=[out],

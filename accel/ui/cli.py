@@ -30,6 +30,10 @@ def add_ui_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     ui.add_argument("--port", type=_port, default=7860, help="TCP port to serve on, 1 to 65535")
     ui.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     ui.add_argument("--output-dir", default="outputs/ui", help="folder for videos and mask pictures")
+    from accel.pipelines.generate import DEFAULT_MODEL
+
+    ui.add_argument("--model", default=DEFAULT_MODEL,
+                    help="the model selected when the page opens (accel-demo, a tiny-* model, a Hub id or folder)")
     ui.set_defaults(func=cmd_ui)
     return ui
 
@@ -62,5 +66,5 @@ def cmd_ui(args: argparse.Namespace) -> int:
     os.environ.setdefault("MPLCONFIGDIR", str(out / ".scratch" / "matplotlib"))
     from accel.ui.app import launch
 
-    launch(host=args.host, port=args.port, share=args.share, output_dir=args.output_dir)
+    launch(host=args.host, port=args.port, share=args.share, output_dir=args.output_dir, model=args.model)
     return 0
