@@ -742,14 +742,15 @@ def resumable_rows(stored: dict[str, Any] | None, variants: Sequence[Variant], p
 
 
 def _batch_notes(settings: RunSettings, variants: Sequence[Variant]) -> list[str]:
+    """Report notes on what batching means for the rows (time share, forwards, seeds, caches)."""
     notes = [f"batch: {settings.batch} videos per pipeline call; a row's seconds is its share of the call "
              "(call_seconds / batch); forwards count transformer calls, one per step and CFG branch for the whole "
              "batch, so they are transformer calls per video."]
-    if settings.batch > 1:
-        notes.append("sampling methods (pyramid) take one patch seed per call: the batch's first seed.")
-        if any(v.cache is not None for v in variants):
-            notes.append("cache variants (FirstBlockCache, MagCache) run at batch 1: a cache's skip decision is "
-                         "batch-wide.")
+    if settings.batch > 1 and any(v.spec is not None and v.spec.partition(":")[0] == "pyramid" for v in variants):
+        notes.append("pyramid's sampled positions are seeded once per pipeline call: by the batch's first seed.")
+    if any(v.cache is not None for v in variants):
+        notes.append("cache variants (FirstBlockCache, MagCache) run at batch 1 whatever the batch setting: a cache's "
+                     "skip decision is batch-wide.")
     return notes
 
 
@@ -785,7 +786,7 @@ def _run_experiment(pipe: Any, config: DemoModelConfig, settings: RunSettings, v
             resumed.append(label)
         report = _assemble(head, variants, rows, resumed)
         _write_json(report, path)
-        if not was_reused:
+        if not was_reused and not report["complete"]:  # the caller prints the complete one
             tqdm.write(f"{experiment}: {len(rows)} of {len(variants)} variants done ({path})\n{report['table']}")
 
     rows = run_variants(pipe, config, settings, variants, pairs, cache_configs=cache_configs, desc=experiment,
