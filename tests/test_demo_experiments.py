@@ -1,13 +1,18 @@
 """The demo experiments of issue #17 end to end at toy size (micro model with 2 layers, random weights, 2 steps,
-1 pair), their JSON and PNG, the task scorer, the spec choices for the demo grid, and the command line's errors.
+1 pair), their JSON and PNG, the task scorer, the spec choices for the demo grid, batched generation, the report
+written after each variant and resuming from it, and the command line's errors.
 
 The sparse methods run their torch paths here (TRITON_INTERPRET unset for this module), as the command line does on
 a CPU: the Triton interpreter takes several times longer for the same numbers' checks.
 """
 
 import dataclasses
+import functools
 import importlib.util
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,7 @@ from accel.demo.config import DEMO, MICRO
 from accel.demo.evaluate import EVAL_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
+GENERATE_VIDEOS = E.generate_videos  # the real one, under the tests' spies
 PNG = b"\x89PNG\r\n\x1a\n"
 TOY = dataclasses.replace(MICRO, height=64, width=64,
                           transformer=dataclasses.replace(MICRO.transformer, num_layers=2),  # caches need >= 2
@@ -174,6 +180,110 @@ def test_heads_end_to_end(pipe, weights, tmp_path):
     assert (tmp_path / "demo_heads_search.jsonl").is_file()
 
 
+def _spy(monkeypatch, calls: list[int], fail_at: int | None = None, fail=None):
+    """Replace `E.generate_videos` by a wrapper recording each call's batch size; call `fail_at` runs `fail`."""
+    real = GENERATE_VIDEOS
+
+    def spy(pipe, prompts, seeds, kwargs, **kw):
+        calls.append(len(prompts))
+        if fail_at is not None and len(calls) == fail_at:
+            (fail or _raise)()
+        return real(pipe, prompts, seeds, kwargs, **kw)
+
+    monkeypatch.setattr(E, "generate_videos", spy)
+
+
+def _raise():
+    raise RuntimeError("killed")
+
+
+def test_batch_of_two_matches_batch_one(pipe):
+    kwargs = E.call_kwargs(TOY, FAST)
+    prompts = E.held_out_captions(2)
+    seeds = [0, 1]
+    batch = E.generate_videos(pipe, prompts, seeds, kwargs)
+    for gen, prompt, seed in zip(batch, prompts, seeds, strict=True):
+        one = E.generate_video(pipe, prompt, seed, kwargs)
+        assert np.abs(gen.video.astype(int) - one.video.astype(int)).max() <= 2  # each video keeps its seed's noise
+        assert (gen.batch, one.batch, gen.forwards, one.forwards) == (2, 1, 4, 4)  # forwards: per video
+        assert gen.seconds == pytest.approx(gen.call_seconds / 2)
+    assert not np.array_equal(batch[0].video, batch[1].video)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        E.generate_videos(pipe, prompts, [0], kwargs)
+    assert E._negative_prompts({"negative_prompt": ["x"]}, 3)["negative_prompt"] == ["x"] * 3
+    assert E._negative_prompts({"negative_prompt": "x"}, 3)["negative_prompt"] == "x"  # diffusers repeats a str
+
+
+def test_run_settings_batch_is_validated():
+    assert E.RunSettings().batch == 1 and E.RunSettings(batch=16).batch == 16
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="RunSettings.batch must be a whole number >= 1"):
+            E.RunSettings(batch=bad)
+
+
+def test_batched_variants_and_cache_variants_at_batch_one(pipe, monkeypatch):
+    from diffusers import FirstBlockCacheConfig
+
+    settings = dataclasses.replace(FAST, pairs=3, batch=2)
+    pairs = E.prompt_pairs(3, 2)
+    grid = E.latent_grid(TOY, E.call_kwargs(TOY, settings)["num_frames"])
+    pyramid = E.fidelity_specs(grid, ("pyramid",))["pyramid"][-1]  # radial is dense on the toy grid
+    variants = [E.Variant("dense"), E.Variant("pyramid", pyramid, reference="dense"),
+                E.Variant("FirstBlockCache", cache="first_block", reference="dense")]
+    calls: list[int] = []
+    _spy(monkeypatch, calls)
+    rows = E.run_variants(pipe, TOY, settings, variants, pairs,
+                          cache_configs={"first_block": FirstBlockCacheConfig(threshold=0.05)})
+    assert calls == [2, 1, 2, 1, 1, 1, 1]  # chunks of 2 (the last one short); the cache variant one by one
+    assert [r["batch"] for r in rows["dense"]] == [2, 2, 1] and [r["batch"] for r in rows["FirstBlockCache"]] == [1] * 3
+    first, second = rows["pyramid"][:2]
+    assert first["seconds"] == second["seconds"] == pytest.approx(first["call_seconds"] / 2)
+    assert first["density"] == second["density"] < 1  # the patch's stats are per call
+    assert all(r["forwards"] == 4 and r["ssim"] > 0 for r in rows["pyramid"])
+    assert [(r["prompt"], r["seed"]) for r in rows["pyramid"]] == pairs
+
+
+def test_partial_report_then_resume(pipe, weights, tmp_path, monkeypatch, capsys):
+    run = functools.partial(E.run_fidelity, pipe, TOY, methods=("pyramid",), weights=weights, out=tmp_path)
+    labels = [v.label for v in E.fidelity_variants(TOY, FAST, ("pyramid",))]
+    path, videos = tmp_path / "demo_fidelity.json", tmp_path / "demo_fidelity_videos"
+    calls: list[int] = []
+    _spy(monkeypatch, calls, fail_at=2)  # the second variant fails: the first one is on disk
+    with pytest.raises(RuntimeError, match="killed"):
+        run(FAST)
+    partial = json.loads(path.read_text())
+    assert partial["complete"] is False and partial["remaining"] == labels[1:]
+    assert [v["label"] for v in partial["variants"]] == ["dense"] and len(list(videos.glob("*.npz"))) == 1
+    assert "1 of 7 variants done" in capsys.readouterr().out
+
+    calls.clear()
+    _spy(monkeypatch, calls)
+    report = run(FAST, resume=True)
+    assert len(calls) == len(labels) - 1 and report["resumed"] == ["dense"]  # dense's videos loaded, not made
+    assert report["complete"] is True and report["remaining"] == []
+    assert report["variants"][0]["rows"] == partial["variants"][0]["rows"]
+    stored = json.loads(path.read_text())
+    assert stored["complete"] is True and stored["variants"] == json.loads(json.dumps(report["variants"]))
+
+    calls.clear()
+    again = run(dataclasses.replace(FAST, progress=True), resume=True)  # bars do not change the numbers
+    assert calls == [] and again["variants"] == stored["variants"] and again["resumed"] == labels
+
+    for f in videos.glob("*.npz"):  # missing reference videos: dense runs again for the variant still to run
+        f.unlink()
+    stored["variants"].pop()
+    path.write_text(json.dumps(stored))
+    calls.clear()
+    assert run(FAST, resume=True)["resumed"] == labels[1:-1] and len(calls) == 2
+    capsys.readouterr()
+
+    calls.clear()
+    _spy(monkeypatch, calls, fail_at=1)
+    with pytest.raises(RuntimeError, match="killed"):  # other settings (same pairs): nothing reused
+        run(dataclasses.replace(FAST, seeds=1), resume=True)
+    assert calls == [1] and "settings differ" in capsys.readouterr().out
+
+
 def test_cli_refuses_bad_arguments(capsys):
     main = _script().main
     cases = [(["fidelity", "--pairs", "0"], "--pairs must be >= 1"),
@@ -183,6 +293,8 @@ def test_cli_refuses_bad_arguments(capsys):
              (["length", "--lora", "/nonexistent/lora"], "does not exist"),
              (["caches", "--radial", "pyramid"], "--radial must be a radial spec"),
              (["heads", "--candidates", "1-2"], "LAYER:HEAD"),
+             (["fidelity", "--batch", "0"], "--batch must be >= 1"),
+             (["fidelity", "--batch", "two"], "--batch must be a whole number"),
              (["sparsity"], "invalid choice")]
     if not torch.cuda.is_available():
         cases.append((["fidelity", "--device", "cuda"], "no CUDA GPU"))
@@ -197,16 +309,40 @@ def test_cli_default_out_and_train_commands(capsys, weights, tmp_path):
     script = _script()
     args = script.build_parser().parse_args(["fidelity"])
     assert Path(args.out) == Path("outputs/bench") and "benchmarks" not in args.out
+    assert args.batch is None and args.resume is False
+    assert script.default_batch("cuda") == 16 and script.default_batch("cpu") == 1
+    args = script.build_parser().parse_args(["caches", "--batch", "4", "--resume"])
+    assert args.batch == 4 and args.resume is True
     assert script.main(["length", "--train-lora", "--weights", str(weights), "--lora-run", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "--train-lora --run-train" in out and f"--lora {tmp_path / 'r' / 'lora'}" in out
     assert not (tmp_path / "r").exists()  # printing trains nothing
 
 
-def test_cli_runs_an_experiment(capsys, weights, tmp_path):
-    assert _script().main(["length", "--weights", str(weights), "--out", str(tmp_path), "--pairs", "1",
-                           "--steps", "2", "--no-progress"]) == 0
+def test_cli_runs_an_experiment_stops_on_sigterm_and_resumes(capsys, weights, tmp_path, monkeypatch):
+    main = _script().main
+    argv = ["length", "--weights", str(weights), "--out", str(tmp_path), "--pairs", "1", "--steps", "2",
+            "--no-progress"]
+
+    def sigterm():  # what `timeout` sends: the handler stops the run where it is
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    calls: list[int] = []
+    _spy(monkeypatch, calls, fail_at=2, fail=sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 143
+    assert "rerun with --resume" in capsys.readouterr().err
+    data = json.loads((tmp_path / "demo_length.json").read_text())
+    assert [v["label"] for v in data["variants"]] == ["dense@5"] and data["remaining"] == ["dense@17", "radial@17"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the CLI's only while it runs
+
+    calls.clear()
+    _spy(monkeypatch, calls)
+    assert main([*argv, "--resume"]) == 0 and len(calls) == 2
     out = capsys.readouterr().out
-    assert "| radial@17 |" in out and "LoRA skipped" in out
+    assert "| radial@17 |" in out and "LoRA skipped" in out and "reusing 1 of 3" in out
     data = json.loads((tmp_path / "demo_length.json").read_text())
     assert data["weights"]["path"] == str(weights) and (tmp_path / "demo_length.png").is_file()
+    assert data["complete"] is True and data["settings"]["batch"] == 1 and data["resumed"] == ["dense@5"]

@@ -14,6 +14,12 @@ Every number in the JSON comes from a generation made in the run; nothing is est
 takes a loaded demo pipeline (`accel.demo.model.load_demo_pipeline`) and its `DemoModelConfig`;
 ``recipes/demo/experiments.py`` is the command line. Outputs go to ``outputs/bench`` unless told otherwise
 (``benchmarks/results`` holds committed results only).
+
+Videos are generated `RunSettings.batch` per pipeline call (`generate_videos`; the small demo model is
+launch-bound on a GPU, so a batch costs about one video). Given an output folder, an experiment writes its report
+after every variant (``"complete": false`` and the ``remaining`` variants until the last), so a killed run keeps
+what finished; ``resume`` reuses the variants of a stored report made with the same settings, and the videos of
+referenced variants are kept in ``<out>/demo_<experiment>_videos`` for the variants that compare with them.
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import math
+import re
 import time
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +70,10 @@ class RunSettings:
         seeds: seeds per prompt (0 .. seeds - 1).
         steps: denoising steps (None: the model's default generation, 20 for the demo).
         frames: frames to generate (None: the model's default; the length experiment sets its own).
-        warmup: untimed generations per variant before the timed ones (first-call Triton compiles on a GPU).
+        warmup: untimed chunks (of `batch` videos) per variant before the timed ones (first-call Triton compiles
+            on a GPU).
+        batch: videos per pipeline call (launch-bound small models run a batch for about the time of one video);
+            variants with a cache run at 1 (a cache's skip decision is batch-wide).
         progress: show tqdm bars.
         track: thresholds of the task metric.
     """
@@ -71,6 +83,7 @@ class RunSettings:
     steps: int | None = None
     frames: int | None = None
     warmup: int = 0
+    batch: int = 1
     progress: bool = True
     track: TrackConfig = field(default_factory=TrackConfig)
 
@@ -78,6 +91,7 @@ class RunSettings:
         _whole("RunSettings", "pairs", self.pairs, 1)
         _whole("RunSettings", "seeds", self.seeds, 1)
         _whole("RunSettings", "warmup", self.warmup, 0)
+        _whole("RunSettings", "batch", self.batch, 1)
         if self.steps is not None:
             _whole("RunSettings", "steps", self.steps, 1)
         if self.frames is not None:
@@ -86,6 +100,7 @@ class RunSettings:
             raise TypeError(f"RunSettings.track must be a TrackConfig, got {type(self.track).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (the report's ``settings``)."""
         return dataclasses.asdict(self)
 
 
@@ -184,7 +199,17 @@ class Variant:
 
 @dataclass(frozen=True)
 class Generation:
-    """One generated video with what was measured while making it."""
+    """One generated video with what was measured while making it.
+
+    Attributes:
+        video: (F, H, W, 3) uint8.
+        seconds: this video's share of its pipeline call: the call's wall seconds / `batch`.
+        density, sparse_density: what the patch reported for the call (the same for every video of a batch).
+        forwards, computed: transformer calls of the pipeline call and how many ran the last block; a batch
+            makes one call per step and CFG branch for all its videos, so these are transformer calls per video.
+        batch: videos made by the same pipeline call.
+        call_seconds: wall seconds of the whole pipeline call.
+    """
 
     video: np.ndarray
     seconds: float
@@ -192,6 +217,8 @@ class Generation:
     sparse_density: float | None
     forwards: int
     computed: int
+    batch: int = 1
+    call_seconds: float | None = None
 
 
 class _ForwardCounter:
@@ -225,31 +252,62 @@ def _densities(stats: Any) -> tuple[float, float | None]:
     return float(stats.mean_density()), (total / sparse if sparse else None)
 
 
-def generate_video(pipe: Any, prompt: str, seed: int, kwargs: dict[str, Any], *, method: Any = None,
-                   schedule: Any = None, guidance: Any = None) -> Generation:
-    """(F, H, W, 3) uint8 video of `prompt`; patched with `method`/`guidance` for this call only.
+def _negative_prompts(kwargs: dict[str, Any], count: int) -> dict[str, Any]:
+    """`kwargs` with a list ``negative_prompt`` of `count` items where one was given as a list.
 
-    Returns the video, wall seconds (the pipeline returns numpy, so GPU work is finished), the density the
-    patch reported, and the transformer forwards made and computed (`_ForwardCounter`).
+    WanPipeline repeats a string (or absent: "") negative prompt for every prompt of a list itself, but refuses
+    a list whose length differs from the prompts'; a one-item list is repeated here.
+    """
+    negative = kwargs.get("negative_prompt")
+    if not isinstance(negative, (list, tuple)) or len(negative) == count:
+        return kwargs
+    if len(negative) != 1:
+        raise ValueError(f"negative_prompt has {len(negative)} items for a batch of {count} prompts")
+    return {**kwargs, "negative_prompt": list(negative) * count}
+
+
+def generate_videos(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], kwargs: dict[str, Any], *,
+                    method: Any = None, schedule: Any = None, guidance: Any = None) -> list[Generation]:
+    """One pipeline call making a video per (prompt, seed); patched with `method`/`guidance` for this call only.
+
+    Each video's initial noise comes from its own ``torch.Generator().manual_seed(seed)`` (diffusers draws a
+    list of generators sample by sample), so it equals the batch-1 video of that seed up to float rounding.
+    Returns per video: the video, its share of the wall seconds (the pipeline returns numpy, so GPU work is
+    finished), the density the patch reported and the transformer forwards made and computed
+    (`_ForwardCounter`), the last two per call and so the same for every video of the batch.
     """
     from accel.pipelines.patching import patch, unpatch
 
-    handle = patch(pipe, method, schedule=schedule, guidance=guidance, seed=seed) \
+    if not prompts or len(prompts) != len(seeds):
+        raise ValueError(f"generate_videos needs one seed per prompt, got {len(prompts)} prompts, {len(seeds)} seeds")
+    count = len(prompts)
+    # The patch takes one seed, the base of sampling methods' (pyramid) per-call seeds: the batch's first seed,
+    # which is the video's own seed at batch 1. Later videos of a batch share the first one's sampled positions.
+    handle = patch(pipe, method, schedule=schedule, guidance=guidance, seed=int(seeds[0])) \
         if method is not None or guidance is not None else None
     counter = _ForwardCounter(pipe.transformer)
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
-            frames = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="np",
-                          **kwargs).frames[0]
+            frames = pipe(prompt=list(prompts), generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+                          output_type="np", **_negative_prompts(kwargs, count)).frames
         seconds = time.perf_counter() - t0
         density, sparse_density = _densities(handle.stats) if handle is not None else (None, None)
     finally:
         counter.remove()
         if handle is not None:
             unpatch(pipe)
-    video = (np.clip(np.asarray(frames), 0.0, 1.0) * 255).round().astype(np.uint8)
-    return Generation(video, seconds, density, sparse_density, counter.forwards, counter.computed)
+    videos = (np.clip(np.asarray(frames), 0.0, 1.0) * 255).round().astype(np.uint8)
+    if len(videos) != count:
+        raise RuntimeError(f"the pipeline returned {len(videos)} videos for {count} prompts")
+    return [Generation(v, seconds / count, density, sparse_density, counter.forwards, counter.computed, count,
+                       seconds) for v in videos]
+
+
+def generate_video(pipe: Any, prompt: str, seed: int, kwargs: dict[str, Any], *, method: Any = None,
+                   schedule: Any = None, guidance: Any = None) -> Generation:
+    """(F, H, W, 3) uint8 video of `prompt`: `generate_videos` at batch 1."""
+    return generate_videos(pipe, [prompt], [seed], kwargs, method=method, schedule=schedule, guidance=guidance)[0]
 
 
 def _finite(value: float) -> float | None:
@@ -259,6 +317,8 @@ def _finite(value: float) -> float | None:
 def score_row(gen: Generation, prompt: str, seed: int, reference: np.ndarray | None,
               track_config: TrackConfig) -> dict[str, Any]:
     """The JSON row of one generation: the tracker's verdict, PSNR/SSIM vs `reference`, time, density, forwards.
+
+    ``seconds`` is the video's share of its pipeline call (``call_seconds`` / ``batch``).
 
     Identical videos have infinite PSNR: stored as null with ``identical: true`` (JSON has no infinity).
     """
@@ -271,6 +331,7 @@ def score_row(gen: Generation, prompt: str, seed: int, reference: np.ndarray | N
         "speed_class": result.speed_class, "speed": result.speed, "task_score": task_score(result),
         "seconds": gen.seconds, "density": gen.density, "sparse_density": gen.sparse_density,
         "forwards": gen.forwards, "computed_forwards": gen.computed, "skipped_forwards": gen.forwards - gen.computed,
+        "batch": gen.batch, "call_seconds": gen.call_seconds,
     }
     if reference is not None:
         if reference.shape != gen.video.shape:
@@ -361,13 +422,100 @@ def _lora(pipe: Any, path: Path | None) -> Any:
         pipe.unload_lora_weights()
 
 
+def _safe_label(label: str) -> str:
+    """A file name for a variant label: its letters, digits and ``._=-`` plus a short hash (names stay distinct)."""
+    stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", label).strip("_")[:80] or "variant"
+    return f"{stem}-{hashlib.sha1(label.encode()).hexdigest()[:8]}"
+
+
+def videos_path(folder: str | Path, label: str) -> Path:
+    """Where a referenced variant's videos are kept: ``<folder>/<safe label>.npz``."""
+    return Path(folder) / f"{_safe_label(label)}.npz"
+
+
+def _plain(value: Any) -> Any:
+    """`value` as JSON gives it back (tuples become lists), for comparing stored and current settings."""
+    return json.loads(json.dumps(value))
+
+
+def _settings_key(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings that decide the numbers: all but ``progress`` (bars only)."""
+    return _plain({k: v for k, v in settings.items() if k != "progress"})
+
+
+def _video_key(variant: Variant, pairs: Sequence[tuple[str, int]], settings: RunSettings) -> str:
+    return json.dumps({"variant": variant.to_dict(), "pairs": [list(p) for p in pairs],
+                       "settings": _settings_key(settings.to_dict())}, sort_keys=True)
+
+
+def save_videos(path: str | Path, videos: Sequence[np.ndarray], key: str) -> Path:
+    """``np.savez_compressed`` of the uint8 videos (``pair_0000``, ...) and `key`, what they were made with."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.savez_compressed(f, __key__=np.array(key), **{f"pair_{i:04d}": v for i, v in enumerate(videos)})
+    tmp.replace(path)
+    return path
+
+
+def load_videos(path: str | Path, count: int, key: str) -> list[np.ndarray] | None:
+    """The `count` videos `save_videos` wrote with the same `key`; None when missing, unreadable or made otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["__key__"]) != key:
+                return None
+            return [data[f"pair_{i:04d}"] for i in range(count)]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _run_variant(pipe: Any, config: DemoModelConfig, settings: RunSettings, variant: Variant,
+                 pairs: Sequence[tuple[str, int]], reference: Sequence[np.ndarray] | None, cache_config: Any,
+                 bar: Any, keep: bool) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Rows of one variant over `pairs` (and its videos when `keep`), `settings.batch` pairs per pipeline call."""
+    method, schedule = _method(variant.spec)
+    kwargs = call_kwargs(config, settings, frames=variant.frames)
+    size = 1 if variant.cache is not None else settings.batch  # a cache's skip decision is batch-wide
+    chunks = [list(pairs[i:i + size]) for i in range(0, len(pairs), size)]
+
+    def generate(chunk: list[tuple[str, int]]) -> list[Generation]:
+        with _cache(pipe, variant.cache, cache_config):  # fresh cache state per call
+            return generate_videos(pipe, [p for p, _ in chunk], [s for _, s in chunk], kwargs, method=method,
+                                   schedule=schedule, guidance=variant.guidance)
+
+    rows: list[dict[str, Any]] = []
+    videos: list[np.ndarray] = []
+    with _lora(pipe, variant.lora):
+        for _ in range(settings.warmup):
+            generate(chunks[0])
+            bar.update(len(chunks[0]))
+        for chunk in chunks:
+            for (prompt, seed), gen in zip(chunk, generate(chunk), strict=True):
+                ref = reference[len(rows)] if reference is not None else None
+                rows.append(score_row(gen, prompt, seed, ref, settings.track))
+                if keep:
+                    videos.append(gen.video)
+            bar.update(len(chunk))
+    return rows, videos
+
+
 def run_variants(pipe: Any, config: DemoModelConfig, settings: RunSettings, variants: Sequence[Variant],
                  pairs: Sequence[tuple[str, int]], *, cache_configs: dict[str, Any] | None = None,
-                 desc: str = "variants") -> dict[str, list[dict[str, Any]]]:
-    """Generate every (variant, pair) and score it; rows by variant label.
+                 desc: str = "variants", reuse: Mapping[str, list[dict[str, Any]]] | None = None,
+                 videos: str | Path | None = None,
+                 on_variant: Callable[[str, dict[str, list[dict[str, Any]]], bool], None] | None = None
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """Generate every (variant, pair) and score it, `settings.batch` pairs per pipeline call; rows by label.
 
     Variants run in order, so a variant's `reference` must come before it; its videos are kept in memory only
-    while needed (one per pair of each referenced variant).
+    while needed (one per pair of each referenced variant) and, with `videos` (a folder), saved there
+    (`videos_path`). Rows in `reuse` (by label, from an earlier run) are taken instead of generating; a reused
+    reference whose videos a variant that runs needs is loaded from `videos`, or run again when they are missing.
+    `on_variant(label, rows so far, reused)` is called after each variant (the incremental report).
     """
     from tqdm import tqdm
 
@@ -378,41 +526,50 @@ def run_variants(pipe: Any, config: DemoModelConfig, settings: RunSettings, vari
     for v in variants:
         if v.reference is not None and v.reference not in labels[:labels.index(v.label)]:
             raise ValueError(f"variant {v.label!r} compares against {v.reference!r}, which does not run before it")
+    for v in variants:
+        if v.cache is not None and (cache_configs or {}).get(v.cache) is None:
+            raise ValueError(f"variant {v.label!r} needs a {v.cache!r} cache config")
+    reused = {label: list(r) for label, r in (reuse or {}).items() if label in labels}
+    keys = {v.label: _video_key(v, pairs, settings) for v in variants if v.label in referenced}
     kept: dict[str, list[np.ndarray]] = {}
+    pending = True
+    while pending:  # a reused reference that a variant to run needs: its saved videos, else it runs again
+        pending = False
+        for v in variants:
+            if v.label in reused and v.label not in kept and any(w.reference == v.label and w.label not in reused
+                                                                 for w in variants):
+                loaded = load_videos(videos_path(videos, v.label), len(pairs), keys[v.label]) \
+                    if videos is not None else None
+                if loaded is None:
+                    del reused[v.label]
+                    pending = True
+                else:
+                    kept[v.label] = loaded
+    todo = [v for v in variants if v.label not in reused]
+    total = sum(len(pairs) + settings.warmup * min(1 if v.cache else settings.batch, len(pairs)) for v in todo)
     rows: dict[str, list[dict[str, Any]]] = {}
-    total = len(variants) * (len(pairs) + settings.warmup)
     with tqdm(total=total, desc=desc, disable=not settings.progress) as bar:
-        for variant in variants:
-            method, schedule = _method(variant.spec)
-            kwargs = call_kwargs(config, settings, frames=variant.frames)
-            cache_config = (cache_configs or {}).get(variant.cache) if variant.cache else None
-            if variant.cache is not None and cache_config is None:
-                raise ValueError(f"variant {variant.label!r} needs a {variant.cache!r} cache config")
-            bar.set_postfix_str(variant.label)
-            out: list[dict[str, Any]] = []
-            videos: list[np.ndarray] = []
-            with _lora(pipe, variant.lora):
-                for i in range(settings.warmup):
-                    prompt, seed = pairs[i % len(pairs)]
-                    with _cache(pipe, variant.cache, cache_config):
-                        generate_video(pipe, prompt, seed, kwargs, method=method, schedule=schedule,
-                                       guidance=variant.guidance)
-                    bar.update(1)
-                for i, (prompt, seed) in enumerate(pairs):
-                    with _cache(pipe, variant.cache, cache_config):  # fresh cache state per video
-                        gen = generate_video(pipe, prompt, seed, kwargs, method=method, schedule=schedule,
-                                             guidance=variant.guidance)
-                    ref = kept[variant.reference][i] if variant.reference is not None else None
-                    out.append(score_row(gen, prompt, seed, ref, settings.track))
-                    if variant.label in referenced:
-                        videos.append(gen.video)
-                    bar.update(1)
-            rows[variant.label] = out
-            if variant.label in referenced:
-                kept[variant.label] = videos
-            for label in list(kept):  # free reference videos no later variant needs
-                if not any(v.reference == label for v in variants[labels.index(variant.label) + 1:]):
+        for index, variant in enumerate(variants):
+            was_reused = variant.label in reused
+            if was_reused:
+                rows[variant.label] = reused[variant.label]
+            else:
+                bar.set_postfix_str(variant.label)
+                cache_config = (cache_configs or {}).get(variant.cache) if variant.cache else None
+                ref = kept[variant.reference] if variant.reference is not None else None
+                keep = variant.label in referenced
+                rows[variant.label], made = _run_variant(pipe, config, settings, variant, pairs, ref, cache_config,
+                                                         bar, keep)
+                if keep:
+                    kept[variant.label] = made
+                    if videos is not None:
+                        save_videos(videos_path(videos, variant.label), made, keys[variant.label])
+            later = variants[index + 1:]
+            for label in list(kept):  # free reference videos no later variant to run needs
+                if not any(v.reference == label and v.label not in reused for v in later):
                     del kept[label]
+            if on_variant is not None:
+                on_variant(variant.label, rows, was_reused)
     return rows
 
 
@@ -486,32 +643,155 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {
 }
 
 
-def _report(experiment: str, variants: Sequence[Variant], rows: dict[str, list[dict[str, Any]]],
-            settings: RunSettings, config: DemoModelConfig, device: str, weights: str | Path | None,
-            extra: dict[str, Any]) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "experiment": experiment, "settings": settings.to_dict(), "model": config.to_dict(),
-        "environment": environment(device), "git_commit": None, "weights": weights_info(weights),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra, "variants": []}
-    report["git_commit"] = report["environment"].get("git_commit")
+def _report_head(experiment: str, settings: RunSettings, config: DemoModelConfig, device: str,
+                 weights: str | Path | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything of a report but its variants: settings, model, versions, weights and the experiment's extra."""
+    env = environment(device)
+    return {"experiment": experiment, "settings": settings.to_dict(), "model": config.to_dict(), "environment": env,
+            "git_commit": env.get("git_commit"), "weights": weights_info(weights), "finished": None, **extra}
+
+
+def _assemble(head: dict[str, Any], variants: Sequence[Variant], rows: dict[str, list[dict[str, Any]]],
+              resumed: Sequence[str] = ()) -> dict[str, Any]:
+    """The report of the variants in `rows`: ``complete`` when every variant ran, ``remaining`` those still to run."""
+    report: dict[str, Any] = {**head, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "complete": all(v.label in rows for v in variants),
+                              "remaining": [v.label for v in variants if v.label not in rows],
+                              "resumed": list(resumed), "variants": []}
     for v in variants:
-        if v.label not in rows:
-            continue
-        report["variants"].append({**v.to_dict(), "summary": summarize_rows(rows[v.label]), "rows": rows[v.label]})
-    report["table"] = _table(report, TABLE_COLUMNS[experiment])
+        if v.label in rows:
+            report["variants"].append({**v.to_dict(), "summary": summarize_rows(rows[v.label]),
+                                       "rows": rows[v.label]})
+    report["table"] = _table(report, TABLE_COLUMNS[head["experiment"]])
     return report
+
+
+def report_path(out: str | Path, experiment: str) -> Path:
+    """``<out>/demo_<experiment>.json``, where both the incremental and the final report go."""
+    return Path(out) / f"demo_{experiment}.json"
+
+
+def _write_json(report: dict[str, Any], path: Path) -> Path:
+    """Write `report` atomically (a temporary file renamed), so a kill never leaves half a JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def write_report(report: dict[str, Any], out: str | Path, plot: Callable[[dict[str, Any], Path], Path]) -> Path:
     """``<out>/demo_<experiment>.json`` and the figure ``demo_<experiment>.png``; returns the JSON path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"demo_{report['experiment']}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-    plot(report, out / f"demo_{report['experiment']}.png")
+    path = _write_json(report, report_path(out, report["experiment"]))
+    plot(report, Path(out) / f"demo_{report['experiment']}.png")
     return path
+
+
+_RESUME_CHECKS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "settings": lambda r: _settings_key(r.get("settings") or {}),
+    "model": lambda r: r.get("model"),
+    "weights": lambda r: (r.get("weights") or {}).get("transformer_sha256"),
+    "device": lambda r: (r.get("environment") or {}).get("device"),
+    "pairs": lambda r: r.get("pairs"),
+    "call": lambda r: r.get("call"),
+    "cache_settings": lambda r: r.get("cache_settings"),
+    "lora": lambda r: r.get("lora"),
+}
+
+
+def resume_mismatch(stored: dict[str, Any], head: dict[str, Any]) -> str | None:
+    """Why a stored report's rows cannot stand for this run (None: they can): what differs, by field."""
+    if stored.get("experiment") != head["experiment"]:
+        return f"it is the {stored.get('experiment')!r} experiment"
+    differ = [name for name, get in _RESUME_CHECKS.items() if _plain(get(stored)) != _plain(get(head))]
+    return f"its {', '.join(differ)} differ" if differ else None
+
+
+def stored_report(out: str | Path, head: dict[str, Any], echo: Callable[[str], None] = print
+                  ) -> dict[str, Any] | None:
+    """The report at `report_path` if it was made with the same settings, model, weights, device and pairs."""
+    path = report_path(out, head["experiment"])
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        echo(f"resume: {path} is unreadable ({err}); starting over")
+        return None
+    reason = resume_mismatch(stored, head)
+    if reason is not None:
+        echo(f"resume: not reusing {path}: {reason}")
+        return None
+    return stored
+
+
+def resumable_rows(stored: dict[str, Any] | None, variants: Sequence[Variant], pairs: int
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """Rows of the stored variants defined exactly as now (spec, frames, cache, reference, guidance, LoRA)."""
+    if stored is None:
+        return {}
+    by_label = {v.get("label"): v for v in stored.get("variants", [])}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for v in variants:
+        old = by_label.get(v.label)
+        if old is None or len(old.get("rows") or []) != pairs:
+            continue
+        if _plain({k: x for k, x in old.items() if k not in ("summary", "rows")}) == _plain(v.to_dict()):
+            out[v.label] = old["rows"]
+    return out
+
+
+def _batch_notes(settings: RunSettings, variants: Sequence[Variant]) -> list[str]:
+    """Report notes on what batching means for the rows (time share, forwards, seeds, caches)."""
+    notes = [f"batch: {settings.batch} videos per pipeline call; a row's seconds is its share of the call "
+             "(call_seconds / batch); forwards count transformer calls, one per step and CFG branch for the whole "
+             "batch, so they are transformer calls per video."]
+    if settings.batch > 1 and any(v.spec is not None and v.spec.partition(":")[0] == "pyramid" for v in variants):
+        notes.append("pyramid's sampled positions are seeded once per pipeline call: by the batch's first seed.")
+    if any(v.cache is not None for v in variants):
+        notes.append("cache variants (FirstBlockCache, MagCache) run at batch 1 whatever the batch setting: a cache's "
+                     "skip decision is batch-wide.")
+    return notes
+
+
+def _run_experiment(pipe: Any, config: DemoModelConfig, settings: RunSettings, variants: Sequence[Variant],
+                    pairs: Sequence[tuple[str, int]], head: dict[str, Any], *, out: str | Path | None,
+                    resume: bool, cache_configs: dict[str, Any] | None = None,
+                    stored: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`run_variants` with the report written to ``<out>/demo_<experiment>.json`` after each variant.
+
+    With `resume`, variants of a `stored_report` (read here unless given) are reused (`resumable_rows`);
+    referenced variants' videos go to ``<out>/demo_<experiment>_videos``. `out` None: no files, no resume.
+    """
+    from tqdm import tqdm
+
+    experiment = head["experiment"]
+    head = {**head, "notes": [*head.get("notes", []), *_batch_notes(settings, variants)]}
+    if out is None:
+        if resume:
+            raise ValueError("resume needs the output folder (out) of the earlier run")
+        return _assemble(head, variants, run_variants(pipe, config, settings, variants, pairs,
+                                                      cache_configs=cache_configs, desc=experiment))
+    path = report_path(out, experiment)
+    reuse: dict[str, list[dict[str, Any]]] = {}
+    if resume:
+        reuse = resumable_rows(stored if stored is not None else stored_report(out, head, tqdm.write), variants,
+                               len(pairs))
+        tqdm.write(f"resume: reusing {len(reuse)} of {len(variants)} variants of {path}"
+                   + (f" ({', '.join(reuse)})" if reuse else ""))
+    resumed: list[str] = []
+
+    def checkpoint(label: str, rows: dict[str, list[dict[str, Any]]], was_reused: bool) -> None:
+        if was_reused:
+            resumed.append(label)
+        report = _assemble(head, variants, rows, resumed)
+        _write_json(report, path)
+        if not was_reused and not report["complete"]:  # the caller prints the complete one
+            tqdm.write(f"{experiment}: {len(rows)} of {len(variants)} variants done ({path})\n{report['table']}")
+
+    rows = run_variants(pipe, config, settings, variants, pairs, cache_configs=cache_configs, desc=experiment,
+                        reuse=reuse, videos=Path(out) / f"demo_{experiment}_videos", on_variant=checkpoint)
+    return _assemble(head, variants, rows, resumed)
 
 
 def _figure(ncols: int, width: float = 5.0, rows: int = 6) -> tuple[Any, Any]:
@@ -621,11 +901,14 @@ def fidelity_variants(config: DemoModelConfig, settings: RunSettings,
 
 def run_fidelity(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSettings(), *,
                  methods: Sequence[str] = ("radial", "pyramid", "neighborhood"), device: str = "cpu",
-                 weights: str | Path | None = None) -> dict[str, Any]:
-    """Experiment 1: every method's specs with and without schedule against dense over `settings.pairs` pairs."""
+                 weights: str | Path | None = None, out: str | Path | None = None,
+                 resume: bool = False) -> dict[str, Any]:
+    """Experiment 1: every method's specs with and without schedule against dense over `settings.pairs` pairs.
+
+    With `out`, the report so far is written there after each variant (`_run_experiment`); `resume` reuses it.
+    """
     variants = fidelity_variants(config, settings, methods)
     pairs = prompt_pairs(settings.pairs, settings.seeds)
-    rows = run_variants(pipe, config, settings, variants, pairs, desc="fidelity")
     kwargs = call_kwargs(config, settings)
     extra = {"call": kwargs, "grid": list(latent_grid(config, kwargs["num_frames"], kwargs["height"],
                                                       kwargs["width"])),
@@ -634,7 +917,8 @@ def run_fidelity(pipe: Any, config: DemoModelConfig, settings: RunSettings = Run
                        "density: the patch's mean over all self-attention calls, dense calls (schedule) counting 1; "
                        "sparse_density: over the sparse calls only.",
                        f"schedule variants run the first {SCHEDULE_SHARE:.0%} of the steps dense (dense_steps)."]}
-    return _report("fidelity", variants, rows, settings, config, device, weights, extra)
+    head = _report_head("fidelity", settings, config, device, weights, extra)
+    return _run_experiment(pipe, config, settings, variants, pairs, head, out=out, resume=resume)
 
 
 def plot_fidelity(report: dict[str, Any], path: Path) -> Path:
@@ -699,18 +983,19 @@ def length_variants(config: DemoModelConfig, settings: RunSettings, *, radial: s
 
 def run_length(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSettings(), *,
                radial: str | None = None, lora: str | Path | None = None, device: str = "cpu",
-               weights: str | Path | None = None) -> dict[str, Any]:
-    """Experiment 2: length extension to 4N frames: task metric and time per variant."""
+               weights: str | Path | None = None, out: str | Path | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    """Experiment 2: length extension to 4N frames: task metric and time per variant (`out`, `resume`: as fidelity)."""
     variants, notes = length_variants(config, settings, radial=radial, lora=lora)
     pairs = prompt_pairs(settings.pairs, settings.seeds)
-    rows = run_variants(pipe, config, settings, variants, pairs, desc="length")
     extra: dict[str, Any] = {"pairs": [list(p) for p in pairs], "notes": notes,
                              "call": call_kwargs(config, settings)}
     if lora is not None:
         from accel.pipelines.lora_files import read_metadata
 
         extra["lora"] = {"path": str(lora), "metadata": read_metadata(lora)}
-    return _report("length", variants, rows, settings, config, device, weights, extra)
+    head = _report_head("length", settings, config, device, weights, extra)
+    return _run_experiment(pipe, config, settings, variants, pairs, head, out=out, resume=resume)
 
 
 def plot_length(report: dict[str, Any], path: Path) -> Path:
@@ -865,18 +1150,44 @@ def calibrate_mag_cache(pipe: Any, prompt: str, seed: int, kwargs: dict[str, Any
     return {"mag_ratios": ratios, "per_context": lists, "prompt": prompt, "seed": seed}
 
 
+def _calibration_fits(calibration: Any, pair: tuple[str, int], steps: int) -> bool:
+    """Whether a stored MagCache calibration was made on `pair` with `steps` steps."""
+    return isinstance(calibration, dict) and [calibration.get("prompt"), calibration.get("seed")] == list(pair) \
+        and len(calibration.get("mag_ratios") or []) == steps
+
+
 def run_caches(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSettings(), *,
                radial: str | None = None, caches: CacheSettings = CacheSettings(), device: str = "cpu",
-               weights: str | Path | None = None) -> dict[str, Any]:
-    """Experiment 3: dense, radial, FirstBlockCache and MagCache alone and with radial."""
+               weights: str | Path | None = None, out: str | Path | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    """Experiment 3: dense, radial, FirstBlockCache and MagCache alone and with radial.
+
+    `out`, `resume`: as `run_fidelity`; a resumed run also reuses the stored MagCache calibration, which the
+    stored MagCache rows were made with.
+    """
     from diffusers import FirstBlockCacheConfig, MagCacheConfig
+    from tqdm import tqdm
 
     kwargs = call_kwargs(config, settings)
     grid = latent_grid(config, kwargs["num_frames"], kwargs["height"], kwargs["width"])
     spec = radial or fidelity_specs(grid, ("radial",))["radial"][-1]
     pairs = prompt_pairs(settings.pairs, settings.seeds)
-    calibration = calibrate_mag_cache(pipe, *pairs[0], kwargs)
     steps = kwargs["num_inference_steps"]
+    extra = {"call": kwargs, "pairs": [list(p) for p in pairs], "cache_settings": dataclasses.asdict(caches),
+             "notes": [f"radial spec: {spec}.",
+                       "forwards: transformer calls per video (CFG: two per step); skipped: calls whose last block "
+                       "did not run (a forward pre-hook counts calls of the last block's self-attention).",
+                       "MagCache ratios: calibrated once on the first pair with dense attention "
+                       "(MagCacheConfig(calibrate=True)), the mean of the cond and uncond contexts; the radial "
+                       "variant reuses them."]}
+    head = _report_head("caches", settings, config, device, weights, extra)
+    if resume and out is None:
+        raise ValueError("resume needs the output folder (out) of the earlier run")
+    stored = stored_report(out, head, tqdm.write) if resume else None
+    calibration = stored.get("mag_calibration") if stored is not None else None
+    if not _calibration_fits(calibration, pairs[0], steps):
+        calibration = calibrate_mag_cache(pipe, *pairs[0], kwargs)
+    head["mag_calibration"] = calibration
     cache_configs = {
         "first_block": FirstBlockCacheConfig(threshold=caches.first_block_threshold),
         "mag": MagCacheConfig(threshold=caches.mag_threshold, max_skip_steps=caches.mag_max_skip_steps,
@@ -888,16 +1199,8 @@ def run_caches(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSe
                 Variant("FirstBlockCache+radial", spec, cache="first_block", reference="dense"),
                 Variant("MagCache", None, cache="mag", reference="dense"),
                 Variant("MagCache+radial", spec, cache="mag", reference="dense")]
-    rows = run_variants(pipe, config, settings, variants, pairs, cache_configs=cache_configs, desc="caches")
-    extra = {"call": kwargs, "pairs": [list(p) for p in pairs], "cache_settings": dataclasses.asdict(caches),
-             "mag_calibration": calibration,
-             "notes": [f"radial spec: {spec}.",
-                       "forwards: transformer calls per video (CFG: two per step); skipped: calls whose last block "
-                       "did not run (a forward pre-hook counts calls of the last block's self-attention).",
-                       "MagCache ratios: calibrated once on the first pair with dense attention "
-                       "(MagCacheConfig(calibrate=True)), the mean of the cond and uncond contexts; the radial "
-                       "variant reuses them."]}
-    return _report("caches", variants, rows, settings, config, device, weights, extra)
+    return _run_experiment(pipe, config, settings, variants, pairs, head, out=out,
+                           resume=resume and stored is not None, cache_configs=cache_configs, stored=stored)
 
 
 def plot_caches(report: dict[str, Any], path: Path) -> Path:
@@ -947,11 +1250,12 @@ class HeadSearchSettings:
 
 def run_heads(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSettings(),
               search: HeadSearchSettings = HeadSearchSettings(), *, out: str | Path = DEFAULT_OUT,
-              device: str = "cpu", weights: str | Path | None = None) -> dict[str, Any]:
+              device: str = "cpu", weights: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Experiment 4: head search scored by `task_scorer`, then CFG alone vs CFG + guidance on the found heads.
 
     The search log (``<out>/demo_heads_search.jsonl``) resumes a killed search; a control row perturbs the same
-    number of randomly drawn heads.
+    number of randomly drawn heads. The evaluation variants write ``<out>/demo_heads.json`` after each one and,
+    with `resume`, reuse its variants whose heads, strength and scale are the same (`run_fidelity`).
     """
     from accel.guidance.loop import layer_sites
     from accel.guidance.perturbation import HeadPerturbation
@@ -986,7 +1290,6 @@ def run_heads(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSet
         variants.append(Variant(f"cfg+random heads u={search.strength:g}", reference="cfg",
                                 guidance=HeadPerturbation(heads=control, strength=search.strength,
                                                           scale=search.scale)))
-    rows = run_variants(pipe, config, settings, variants, pairs, desc="heads")
     candidates = [{"round": r["round"], "head": r["head"], "score": r["score"], "scores": r["scores"]}
                   for r in _read_jsonl(log) if r.get("event") == "candidate"]
     extra = {"call": kwargs, "pairs": [list(p) for p in pairs], "search": {
@@ -998,7 +1301,8 @@ def run_heads(pipe: Any, config: DemoModelConfig, settings: RunSettings = RunSet
         "notes": ["scorer: accel.demo.experiments:task_scorer, the fraction of colour/direction/speed checks passed.",
                   f"search prompts: captions of synthetic seed {SEARCH_SEED} that are not evaluation prompts.",
                   "PSNR/SSIM compare with the CFG-only video of the same pair."]}
-    return _report("heads", variants, rows, settings, config, device, weights, extra)
+    head = _report_head("heads", settings, config, device, weights, extra)
+    return _run_experiment(pipe, config, settings, variants, pairs, head, out=out, resume=resume)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -1027,9 +1331,9 @@ PLOTS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
 
 __all__ = ["CacheSettings", "DEFAULT_OUT", "EXPERIMENTS", "Generation", "HeadSearchSettings", "LengthLoRAConfig",
            "PLOTS", "RunSettings", "SEARCH_SEED", "Variant", "calibrate_mag_cache", "call_kwargs", "demo_config",
-           "extended_frames",
-           "fidelity_specs", "fidelity_variants", "generate_video", "held_out_captions", "latent_grid",
-           "length_radial_spec", "length_variants", "markdown_table", "plot_caches", "plot_fidelity", "plot_heads",
-           "plot_length", "prompt_pairs", "run_caches", "run_fidelity", "run_heads", "run_length", "run_variants",
-           "score_row", "summarize_rows", "task_score", "task_scorer", "train_length_lora", "train_lora_commands",
-           "weights_info", "write_report"]
+           "extended_frames", "fidelity_specs", "fidelity_variants", "generate_video", "generate_videos",
+           "held_out_captions", "latent_grid", "length_radial_spec", "length_variants", "load_videos",
+           "markdown_table", "plot_caches", "plot_fidelity", "plot_heads", "plot_length", "prompt_pairs",
+           "report_path", "resumable_rows", "resume_mismatch", "run_caches", "run_fidelity", "run_heads",
+           "run_length", "run_variants", "save_videos", "score_row", "stored_report", "summarize_rows", "task_score",
+           "task_scorer", "train_length_lora", "train_lora_commands", "videos_path", "weights_info", "write_report"]

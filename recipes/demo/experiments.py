@@ -1,19 +1,33 @@
 """Run one experiment of issue #17 on the learned demo model (`accel.demo.experiments`).
 
     python recipes/demo/experiments.py fidelity [--weights DIR] [--out DIR] [--pairs N] [--device cpu|cuda]
+                                                [--batch N] [--resume]
     python recipes/demo/experiments.py length [--lora DIR | --train-lora [--run-train]]
     python recipes/demo/experiments.py caches
     python recipes/demo/experiments.py heads [--search-pairs N] [--candidates L:H,...]
 
 Writes ``<out>/demo_<experiment>.json`` (every raw number, settings, versions, git commit, device) and
 ``demo_<experiment>.png``, and prints the markdown table. ``--out`` defaults to ``outputs/bench``.
+
+``--batch N`` generates N (prompt, seed) pairs per pipeline call (default 16 on cuda, where the demo model is
+launch-bound and a batch costs about one video, 1 on cpu); each video keeps its own seed's noise, a row's seconds
+is its share of the call, and cache variants run at batch 1 (a cache's skip decision is batch-wide).
+
+The JSON is rewritten after every variant (``"complete": false`` and the ``remaining`` labels until the last), so
+a run stopped by ``timeout`` (SIGTERM) keeps every finished variant. ``--resume`` reuses the variants of an
+existing ``<out>/demo_<experiment>.json`` made with the same settings (all but the progress bar), model, weights,
+device and pairs; the videos that later variants compare with are kept in ``<out>/demo_<experiment>_videos/``
+(a reference variant whose videos are missing runs again). Without ``--resume`` a run starts over.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -46,6 +60,14 @@ def _number(name: str):
     return parse
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (as `timeout` sends), raised in the main thread so that the pipeline is unpatched on the way out."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 def _heads(text: str) -> tuple[tuple[int, int], ...]:
     pairs = []
     for item in filter(None, (p.strip() for p in text.split(","))):
@@ -72,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="frames to generate (fidelity, caches, heads; default: the model's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--warmup", type=_positive("warmup", 0),
-                        help="untimed generations per variant (default: 1 on cuda, 0 on cpu)")
+                        help="untimed generations (chunks of --batch videos) per variant (default: 1 on cuda, "
+                             "0 on cpu)")
+    parser.add_argument("--batch", type=_positive("batch"),
+                        help="videos per pipeline call (default: 16 on cuda, 1 on cpu; cache variants run at 1)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the variants of an existing <out>/demo_<experiment>.json made with the same "
+                             "settings instead of generating them again")
     parser.add_argument("--no-progress", action="store_true")
     f = parser.add_argument_group("fidelity")
     f.add_argument("--methods", default="radial,pyramid,neighborhood", help="comma-separated methods")
@@ -97,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--strength", type=_number("strength"), default=1.0)
     h.add_argument("--scale", type=_number("scale"), default=3.0)
     return parser
+
+
+def default_batch(device: str) -> int:
+    """Videos per pipeline call when --batch is not given: 16 on cuda (launch-bound demo model), 1 on cpu."""
+    return 16 if device == "cuda" else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         E.fidelity_specs((5, 16, 16), methods)
         settings = E.RunSettings(pairs=args.pairs, seeds=args.seeds, steps=args.steps, frames=args.frames,
                                  warmup=args.warmup if args.warmup is not None else int(args.device == "cuda"),
+                                 batch=args.batch if args.batch is not None else default_batch(args.device),
                                  progress=not args.no_progress)
         if args.radial:
             from accel.methods.registry import parse_method_spec
@@ -151,19 +185,35 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = load_demo_pipeline(args.weights, device=args.device)
     config = E.demo_config(args.weights)
-    common = {"device": args.device, "weights": args.weights}
-    if args.experiment == "fidelity":
-        report = E.run_fidelity(pipe, config, settings, methods=methods, **common)
-    elif args.experiment == "length":
-        report = E.run_length(pipe, config, settings, radial=args.radial, lora=lora, **common)
-    elif args.experiment == "caches":
-        report = E.run_caches(pipe, config, settings, radial=args.radial,
-                              caches=E.CacheSettings(first_block_threshold=args.fbc_threshold,
-                                                     mag_threshold=args.mag_threshold), **common)
-    else:
-        search = E.HeadSearchSettings(pairs=args.search_pairs, candidates=args.candidates, rounds=args.rounds,
-                                      top_k=args.top_k, strength=args.strength, scale=args.scale)
-        report = E.run_heads(pipe, config, settings, search, out=args.out, **common)
+    common = {"device": args.device, "weights": args.weights, "out": args.out, "resume": args.resume}
+    path = E.report_path(args.out, args.experiment)
+    started = time.time()
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: keep the default handling
+        previous = None
+    try:
+        if args.experiment == "fidelity":
+            report = E.run_fidelity(pipe, config, settings, methods=methods, **common)
+        elif args.experiment == "length":
+            report = E.run_length(pipe, config, settings, radial=args.radial, lora=lora, **common)
+        elif args.experiment == "caches":
+            report = E.run_caches(pipe, config, settings, radial=args.radial,
+                                  caches=E.CacheSettings(first_block_threshold=args.fbc_threshold,
+                                                         mag_threshold=args.mag_threshold), **common)
+        else:
+            search = E.HeadSearchSettings(pairs=args.search_pairs, candidates=args.candidates, rounds=args.rounds,
+                                          top_k=args.top_k, strength=args.strength, scale=args.scale)
+            report = E.run_heads(pipe, config, settings, search, **common)
+    except KeyboardInterrupt as err:
+        done = path.is_file() and path.stat().st_mtime >= started
+        kept = f"the finished variants are in {path}" if done else "no variant had finished"
+        print(f"stopped ({'SIGTERM' if isinstance(err, Terminated) else 'interrupted'}): {kept}; rerun with "
+              "--resume to continue", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     path = E.write_report(report, args.out, E.PLOTS[args.experiment])
     print(report["table"])
     for note in report.get("notes", []):
