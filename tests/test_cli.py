@@ -10,7 +10,8 @@ from accel.cli import main
 
 def test_generate_writes_a_readable_mp4(tmp_path, capsys) -> None:
     out = tmp_path / "clip.mp4"
-    argv = ["generate", "--model", "tiny-wan", "--frames", "9", "--height", "48", "--width", "80", "--steps", "2", "--out", str(out)]
+    argv = ["generate", "--model", "tiny-wan", "--frames", "9", "--height", "48", "--width", "80", "--steps", "2",
+            "--out", str(out)]
     assert main(argv) == 0
     video = iio.imread(out)
     assert video.shape == (9, 48, 80, 3)

@@ -282,6 +282,7 @@ def test_a_method_that_cannot_take_the_size_fails_before_denoising(monkeypatch, 
 
     monkeypatch.setattr(generate, "run_generation", no_run)
     monkeypatch.setattr(cli, "run_generation", no_run, raising=False)
-    code = cli.main(["generate", "--model", "tiny-wan", "--attention", "neighborhood", "--kernel-size", "3x9x9", "--out", "/tmp/x.mp4"])
+    code = cli.main(["generate", "--model", "tiny-wan", "--attention", "neighborhood", "--kernel-size", "3x9x9",
+                     "--out", "/tmp/x.mp4"])
     err = capsys.readouterr().err
     assert code == 2 and "neighborhood attention cannot run at 64x64" in err and "kernel_size" in err, err
