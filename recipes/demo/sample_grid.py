@@ -46,19 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     for prompt in tqdm(args.prompts, desc="generate"):
         video = generate(pipe, prompt, args.seed, config)
         rows.append((prompt, video, track(video, prompt)))
-    frames = range(0, rows[0][1].shape[0], args.every)
-    fig, axes = plt.subplots(len(rows), len(frames), figsize=(1.6 * len(frames), 1.9 * len(rows)), squeeze=False)
-    for r, (prompt, video, result) in enumerate(rows):
-        for c, f in enumerate(frames):
-            ax = axes[r][c]
-            ax.imshow(video[f])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == len(rows) - 1:
-                ax.set_xlabel(f"frame {f}", fontsize=8)
+    import numpy as np
+
+    frames = list(range(0, rows[0][1].shape[0], args.every))
+    h, w = rows[0][1].shape[1:3]
+    gap = np.full((h, max(2, w // 16), 3), 255, dtype=np.uint8)  # white between frames
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.5 * len(frames), 1.75 * len(rows)), squeeze=False)
+    for ax, (prompt, video, result) in zip(axes[:, 0], rows, strict=True):
+        strip = np.concatenate([part for f in frames for part in (video[f], gap)][:-1], axis=1)
+        ax.imshow(strip)
+        ax.set_xticks([(w + gap.shape[1]) * i + w / 2 for i in range(len(frames))])
+        ax.set_xticklabels([f"frame {f}" for f in frames], fontsize=7)
+        ax.set_yticks([])
         verdict = "match" if result.matches else "miss"
-        axes[r][0].set_title(f"\"{prompt}\" (seed {args.seed}): tracked {result.direction}, {result.speed_class}, "
-                             f"{verdict}", fontsize=8, loc="left")
+        ax.set_title(f'"{prompt}" (seed {args.seed}): tracked {result.direction}, {result.speed_class}, {verdict}',
+                     fontsize=8)
     print(f"wrote {save_figure(fig, args.out, dpi=100)}")
     return 0
 
