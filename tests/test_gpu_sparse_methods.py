@@ -132,3 +132,16 @@ def test_pyramid_method_on_the_gpu_reports_its_density() -> None:
     levels = method.plan_call(q, k, layout, AttentionCall())
     expect = reference_pyramid_attention(q.float(), k.float(), v.float(), levels, method.block_size)
     assert _rel(result.out, expect) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_fused_pyramid_estimate_on_the_gpu(block: int) -> None:
+    from accel.kernels.pyramid_estimate import estimate_block_importance_triton
+    from accel.kernels.pyramid_reference import estimate_block_importance
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(2, 5 * 30 * 52, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    want = estimate_block_importance(q.float(), k.float(), block, seed=1)
+    got = estimate_block_importance_triton(q, k, block, seed=1)
+    assert got.shape == want.shape
+    assert _rel(got, want) < TOL[torch.bfloat16]

@@ -31,6 +31,7 @@ __all__ = [
     "level_density",
     "pool_levels",
     "reference_pyramid_attention",
+    "sample_positions",
     "similarity_cap",
     "threshold_levels",
     "topk_levels",
@@ -225,6 +226,33 @@ def torch_pyramid_attention(
 
 
 # ---------------------------------------------------------------------------------------- importance
+def sample_positions(shape: torch.Size | tuple[int, ...], block_size: int, *, seed: int = 0,
+                     sample_q: int | None = None, sample_k: int | None = None, device: torch.device | str = "cpu",
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices sampled per block for the importance estimate: ((B, H, n, sq), (B, H, n, sk)) int64.
+
+    For (B, V, H, D) video rows: per (batch, head), ``sample_q`` (default b/4) within-block positions drawn once
+    from a generator seeded with ``seed`` and used for every block, likewise ``sample_k``; in a partial last block
+    of r tokens position x reads token x mod r. Shared by `estimate_block_importance` and the fused Triton
+    estimate (`accel.kernels.pyramid_estimate`), so both see the same tokens.
+    """
+    B, V, H, _ = shape
+    b_ = block_size
+    n = -(-V // b_)
+    sq = min(b_, sample_q if sample_q is not None else max(1, b_ // 4))
+    sk = min(b_, sample_k if sample_k is not None else max(1, b_ // 4))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    noise = torch.rand(2, B, H, b_, generator=gen, device=device)
+    pos_q = noise[0].topk(sq, -1).indices.sort(-1).values  # (B, H, sq)
+    pos_k = noise[1].topk(sk, -1).indices.sort(-1).values
+    starts = torch.arange(n, device=device) * b_
+    length = torch.clamp(V - starts, max=b_)[None, None, :, None]  # the last block may be partial
+    idx_q = starts[None, None, :, None] + pos_q[:, :, None, :] % length  # (B, H, n, sq)
+    idx_k = starts[None, None, :, None] + pos_k[:, :, None, :] % length
+    return idx_q, idx_k
+
+
 def estimate_block_importance(
     q: torch.Tensor, k: torch.Tensor, block_size: int, *, seed: int = 0, sample_q: int | None = None,
     sample_k: int | None = None, scale: float | None = None, chunk_elements: int = 1 << 27,
@@ -240,20 +268,11 @@ def estimate_block_importance(
     full sampled matrix at once), no host sync.
     """
     B, V, H, D = q.shape
-    b_ = block_size
-    n = -(-V // b_)
-    sq = min(b_, sample_q if sample_q is not None else max(1, b_ // 4))
-    sk = min(b_, sample_k if sample_k is not None else max(1, b_ // 4))
+    n = -(-V // block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    gen = torch.Generator(device=q.device)
-    gen.manual_seed(int(seed))
-    noise = torch.rand(2, B, H, b_, generator=gen, device=q.device)
-    pos_q = noise[0].topk(sq, -1).indices.sort(-1).values  # (B, H, sq)
-    pos_k = noise[1].topk(sk, -1).indices.sort(-1).values
-    starts = torch.arange(n, device=q.device) * b_
-    length = torch.clamp(V - starts, max=b_)[None, None, :, None]  # the last block may be partial
-    idx_q = starts[None, None, :, None] + pos_q[:, :, None, :] % length  # (B, H, n, sq)
-    idx_k = starts[None, None, :, None] + pos_k[:, :, None, :] % length
+    idx_q, idx_k = sample_positions(q.shape, block_size, seed=seed, sample_q=sample_q, sample_k=sample_k,
+                                    device=q.device)
+    sq, sk = idx_q.shape[-1], idx_k.shape[-1]
     # Half inputs on a GPU: the sampled logits come from a half-precision matmul (tensor cores, fp32
     # accumulation, rounded to the input dtype before the block max: an estimate, not the attention itself).
     low = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)

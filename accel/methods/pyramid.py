@@ -13,6 +13,7 @@ call for the video queries with the text keys at full resolution in the same sof
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -46,6 +47,13 @@ if TYPE_CHECKING:
     import numpy as np
 
 BLOCK_SIZES = (16, 32, 64, 128)
+ESTIMATE_KERNELS = ("torch", "triton")
+ESTIMATE_KERNEL = os.environ.get("ACCEL_PYRAMID_ESTIMATE", "torch")
+"""Which block-importance estimate runs on Triton-capable inputs, read once at import: "torch" (the default until
+the fused kernel, `accel.kernels.pyramid_estimate`, is timed against it on the GPU) or "triton". Same formula;
+set ``ACCEL_PYRAMID_ESTIMATE=triton`` to A/B them (`benchmarks/probes/pyramid_stages.py` times both)."""
+if ESTIMATE_KERNEL not in ESTIMATE_KERNELS:
+    raise ValueError(f"ACCEL_PYRAMID_ESTIMATE must be one of {', '.join(ESTIMATE_KERNELS)}, got {ESTIMATE_KERNEL!r}")
 # picture colours per level (0 = skipped, then full resolution to the coarsest pooling)
 LEVEL_COLOURS = {0: "#111111", 1: "#fde725", 2: "#35b779", 4: "#31688e", 8: "#a6a6d6"}
 
@@ -159,8 +167,10 @@ class Pyramid(AttentionMethod):
     def plan_call(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, call: AttentionCall) -> torch.Tensor:
         """(B, H, n, n) int32 levels of this call's video tokens (no host sync)."""
         vs, _ = split_joint(layout)
-        importance = estimate_block_importance(q[:, vs], k[:, vs], self.block_size, seed=call.seed,
-                                               scale=call.scale)
+        estimate = estimate_block_importance
+        if ESTIMATE_KERNEL == "triton" and triton_input_reason(q) is None:
+            from accel.kernels.pyramid_estimate import estimate_block_importance_triton as estimate
+        importance = estimate(q[:, vs], k[:, vs], self.block_size, seed=call.seed, scale=call.scale)
         if self.mode == "threshold":
             levels = threshold_levels(importance, self.thresholds, self.min_full_ratio)
         else:

@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import math
 
+    from accel.kernels.pyramid_estimate import estimate_block_importance_triton
+
+    res["estimate_fused_ms"] = bench(lambda: estimate_block_importance_triton(q, k, block))
+    fused = estimate_block_importance_triton(q, k, block)
+    res["estimate_fused_max_abs_diff"] = float((fused - imp).abs().max())
+    res["estimate_fused_topk_agreement"] = float((topk_levels(fused, (0.09, 0.14, 0.22, 0.30))
+                                                  == topk_levels(imp, (0.09, 0.14, 0.22, 0.30))).float().mean())
     res["estimate_half_ms"] = bench(estimate_half)
     res["estimate_half_max_abs_diff"] = float((estimate_half() - imp).abs().max())
     res["estimate_half_topk_agreement"] = float((topk_levels(estimate_half(), (0.09, 0.14, 0.22, 0.30))
