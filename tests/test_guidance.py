@@ -281,11 +281,13 @@ def test_strength_zero_gives_exactly_the_cfg_only_result(name) -> None:
     handle = accel.patch(pipe, Dense(), guidance=zero)
     assert not handle.runtime.branches  # a no-op guidance installs nothing
     assert torch.equal(run(), reference)
-    # the branch machinery itself, forced on at u = 0 in a separate pass, reproduces CFG bit for bit
+    # the branch machinery itself, forced on at u = 0 in a separate pass, reproduces CFG to float rounding: the
+    # extra pass changes batch shapes, and the CPU BLAS may then round differently (SD3 with transformers 5.24:
+    # 1.4e-6 on a [0, 1] image), so this is a tolerance check, not bit equality
     adapter = adapter_for(pipe.transformer)
     forced = HeadPerturbation(heads=[(0, 0), (1, 1)], strength=0.0, scale=3.0, batched=False)
     handle.add_branch(guidance_branch(forced, adapter.family, layer_sites(adapter, pipe.transformer), pipe))
-    assert torch.equal(run(), reference)
+    torch.testing.assert_close(run(), reference, rtol=0, atol=1e-5)
     assert handle.stats.branch_calls > 0
     accel.unpatch(pipe)
 
