@@ -1,12 +1,13 @@
 """Pyramid sparse attention (PSA) in Triton: forward kernel, custom op, public function.
 
 Semantics in `accel.kernels.pyramid_reference` (group means per level, +ln(count) logit bias, level 0 skipped).
-Per call the pooled K/V of levels 2, 4 and 8 are built in one pass (`pool_levels`, hierarchical sums) into one
-buffer; level-1 keys and the text keys are read in place from the joint K/V buffer. One program owns one query
-block and walks, level by level, the KV blocks of its row listed for that level (index lists sorted by level from
-the (B, H, n, n) level map on the device: no host sync), loading b/p pooled rows per block with the bias; the
-tile holds max(16, b/p) rows and the lanes past b/p (and empty groups of the last partial block) are masked, so
-every (block size, level) pair is exact. Skipped blocks are never read. Text keys join the same online softmax.
+Per call the pooled K/V of levels 2, 4 and 8 are built in one Triton launch (`pyramid_pool.pool_kv_levels`,
+hierarchical sums) into one buffer each; level-1 keys and the text keys are read in place from the joint K/V
+buffer. One program owns one query block and walks, level by level, the KV blocks of its row listed for that
+level (index lists sorted by level from the (B, H, n, n) level map on the device: no host sync), loading b/p
+pooled rows per block with the bias; the tile holds max(16, b/p) rows and the lanes past b/p (and empty groups
+of the last partial block) are masked, so every (block size, level) pair is exact. Skipped blocks are never
+read. Text keys join the same online softmax.
 
 The forward also writes the natural-log LSE per query row. Backward (`pyramid_bwd.py`): FA2's split with
 Delta = rowsum(dO * O) - dLse, a dQ pass over query blocks (the same level lists as the forward) and a dK/dV pass
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from ._common import resolve_key_parts, text_visibility, triton_input_reason
 from ._triton_common import LOG2E, dot_precision, head_dim_pad
+from .pyramid_pool import pool_kv_levels
 from .pyramid_reference import LEVELS, pool_levels
 
 __all__ = ["can_run_pyramid", "level_lists", "pyramid_attention"]
@@ -180,7 +182,9 @@ def _parts(x: Tensor, parts: list[int]) -> tuple[Tensor, Tensor | None]:
 
 
 def pooled_buffer(x: Tensor, block: int) -> tuple[Tensor, int, int]:
-    """Levels 2, 4, 8 of video rows ``x`` (B, V, H, D) in one contiguous buffer, and where levels 4 and 8 start."""
+    """Levels 2, 4, 8 of video rows ``x`` (B, V, H, D) in one contiguous buffer, and where levels 4 and 8 start.
+
+    The PyTorch form of `pool_kv_levels` (which the kernels use: one launch for K and V); kept as its reference."""
     pooled, _ = pool_levels(x, block)
     r2, r4 = pooled[0].shape[1], pooled[1].shape[1]
     return torch.cat(pooled, 1).contiguous(), r2, r2 + r4
@@ -211,8 +215,7 @@ def pyramid_fwd(
     lse = _empty_lse(q)
     kv, ek = _parts(k, parts)
     vv, ev = _parts(v, parts)
-    kp, r4, r8 = pooled_buffer(kv, block)
-    vp, _, _ = pooled_buffer(vv, block)
+    kp, vp, r4, r8 = pool_kv_levels(kv, vv, block)
     nb = -(-NV // block)
     idx, ends = level_lists(levels)
     T = ek.shape[1] if ek is not None else 0

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ._triton_common import LOG2E, dot_precision, head_dim_pad
 from .bwd_pipelined import launch_preprocess
-from .pyramid import _TEXT_BLOCK, _parts, _pooled_lanes, _strides, level_lists, pooled_buffer, tile_rows
+from .pyramid import _TEXT_BLOCK, _parts, _pooled_lanes, _strides, level_lists, tile_rows
+from .pyramid_pool import pool_kv_levels
 
 __all__ = ["pyramid_backward"]
 
@@ -324,8 +325,7 @@ def pyramid_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v:
     v0, _, t0, T = parts
     kv, ek = _parts(k, parts)
     vv, ev = _parts(v, parts)
-    kp, r4, r8 = pooled_buffer(kv, block)
-    vp, _, _ = pooled_buffer(vv, block)
+    kp, vp, r4, r8 = pool_kv_levels(kv, vv, block)
     nb = -(-NV // block)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)

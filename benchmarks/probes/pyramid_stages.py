@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from accel.bench.methods import local_qkv
     from accel.geometry import TokenLayout
     from accel.kernels import pyramid as pk
+    from accel.kernels.pyramid_pool import pool_kv_levels
     from accel.kernels.pyramid_reference import (
         estimate_block_importance,
         level_density,
@@ -101,11 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     res["density_topk"] = float(level_density(levels))
     res["level_lists_ms"] = bench(lambda: pk.level_lists(levels))
     res["pool_ms"] = bench(lambda: (pk.pooled_buffer(k, block), pk.pooled_buffer(v, block)))
+    res["pool_fused_ms"] = bench(lambda: pool_kv_levels(k, v, block))
+    kp_t, vp_t = pk.pooled_buffer(k, block)[0], pk.pooled_buffer(v, block)[0]
+    kp_f, vp_f = pool_kv_levels(k, v, block)[:2]
+    res["pool_fused_max_abs_diff"] = float(max((kp_t.float() - kp_f.float()).abs().max(),
+                                               (vp_t.float() - vp_f.float()).abs().max()))
     res["op_total_ms"] = bench(lambda: pk.pyramid_attention(q, k, v, levels, block))
     # the kernel alone at several launch configs
     B, NV = 1, layout.video_tokens
-    kp, r4, r8 = pk.pooled_buffer(k, block)
-    vp, _, _ = pk.pooled_buffer(v, block)
+    kp, vp, r4, r8 = pool_kv_levels(k, v, block)
     nb = -(-NV // block)
     idx, ends = pk.level_lists(levels)
     out = torch.empty_like(q)
