@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ._common import resolve_key_parts, text_visibility, triton_input_reason
 from ._triton_common import LOG2E, dot_precision, head_dim_pad
+from .pyramid_levels import level_lists as fused_level_lists
 from .pyramid_pool import pool_kv_levels
 from .pyramid_reference import LEVELS, pool_levels
 
@@ -166,6 +167,7 @@ def level_lists(levels: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns ``(indices (B, H, n, n) int32, ends (B, H, n, 4) int32)``: row entries ``[0, ends[0])`` are level 1,
     ``[ends[0], ends[1])`` level 2, and so on; entries past ``ends[3]`` are skipped blocks. On the device.
+    The kernels use its one-launch Triton form (`pyramid_levels.level_lists`); this is its reference.
     """
     lv = levels.long()
     rank = torch.full_like(lv, 4)
@@ -217,7 +219,7 @@ def pyramid_fwd(
     vv, ev = _parts(v, parts)
     kp, vp, r4, r8 = pool_kv_levels(kv, vv, block)
     nb = -(-NV // block)
-    idx, ends = level_lists(levels)
+    idx, ends = fused_level_lists(levels)
     T = ek.shape[1] if ek is not None else 0
     emask = text_vis if (T and text_vis is not None) else None
     _pyramid_fwd_kernel[(nb, B * H)](

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ._triton_common import LOG2E, dot_precision, head_dim_pad
 from .bwd_pipelined import launch_preprocess
-from .pyramid import _TEXT_BLOCK, _parts, _pooled_lanes, _strides, level_lists, tile_rows
+from .pyramid import _TEXT_BLOCK, _parts, _pooled_lanes, _strides, tile_rows
+from .pyramid_levels import level_lists
 from .pyramid_pool import pool_kv_levels
 
 __all__ = ["pyramid_backward"]

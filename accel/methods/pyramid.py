@@ -171,13 +171,19 @@ class Pyramid(AttentionMethod):
         if ESTIMATE_KERNEL == "triton" and triton_input_reason(q) is None:
             from accel.kernels.pyramid_estimate import estimate_block_importance_triton as estimate
         importance = estimate(q[:, vs], k[:, vs], self.block_size, seed=call.seed, scale=call.scale)
+        cap = None
+        if self.sim_cap:
+            cap = similarity_cap(k[:, vs], self.block_size, (self.sim_2x, self.sim_4x, self.sim_8x))
+        if triton_input_reason(q) is None:  # the same rules, capped and with the diagonal, in one launch
+            from accel.kernels.pyramid_levels import assign_levels
+
+            return assign_levels(importance, self.mode, self.thresholds, self.min_full_ratio, cap)
         if self.mode == "threshold":
             levels = threshold_levels(importance, self.thresholds, self.min_full_ratio)
         else:
             levels = topk_levels(importance, self.thresholds)
-        if self.sim_cap:
-            levels = cap_levels(levels, similarity_cap(k[:, vs], self.block_size,
-                                                       (self.sim_2x, self.sim_4x, self.sim_8x)))
+        if cap is not None:
+            levels = cap_levels(levels, cap)
         n = levels.shape[-1]
         diag = torch.eye(n, dtype=torch.bool, device=levels.device)
         return torch.where(diag, 1, levels).to(torch.int32)

@@ -1,0 +1,137 @@
+"""Pyramid attention's level assignment and per-row level lists as two Triton kernels (one program per row).
+
+The PyTorch rules (`pyramid_reference.threshold_levels` / `topk_levels`, `cap_levels`, the forced diagonal, and
+`pyramid.level_lists`) are chains of sorts, scans, compares and scatters: 0.9 + 0.3-0.6 ms of a 7-8 ms pyramid
+call at Wan2.1-1.3B 480p on the H200 (`pyramid_stages_b*.json`). Here one program owns one (batch, head, query
+block) row of n importance values:
+
+- `assign_levels`: sorts the row by descending importance (a stable argsort as one ``tl.sort`` of packed
+  ``(float bits, ~index)`` keys; importance is >= 0, so its float bits order like the values), takes the
+  cumulative share with ``tl.cumsum``, turns the thresholds (or the rank quotas) into rank ends exactly as the
+  reference rules do, applies the optional similarity cap and the forced diagonal, and scatters the levels back.
+- `level_lists`: the row's KV blocks ordered by level (1, 2, 4, 8, then skipped; block order kept inside a
+  level) as one ``tl.sort`` of ``rank * NP + index`` keys, and the cumulative ends per level.
+
+Integer outputs; the thresholds compare fp32 cumulative shares like the reference, so a share that lands within
+rounding of a threshold can end a level one block apart from the PyTorch rule (the scan's summation order).
+"""
+
+# No `from __future__ import annotations`: kept like the other kernel modules.
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .pyramid_reference import LEVELS
+
+__all__ = ["assign_levels", "level_lists"]
+
+_MODES = ("threshold", "topk")
+
+
+@triton.jit
+def _level_of_rank(r, e1, e2, e4, e8):
+    return tl.where(r < e1, 1, tl.where(r < e2, 2, tl.where(r < e4, 4, tl.where(r < e8, 8, 0))))
+
+
+@triton.jit
+def _threshold_end(ratio, valid, tau, last, n):
+    """The reference's thresholdbound end for one level: the block that crosses tau is included."""
+    under = tl.sum((valid & (ratio <= tau)).to(tl.int32), 0)
+    end = tl.where(under > 0, under + 1, last)
+    return tl.maximum(tl.minimum(end, n), last)
+
+
+@triton.jit
+def _assign_kernel(Imp, Cap, Levels, n, min_full, t1, t2, t4, t8, q1, q2, q4, q8,
+                   NP: tl.constexpr, THRESHOLD: tl.constexpr, HAS_CAP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # (b * H + h) * n + i
+    i = row % n
+    bh = row // n
+    offs = tl.arange(0, NP)
+    valid = offs < n
+    imp = tl.load(Imp + row * n + offs, mask=valid, other=0.0)
+    bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(valid, (bits << 32) | (NP - 1 - offs).to(tl.int64), -1)
+    key = tl.sort(key, descending=True)
+    sidx = (NP - 1 - (key & 0xFFFFFFFF)).to(tl.int32)  # block at each rank (padding ranks: >= n)
+    svalid = offs < n
+    if THRESHOLD:
+        sval = ((key >> 32) & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        sval = tl.where(svalid, sval, 0.0)
+        cum = tl.cumsum(sval, 0)
+        total = tl.max(tl.where(svalid, cum, 0.0), 0)
+        ratio = cum / tl.maximum(total, 1.1754943508222875e-38)
+        e1 = tl.maximum(_threshold_end(ratio, svalid, t1, 0, n), min_full)
+        e2 = _threshold_end(ratio, svalid, t2, e1, n)
+        e4 = _threshold_end(ratio, svalid, t4, e2, n)
+        e8 = _threshold_end(ratio, svalid, t8, e4, n)
+    else:
+        e1, e2, e4, e8 = q1, q2, q4, q8
+    lvl = _level_of_rank(offs, e1, e2, e4, e8)
+    if HAS_CAP:
+        cap = tl.load(Cap + bh * n + sidx, mask=svalid, other=1)
+        lvl = tl.where(lvl > 0, tl.minimum(lvl, cap), lvl)
+    lvl = tl.where(sidx == i, 1, lvl)
+    tl.store(Levels + row * n + sidx, lvl, mask=svalid)
+
+
+@triton.jit
+def _lists_kernel(Levels, Idx, Ends, n, NP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, NP)
+    valid = offs < n
+    lv = tl.load(Levels + row * n + offs, mask=valid, other=0)
+    rank = tl.where(lv == 1, 0, tl.where(lv == 2, 1, tl.where(lv == 4, 2, tl.where(lv == 8, 3, 4))))
+    rank = tl.where(valid, rank, 5)
+    key = tl.sort(rank * NP + offs, descending=False)
+    tl.store(Idx + row * n + offs, key % NP, mask=valid)
+    c1 = tl.sum((rank == 0).to(tl.int32), 0)
+    c2 = c1 + tl.sum((rank == 1).to(tl.int32), 0)
+    c4 = c2 + tl.sum((rank == 2).to(tl.int32), 0)
+    c8 = c4 + tl.sum((rank == 3).to(tl.int32), 0)
+    tl.store(Ends + row * 4, c1)
+    tl.store(Ends + row * 4 + 1, c2)
+    tl.store(Ends + row * 4 + 2, c4)
+    tl.store(Ends + row * 4 + 3, c8)
+
+
+def _rows(x: Tensor, name: str) -> tuple[Tensor, int, int]:
+    if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"{name} must be (B, H, n, n), got {tuple(x.shape)}")
+    n = x.shape[-1]
+    return x.contiguous(), n, max(16, triton.next_power_of_2(n))
+
+
+def assign_levels(importance: Tensor, mode: str, thresholds: tuple[float, float, float, float],
+                  min_full_ratio: float = 0.06, cap: Tensor | None = None) -> Tensor:
+    """(B, H, n, n) int32 levels: ``threshold_levels`` (mode "threshold") or ``topk_levels`` ("topk"), then
+    ``cap_levels`` with ``cap`` (B, H, n) if given, then the diagonal forced to level 1; one launch."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
+    if len(thresholds) != len(LEVELS):
+        raise ValueError(f"thresholds must hold {len(LEVELS)} values, got {len(thresholds)}")
+    imp, n, npad = _rows(importance.float(), "importance")
+    B, H = imp.shape[:2]
+    if cap is not None and tuple(cap.shape) != (B, H, n):
+        raise ValueError(f"cap must be (B, H, n) = {(B, H, n)}, got {tuple(cap.shape)}")
+    quotas, last = [], 0
+    for qt in thresholds:  # topk_levels' rank ends (host constants: n and the quotas are known here)
+        last = max(last, min(n, int(n * qt)))
+        quotas.append(last)
+    levels = torch.empty(imp.shape, dtype=torch.int32, device=imp.device)
+    capt = cap.to(torch.int32).contiguous() if cap is not None else levels
+    taus = [float(t) + 1e-6 for t in thresholds]
+    _assign_kernel[(B * H * n,)](imp, capt, levels, n, min(n, int(n * min_full_ratio) + 1), *taus, *quotas,
+                                 NP=npad, THRESHOLD=mode == "threshold", HAS_CAP=cap is not None,
+                                 num_warps=4 if npad >= 512 else 1)
+    return levels
+
+
+def level_lists(levels: Tensor) -> tuple[Tensor, Tensor]:
+    """`accel.kernels.pyramid.level_lists` in one launch: ``(indices (B, H, n, n) int32, ends (B, H, n, 4))``."""
+    lv, n, npad = _rows(levels.to(torch.int32), "levels")
+    idx = torch.empty(lv.shape, dtype=torch.int32, device=lv.device)
+    ends = torch.empty(*lv.shape[:3], 4, dtype=torch.int32, device=lv.device)
+    _lists_kernel[(lv.shape[0] * lv.shape[1] * n,)](lv, idx, ends, n, NP=npad, num_warps=4 if npad >= 512 else 1)
+    return idx, ends
