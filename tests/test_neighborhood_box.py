@@ -124,7 +124,7 @@ def test_box_is_the_default_and_all_unmasked_plans_run_block_sparse_with_text(mo
     real = torch.ops.accel.neighborhood_fwd
 
     def spy(*args):
-        calls.append(bool(args[-2]))  # the box tensors
+        calls.append(bool(args[-3]))  # the box tensors
         return real(*args)
 
     monkeypatch.setattr(torch.ops.accel, "neighborhood_fwd", spy)
