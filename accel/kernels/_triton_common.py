@@ -78,8 +78,9 @@ def _fwd_tile_bias(acc, l_i, m_i, q, k, v, qa, ka, qk_scale, DOT_PRECISION: tl.c
 
 @triton.jit
 def _box_mma_operands(row_lo, row_hi, key, origin, n_valid, SEG_T: tl.constexpr, SEG_H: tl.constexpr,
-                      SEG_W: tl.constexpr, SLOTS: tl.constexpr, DTYPE: tl.constexpr):
-    """QA (rows, SLOTS) and KA (SLOTS, columns) whose product is -BIG x (violated axes) of a `layout.BoxMask`.
+                      SEG_W: tl.constexpr, SLOTS: tl.constexpr):
+    """QA (rows, SLOTS) float32 and KA (SLOTS, columns) int32 0/1 whose product is -BIG x (violated axes) of a
+    `layout.BoxMask` (the caller casts both to the q dtype: -BIG and 1 are exact in fp16/bf16).
 
     Slots [0, SEG_T), [SEG_T, SEG_T + SEG_H), [.., + SEG_W) stand for the coordinates ``origin + j`` on the
     T, H, W axis (``origin``: the key tile's packed, guarded minimum corner); the last slot is "hidden". KA has a
@@ -100,7 +101,7 @@ def _box_mma_operands(row_lo, row_hi, key, origin, n_valid, SEG_T: tl.constexpr,
     a = slot_key[None, :] - row_lo[:, None]
     b = row_hi[:, None] - slot_key[None, :]
     hidden = ((a & b & guard[None, :]) != guard[None, :]) | (slot == SLOTS - 1)[None, :]
-    qa = tl.where(hidden, -_BOX_MMA_BIG, 0.0).to(DTYPE)
+    qa = tl.where(hidden, -_BOX_MMA_BIG, 0.0)
     kt = ((key >> 20) & 511) - ((origin >> 20) & 511)
     kh = ((key >> 10) & 511) - ((origin >> 10) & 511)
     kw = (key & 511) - (origin & 511)
@@ -116,7 +117,7 @@ def _box_mma_operands(row_lo, row_hi, key, origin, n_valid, SEG_T: tl.constexpr,
     kh = tl.where(inside, kh + SEG_T, 0).to(one.dtype)
     kw = tl.where(inside, kw + SEG_T + SEG_H, 0).to(one.dtype)
     bits = tl.where(inside, (one << kt) | (one << kh) | (one << kw), one << (SLOTS - 1))
-    ka = ((bits[None, :] >> uslot[:, None]) & 1).to(DTYPE)
+    ka = ((bits[None, :] >> uslot[:, None]) & 1).to(tl.int32)
     return qa, ka
 
 

@@ -157,9 +157,9 @@ def _fwd_kernel(
             else:
                 origin = tl.load(BoxKey + kb * BLOCK_K)
             key = tl.load(BoxKey + start_n + offs_n, mask=n_valid, other=0)
-            qa, ka = _box_mma_operands(box_lo, box_hi, key, origin, n_valid, BOX_T, BOX_H, BOX_W, BOX_SLOTS,
-                                       q.dtype)
-            acc, l_i, m_i = _fwd_tile_bias(acc, l_i, m_i, q, k, v, qa, ka, qk_scale, DOT_PRECISION)
+            qa, ka = _box_mma_operands(box_lo, box_hi, key, origin, n_valid, BOX_T, BOX_H, BOX_W, BOX_SLOTS)
+            acc, l_i, m_i = _fwd_tile_bias(acc, l_i, m_i, q, k, v, qa.to(q.dtype), ka.to(q.dtype), qk_scale,
+                                           DOT_PRECISION)
         else:
             visible = n_valid[None, :]
             if HAS_BOX:
