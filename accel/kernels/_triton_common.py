@@ -16,9 +16,14 @@ from .layout import BOX_GUARD
 
 LOG2E = 1.4426950408889634
 _BOX_GUARD = tl.constexpr(BOX_GUARD)
+# The box-mma form's penalty per violated axis, in raw logit units: a power of two (exact in fp16/bf16, whose
+# largest finite values are 65504 / 3.4e38), and after the softmax scale far below exp2's underflow.
+BOX_MMA_BIG = 32768.0
+BOX_MMA_MIN_SCALED = 1024.0  # BIG * qk_scale must reach this (exp2(-1024) is 0 in fp32), else the SWAR form runs
+_BOX_MMA_BIG = tl.constexpr(BOX_MMA_BIG)
 
-__all__ = ["LOG2E", "dot_precision", "ensure_allocator", "head_dim_pad", "launch_opts", "strides4",
-           "ws_compile_failed"]
+__all__ = ["BOX_MMA_BIG", "BOX_MMA_MIN_SCALED", "LOG2E", "box_mma_slots", "dot_precision", "ensure_allocator",
+           "head_dim_pad", "launch_opts", "strides4", "ws_compile_failed"]
 
 
 # ---------------------------------------------------------------------------------------------- jit helpers
@@ -55,6 +60,68 @@ def _box_ok(row_lo, row_hi, key):
 
 
 @triton.jit
+def _fwd_tile_bias(acc, l_i, m_i, q, k, v, qa, ka, qk_scale, DOT_PRECISION: tl.constexpr):
+    """`_fwd_tile` with the mask as an additive bias from a second MMA: QK^T + QA @ KA (`_box_mma_operands`).
+
+    Hidden entries get finite logits of at most -BIG x qk_scale below the visible ones: exp2 of them is 0 once
+    the row has seen a visible key, and a row's tiles before that are rescaled by exp2(-BIG x qk_scale) = 0."""
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+    qk = tl.dot(qa, ka, qk, input_precision=DOT_PRECISION)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _box_mma_operands(row_lo, row_hi, key, origin, n_valid, SEG_T: tl.constexpr, SEG_H: tl.constexpr,
+                      SEG_W: tl.constexpr, SLOTS: tl.constexpr):
+    """QA (rows, SLOTS) float32 and KA (SLOTS, columns) int32 0/1 whose product is -BIG x (violated axes) of a
+    `layout.BoxMask` (the caller casts both to the q dtype: -BIG and 1 are exact in fp16/bf16).
+
+    Slots [0, SEG_T), [SEG_T, SEG_T + SEG_H), [.., + SEG_W) stand for the coordinates ``origin + j`` on the
+    T, H, W axis (``origin``: the key tile's packed, guarded minimum corner); the last slot is "hidden". KA has a
+    1 per axis at the slot of each key's coordinate, or only the hidden one for a column that is not
+    ``n_valid`` or lies outside the segments. QA is -BIG where the slot's coordinate is outside the row's
+    [lo, hi] on the slot's axis (the SWAR test of `_box_ok`, on rows x SLOTS only), and always on the hidden
+    slot."""
+    slot = tl.arange(0, SLOTS)
+    is_t = slot < SEG_T
+    is_h = (slot >= SEG_T) & (slot < SEG_T + SEG_H)
+    is_w = (slot >= SEG_T + SEG_H) & (slot < SEG_T + SEG_H + SEG_W)
+    rel = tl.where(is_t, slot, tl.where(is_h, slot - SEG_T, tl.where(is_w, slot - SEG_T - SEG_H, 0)))
+    shift = tl.where(is_t, 20, tl.where(is_h, 10, 0))
+    guard = tl.where(is_t, 1 << 29, tl.where(is_h, 1 << 19, tl.where(is_w, 1 << 9, 0)))
+    # Each slot as a guarded key: the origin with the slot's axis field moved to the slot's coordinate. Fields
+    # never borrow from each other (the guard), so testing only the slot axis' guard bit tests that axis alone.
+    slot_key = origin + (rel << shift)
+    a = slot_key[None, :] - row_lo[:, None]
+    b = row_hi[:, None] - slot_key[None, :]
+    hidden = ((a & b & guard[None, :]) != guard[None, :]) | (slot == SLOTS - 1)[None, :]
+    qa = tl.where(hidden, -_BOX_MMA_BIG, 0.0)
+    kt = ((key >> 20) & 511) - ((origin >> 20) & 511)
+    kh = ((key >> 10) & 511) - ((origin >> 10) & 511)
+    kw = (key & 511) - (origin & 511)
+    inside = (n_valid & (kt.to(tl.uint32) < SEG_T) & (kh.to(tl.uint32) < SEG_H)
+              & (kw.to(tl.uint32) < SEG_W))
+    if SLOTS > 32:
+        one = tl.full(kt.shape, 1, tl.uint64)
+        uslot = slot.to(tl.uint64)
+    else:
+        one = tl.full(kt.shape, 1, tl.uint32)
+        uslot = slot.to(tl.uint32)
+    kt = tl.where(inside, kt, 0).to(one.dtype)
+    kh = tl.where(inside, kh + SEG_T, 0).to(one.dtype)
+    kw = tl.where(inside, kw + SEG_T + SEG_H, 0).to(one.dtype)
+    bits = tl.where(inside, (one << kt) | (one << kh) | (one << kw), one << (SLOTS - 1))
+    ka = ((bits[None, :] >> uslot[:, None]) & 1).to(tl.int32)
+    return qa, ka
+
+
+@triton.jit
 def _load_kv(k_ptrs, v_ptrs, n_valid, d_mask, MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
     """K tile transposed (HEAD_DIM_PAD, BLOCK_N) and V tile (BLOCK_N, HEAD_DIM_PAD) through pointers."""
     if MASK_N:
@@ -86,6 +153,15 @@ def _vec_desc(base, n, BLOCK: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------ launch helpers
+def box_mma_slots(tile: tuple[int, int, int] | None) -> int | None:
+    """Slots of the box-mma operands for key tiles within a (T, H, W) box: 32 or 64 (the extents plus the
+    hidden slot must fit), None when the form cannot run."""
+    if tile is None or len(tile) != 3 or min(tile) < 1:
+        return None
+    need = sum(tile) + 1
+    return 32 if need <= 32 else 64 if need <= 64 else None
+
+
 def launch_opts(cfg: KernelConfig) -> dict:
     """Extra launch keywords of a config (the register cap)."""
     return {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}

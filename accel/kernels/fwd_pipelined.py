@@ -7,16 +7,23 @@ On Hopper the video K/V tiles may come through tensor descriptors (``USE_TMA``).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_common import (
+    BOX_MMA_BIG,
+    BOX_MMA_MIN_SCALED,
     LOG2E,
+    _box_mma_operands,
     _box_ok,
     _fwd_tile,
+    _fwd_tile_bias,
     _load_kv,
     _rows_desc,
+    box_mma_slots,
     dot_precision,
     ensure_allocator,
     head_dim_pad,
@@ -25,6 +32,22 @@ from ._triton_common import (
 )
 from .configs import KernelConfig
 from .layout import BlockLayout, BoxMask
+
+BOX_MASK_FORMS = ("swar", "mma")
+
+
+def _box_mask_form_from_env() -> str:
+    """``ACCEL_BOX_MASK`` (swar | mma; default swar): how the box-masked tiles apply their mask."""
+    form = os.environ.get("ACCEL_BOX_MASK", "swar").strip().lower() or "swar"
+    if form not in BOX_MASK_FORMS:
+        raise ValueError(f"ACCEL_BOX_MASK must be one of {', '.join(BOX_MASK_FORMS)}, got "
+                         f"{os.environ['ACCEL_BOX_MASK']!r}")
+    return form
+
+
+# "swar": a per-element SWAR range test (`_box_ok`); "mma": the mask as an additive bias from one small MMA
+# per tile (`_box_mma_operands`), for key tiles within a known box (`launch`'s ``box_tile``).
+BOX_MASK_FORM = _box_mask_form_from_env()
 
 
 @triton.jit
@@ -44,7 +67,8 @@ def _fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LAYOUT_PER_HEAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_MASK: tl.constexpr,
     WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, HAS_BOX: tl.constexpr,
-    RAGGED: tl.constexpr,
+    RAGGED: tl.constexpr, BOX_MMA: tl.constexpr = False, BOX_T: tl.constexpr = 1, BOX_H: tl.constexpr = 1,
+    BOX_W: tl.constexpr = 1, BOX_SLOTS: tl.constexpr = 32,
 ):
     SUB_M: tl.constexpr = BLOCK_Q // BLOCK_M
     SUB_N: tl.constexpr = BLOCK_K // BLOCK_N
@@ -127,11 +151,21 @@ def _fwd_kernel(
         else:
             k, v = _load_kv(k_base + start_n.to(tl.int64) * stride_kn, v_base + start_n.to(tl.int64) * stride_vn,
                             n_valid, d_mask, True, EVEN_D)
-        visible = n_valid[None, :]
-        if HAS_BOX:
+        if HAS_BOX and BOX_MMA:  # the mask as a bias from one small MMA (key tiles within the BOX_* box)
+            if RAGGED:  # the layout block's first key is its tiles' minimum corner
+                origin = tl.load(BoxKey + start_n)
+            else:
+                origin = tl.load(BoxKey + kb * BLOCK_K)
             key = tl.load(BoxKey + start_n + offs_n, mask=n_valid, other=0)
-            visible = visible & _box_ok(box_lo, box_hi, key)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
+            qa, ka = _box_mma_operands(box_lo, box_hi, key, origin, n_valid, BOX_T, BOX_H, BOX_W, BOX_SLOTS)
+            acc, l_i, m_i = _fwd_tile_bias(acc, l_i, m_i, q, k, v, qa.to(q.dtype), ka.to(q.dtype), qk_scale,
+                                           DOT_PRECISION)
+        else:
+            visible = n_valid[None, :]
+            if HAS_BOX:
+                key = tl.load(BoxKey + start_n + offs_n, mask=n_valid, other=0)
+                visible = visible & _box_ok(box_lo, box_hi, key)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
     if HAS_EXTRA:
         ek_base = (EK + off_b * stride_ekb + off_h * stride_ekh
                    + offs_n[None, :] * stride_ekn + offs_d[:, None] * stride_ekd)
@@ -160,12 +194,33 @@ def _fwd_kernel(
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor | None, ev: torch.Tensor | None,
            emask: torch.Tensor | None, layout: BlockLayout, scale: float, out: torch.Tensor,
            lse: torch.Tensor | None, cfg: KernelConfig, box: BoxMask | None = None,
-           blocks: torch.Tensor | None = None) -> None:
+           blocks: torch.Tensor | None = None, box_mask_form: str | None = None,
+           box_tile: tuple[int, int, int] | None = None) -> None:
     """Run the pipelined forward: k, v the video keys, ek, ev the text keys (views), emask int8 (B, T).
 
     ``box``: a per-token box mask inside the video tiles (text keys are not boxed). ``blocks``: (num blocks,
     >= 2) int32 [first row, rows] per layout block, for blocks of unequal sizes (queries and keys share
-    them; needs ``box`` and one compute tile per layout block)."""
+    them; needs ``box`` and one compute tile per layout block).
+
+    ``box_mask_form``: "swar" or "mma" (None: `BOX_MASK_FORM`, from ``ACCEL_BOX_MASK``). The mma form needs
+    ``box_tile`` (T, H, W): the keys of every layout block lie within a box of that size whose minimum corner is
+    the block's first key (neighborhood tiles), keys outside it are hidden; and every query must see a key (its
+    rows' earlier tiles are only rescaled away by a visible one). Asked for explicitly where it cannot run (tile
+    too large, a softmax scale below ``BOX_MMA_MIN_SCALED / BOX_MMA_BIG``) it raises; by default the SWAR form
+    runs then."""
+    explicit = box_mask_form is not None
+    form = BOX_MASK_FORM if box_mask_form is None else box_mask_form
+    if form not in BOX_MASK_FORMS:
+        raise ValueError(f"fwd_pipelined.launch: box_mask_form must be one of {BOX_MASK_FORMS}, got {form!r}")
+    slots = box_mma_slots(box_tile)
+    mma = box is not None and form == "mma"
+    if mma and (slots is None or BOX_MMA_BIG * scale * LOG2E < BOX_MMA_MIN_SCALED):
+        if explicit:
+            raise ValueError(f"fwd_pipelined.launch: the mma box mask cannot run with box_tile={box_tile} "
+                             f"(extents + 1 must fit 64 slots) and scale={scale} (at least "
+                             f"{BOX_MMA_MIN_SCALED / (BOX_MMA_BIG * LOG2E):.4g})")
+        mma = False
+    tile = tuple(box_tile) if mma else (1, 1, 1)
     if blocks is not None and (box is None or (cfg.block_m, cfg.block_n) != (layout.block_m, layout.block_n)):
         raise ValueError("fwd_pipelined.launch: blocks= needs a box mask and compute tiles equal to the layout's "
                          f"blocks, got box={box is not None}, tiles {cfg.block_m}x{cfg.block_n}, blocks "
@@ -192,6 +247,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor |
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         LAYOUT_PER_HEAD=layout.heads > 1, HAS_EXTRA=T > 0, HAS_EXTRA_MASK=emask is not None,
         WRITE_LSE=lse is not None, DOT_PRECISION=dot_precision(q.dtype), USE_TMA=cfg.tma,
-        HAS_BOX=box is not None, RAGGED=blocks is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_BOX=box is not None, RAGGED=blocks is not None, BOX_MMA=mma, BOX_T=tile[0], BOX_H=tile[1],
+        BOX_W=tile[2], BOX_SLOTS=slots if mma else 32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **launch_opts(cfg),
     )

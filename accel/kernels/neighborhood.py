@@ -26,6 +26,7 @@ from .neighborhood_reference import INDEX_BITS, INDEX_MASK, TilePlan
 
 __all__ = ["can_run_neighborhood", "neighborhood_attention"]
 
+BOX_FORM_CODES = (None, "swar", "mma")  # `neighborhood_fwd`'s box_meta[0]: None = the ACCEL_BOX_MASK default
 _INDEX_MASK = tl.constexpr(INDEX_MASK)
 _INDEX_BITS = tl.constexpr(INDEX_BITS)
 
@@ -488,14 +489,15 @@ def neighborhood_fwd(
     tiles: Tensor, offsets: Tensor, nfull: Tensor, indices: Tensor,
     t_offsets: Tensor, t_nfull: Tensor, t_indices: Tensor,
     params: list[int], parts: list[int], block: int, scale: float, skip_full: bool,
-    text_lengths: Tensor | None, box: list[Tensor], ragged: bool,
+    text_lengths: Tensor | None, box: list[Tensor], ragged: bool, box_meta: list[int],
 ) -> tuple[Tensor, Tensor]:
     """Triton forward over tile-major video queries q (B, V, H, D) and the joint k, v: (out, lse (B, H, V)).
 
     ``skip_full``: leave out the unmasked tile pairs (they run in the block-sparse kernel and are merged).
     ``box``: [row_lo, row_hi, key (`BoxMask`), all-pairs CSR offsets, indices] (`TilePlan.box`,
     `TilePlan.all_blocks`): run every pair in the block-sparse pipelined forward kernel (TMA loads on Hopper)
-    with the window as a per-token box mask; ``ragged``: some tiles are partial (rows from ``tiles``)."""
+    with the window as a per-token box mask; ``ragged``: some tiles are partial (rows from ``tiles``);
+    ``box_meta``: [form (`BOX_FORM_CODES`), tile T, H, W] of the box mask (`fwd_pipelined.launch`)."""
     B, V, H, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, V, dtype=torch.float32, device=q.device)
@@ -508,7 +510,8 @@ def neighborhood_fwd(
         layout = BlockLayout(box[3], box[4], block, block, n, n)
         mask = None if text_lengths is not None or text_vis is None else text_vis != 0
         forward(q, k, v, layout, KeyParts(*parts), text_lengths, mask, scale, out, lse, box=BoxMask(*box[:3]),
-                blocks=tiles if ragged else None)
+                blocks=tiles if ragged else None, box_mask_form=BOX_FORM_CODES[box_meta[0]],
+                box_tile=tuple(box_meta[1:4]))
         return out, lse
     kv, ek = _parts(k, parts)
     vv, ev = _parts(v, parts)
@@ -519,7 +522,7 @@ def neighborhood_fwd(
 
 @neighborhood_fwd.register_fake
 def _(q, k, v, text_vis, tiles, offsets, nfull, indices, t_offsets, t_nfull, t_indices, params, parts, block,
-      scale, skip_full, text_lengths, box, ragged):
+      scale, skip_full, text_lengths, box, ragged, box_meta):
     B, V, H, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(B, H, V, dtype=torch.float32, device=q.device))
@@ -574,7 +577,7 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.accel.neighborhood_bwd(dout, q, k, v, out, lse, dlse, text_vis, *plan_t, *ctx.meta)
     # One entry per input, the box list as a list (torch.library matches the input structure).
-    return (dq, dk, dv) + (None,) * 14 + ([None] * ctx.box_len, None)
+    return (dq, dk, dv) + (None,) * 14 + ([None] * ctx.box_len, None, None)
 
 
 torch.library.register_autograd("accel::neighborhood_fwd", _backward, setup_context=_setup_context)
@@ -603,6 +606,7 @@ def neighborhood_attention(
     return_lse: bool = False,
     split: bool | None = None,
     box: bool | None = None,
+    box_mask_form: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Neighborhood attention of tile-major video queries over the joint k/v (NATTEN semantics per `plan`).
 
@@ -621,6 +625,8 @@ def neighborhood_attention(
         box: run every pair in the block-sparse pipelined forward with the window as a per-token box mask
             (`TilePlan.box`: no dilation; partial tiles need compute tiles equal to the plan's block, see
             `box_path_runs`; the backward stays this module's). None: whenever it can and ``split`` is not True.
+        box_mask_form: how the box path applies the mask, "swar" or "mma" (None: ``ACCEL_BOX_MASK``; see
+            `fwd_pipelined.launch`).
 
     A plan whose visited pairs are all unmasked (blocked windows, GNA/STA strides) runs as plain block-sparse
     attention, text keys included, forward and backward.
@@ -629,6 +635,8 @@ def neighborhood_attention(
         (B, V, H, D) output (and LSE). Differentiable in q, k, v (Triton backward).
     """
     can_run_neighborhood(q, raise_error=True)
+    if box_mask_form not in BOX_FORM_CODES:
+        raise ValueError(f"box_mask_form must be None, 'swar' or 'mma', got {box_mask_form!r}")
     B, V, H, D = q.shape
     if V != plan.video_tokens:
         raise ValueError(f"q has {V} video tokens, the plan's grid {plan.grid} has {plan.video_tokens}")
@@ -674,7 +682,8 @@ def neighborhood_attention(
     lengths = text_lengths.to(torch.int32) if box and text_lengths is not None else None
     out, lse = torch.ops.accel.neighborhood_fwd(
         q, k, v, vis, plan.tiles, plan.offsets, plan.nfull, plan.indices, plan.t_offsets, plan.t_nfull,
-        plan.t_indices, plan.params(), list(parts), plan.block, scale, bool(split), lengths, box_t, plan.ragged)
+        plan.t_indices, plan.params(), list(parts), plan.block, scale, bool(split), lengths, box_t, plan.ragged,
+        [BOX_FORM_CODES.index(box_mask_form), *plan.tile])
     if split:
         out, lse = merge_partial_attention(full_out, full_lse, out, lse)
     return (out, lse) if return_lse else out

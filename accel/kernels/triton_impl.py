@@ -19,11 +19,13 @@ from .select import WARP_SPECIALIZED
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, parts: KeyParts,
             text_lengths: torch.Tensor | None, text_mask: torch.Tensor | None, scale: float, out: torch.Tensor,
             lse: torch.Tensor | None, configs: KernelConfigs | None = None, box: BoxMask | None = None,
-            blocks: torch.Tensor | None = None) -> None:
+            blocks: torch.Tensor | None = None, box_mask_form: str | None = None,
+            box_tile: tuple[int, int, int] | None = None) -> None:
     """Write attention over the joint k, v into ``out`` (and ``lse`` when given).
 
     ``box``: a per-token box mask inside the layout's video tiles; ``blocks``: per-block [first row, rows] for
-    blocks of unequal sizes (`fwd_pipelined.launch`). Forward only: the caller owns the backward."""
+    blocks of unequal sizes; ``box_mask_form``, ``box_tile``: how the box mask is applied (`fwd_pipelined.launch`).
+    Forward only: the caller owns the backward."""
     v0, vl, t0, tl = parts
     if not tl:
         text_lengths = text_mask = None
@@ -45,7 +47,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
     emask = text_visibility(tl, text_lengths, text_mask, torch.int8) if tl else None
     fwd_pipelined.launch(q, k[:, v0:v0 + vl], v[:, v0:v0 + vl], k[:, t0:t0 + tl] if tl else None,
                          v[:, t0:t0 + tl] if tl else None, emask, layout, scale, out, lse, choice.config, box=box,
-                         blocks=blocks)
+                         blocks=blocks, box_mask_form=box_mask_form, box_tile=box_tile)
 
 
 def _try_ws(launch, *args) -> bool:
