@@ -112,6 +112,11 @@ def test_fidelity_specs_for_the_demo_grid_differ_in_density():
     assert len(variants) == 19 and variants[5].spec == "radial:decay=0.5,block_size=16,dense_steps=5"
     with pytest.raises(ValueError, match="fidelity methods"):
         E.fidelity_specs(grid, ("radial", "sparse-magic"))
+    binary = E.fidelity_specs(grid, ("binary",))["binary"]  # block top-k: every selected pair at level 1
+    for spec in binary:
+        method = parse_method_spec(spec).method
+        assert E._method_label(spec) == "binary top-k" and len(set(method.thresholds)) == 1
+    assert E._method_label(specs["pyramid"][1]) == "pyramid"
 
 
 def test_prompt_pairs_are_held_out_and_distinct():

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "settings instead of generating them again")
     parser.add_argument("--no-progress", action="store_true")
     f = parser.add_argument_group("fidelity")
-    f.add_argument("--methods", default="radial,pyramid,neighborhood", help="comma-separated methods")
+    f.add_argument("--methods", default="radial,pyramid,neighborhood",
+                   help="comma-separated: radial, pyramid, neighborhood, binary (block top-k)")
     ln = parser.add_argument_group("length and caches")
     ln.add_argument("--radial", help="radial spec (default: length_radial_spec / the sparsest fidelity radial)")
     ln.add_argument("--lora", help="length-extension LoRA folder (length: adds the radial + LoRA row)")
