@@ -101,6 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     res["density_threshold"] = float(level_density(levels_t))
     res["density_topk"] = float(level_density(levels))
     res["level_lists_ms"] = bench(lambda: pk.level_lists(levels))
+    from accel.kernels import pyramid_levels as pl
+
+    res["level_lists_fused_ms"] = bench(lambda: pl.level_lists(levels))
+    res["level_lists_fused_equal"] = all(torch.equal(a, b) for a, b in zip(pl.level_lists(levels),
+                                                                          pk.level_lists(levels), strict=True))
+    eye = torch.eye(levels.shape[-1], dtype=torch.bool, device="cuda")
+    for mode, taus, want in (("threshold", (0.5, 0.6, 0.7, 0.8), levels_t),
+                             ("topk", (0.09, 0.14, 0.22, 0.30), levels)):
+        res[f"{mode}_levels_fused_ms"] = bench(lambda mode=mode, taus=taus: pl.assign_levels(imp, mode, taus))
+        got = pl.assign_levels(imp, mode, taus)
+        res[f"{mode}_levels_fused_agreement"] = float((got == torch.where(eye, 1, want)).float().mean())
     res["pool_ms"] = bench(lambda: (pk.pooled_buffer(k, block), pk.pooled_buffer(v, block)))
     res["pool_fused_ms"] = bench(lambda: pool_kv_levels(k, v, block))
     kp_t, vp_t = pk.pooled_buffer(k, block)[0], pk.pooled_buffer(v, block)[0]
