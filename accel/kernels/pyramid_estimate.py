@@ -14,7 +14,6 @@ the block max), so half-precision results agree to rounding, not bit for bit.
 """
 
 # No `from __future__ import annotations`: kept like the other kernel modules.
-import math
 
 import torch
 import triton
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from ._common import triton_input_reason
 from ._triton_common import LOG2E, dot_precision
-from .pyramid_reference import sample_positions
+from .pyramid_reference import estimate_setup, normalise_rows
 
 __all__ = ["estimate_block_importance_triton"]
 
@@ -84,10 +83,8 @@ def estimate_block_importance_triton(
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same (B, V, H, D) shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     B, V, H, D = q.shape
-    n = -(-V // block_size)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    idx_q, idx_k = sample_positions(q.shape, block_size, seed=seed, sample_q=sample_q, sample_k=sample_k,
-                                    device=q.device)
+    n, scale, idx_q, idx_k = estimate_setup(q, block_size, seed=seed, sample_q=sample_q, sample_k=sample_k,
+                                            scale=scale)
     sq, sk = idx_q.shape[-1], idx_k.shape[-1]
 
     def sampled(x: Tensor, idx: Tensor) -> Tensor:  # (B*H, n*samples, D), block-major
@@ -104,5 +101,4 @@ def estimate_block_importance_triton(
         qs, ks, importance, n, scale * LOG2E, SQ=sq, SK=sk, SQP=sqp, SKP=skp, BJ=bj, D=D,
         BD=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
     )
-    importance = importance.view(B, H, n, n)
-    return importance / importance.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return normalise_rows(importance.view(B, H, n, n))

@@ -253,6 +253,21 @@ def sample_positions(shape: torch.Size | tuple[int, ...], block_size: int, *, se
     return idx_q, idx_k
 
 
+def estimate_setup(q: torch.Tensor, block_size: int, *, seed: int, sample_q: int | None, sample_k: int | None,
+                   scale: float | None) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+    """(n blocks, resolved softmax scale, idx_q, idx_k): what both importance estimates start from."""
+    n = -(-q.shape[1] // block_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    idx_q, idx_k = sample_positions(q.shape, block_size, seed=seed, sample_q=sample_q, sample_k=sample_k,
+                                    device=q.device)
+    return n, scale, idx_q, idx_k
+
+
+def normalise_rows(S: torch.Tensor) -> torch.Tensor:
+    """Rows of block scores divided by their sums (E_ij = S_ij / sum_j S_ij), safe for all-zero rows."""
+    return S / S.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
 def estimate_block_importance(
     q: torch.Tensor, k: torch.Tensor, block_size: int, *, seed: int = 0, sample_q: int | None = None,
     sample_k: int | None = None, scale: float | None = None, chunk_elements: int = 1 << 27,
@@ -268,10 +283,8 @@ def estimate_block_importance(
     full sampled matrix at once), no host sync.
     """
     B, V, H, D = q.shape
-    n = -(-V // block_size)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    idx_q, idx_k = sample_positions(q.shape, block_size, seed=seed, sample_q=sample_q, sample_k=sample_k,
-                                    device=q.device)
+    n, scale, idx_q, idx_k = estimate_setup(q, block_size, seed=seed, sample_q=sample_q, sample_k=sample_k,
+                                            scale=scale)
     sq, sk = idx_q.shape[-1], idx_k.shape[-1]
     # Half inputs on a GPU: the sampled logits come from a half-precision matmul (tensor cores, fp32
     # accumulation, rounded to the input dtype before the block max: an estimate, not the attention itself).
@@ -292,8 +305,7 @@ def estimate_block_importance(
         blockmax = s.view(B * H, i1 - i0, sq, sk, n).amax(3).float() * scale  # (BH, c, sq, n)
         rowmax = blockmax.amax(-1, keepdim=True)
         rows.append(torch.exp(blockmax - rowmax).amax(2))  # (BH, c, n)
-    S = torch.cat(rows, 1).view(B, H, n, n)
-    return S / S.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return normalise_rows(torch.cat(rows, 1).view(B, H, n, n))
 
 
 # ---------------------------------------------------------------------------------------- level assignment

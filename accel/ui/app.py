@@ -344,7 +344,7 @@ def build_app(
         gr.Markdown(_INTRO)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                model = gr.Dropdown(
+                model_box = gr.Dropdown(
                     choices=sorted(TINY_MODELS), value=model, allow_custom_value=True, label="Model",
                     info="accel-demo (the learned demo) or a tiny-* random test model (offline), or type a Hub id "
                          "(org/name) or a local diffusers folder",
@@ -427,7 +427,7 @@ def build_app(
         )
 
         private = dict(queue=False, api_visibility="private")
-        model.change(model_defaults, model, [height, width, frames, steps, guidance], **private)
+        model_box.change(model_defaults, model_box, [height, width, frames, steps, guidance], **private)
         seed_btn.click(lambda: random.randrange(2**31), None, seed, **private)
         attention.change(controller.show_method, attention, [*groups, schedule_box, preset], **private)
         all_components = [comp for _, comp in method_components] + [comp for _, comp in schedule_components]
@@ -442,7 +442,7 @@ def build_app(
         run = gr.on(
             [generate_btn.click, prompt.submit],
             controller.generate,
-            [model, prompt, negative_prompt, height, width, frames, steps, seed, guidance, attention, fallback,
+            [model_box, prompt, negative_prompt, height, width, frames, steps, seed, guidance, attention, fallback,
              compare_dense, lora, lora_scale, history],
             [video, stats, mask, gallery, history, message],
             inputs_kwargs=keyword_inputs,
