@@ -50,7 +50,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 ESTIMATE_KERNELS = ("torch", "triton")
 ESTIMATE_KERNEL = os.environ.get("ACCEL_PYRAMID_ESTIMATE", "torch")
 """Which block-importance estimate runs on Triton-capable inputs, read once at import: "torch" (the default: on the
-H200 the fused kernel, `accel.kernels.pyramid_estimate`, is faster only at block 128 and no whole call got faster,
+H200 the fused kernel, `accel.kernels.pyramid_estimate`, made no whole call faster and is slower at block 64,
 README) or "triton". Same formula; ``ACCEL_PYRAMID_ESTIMATE=triton`` A/Bs them (probes/pyramid_stages.py)."""
 if ESTIMATE_KERNEL not in ESTIMATE_KERNELS:
     raise ValueError(f"ACCEL_PYRAMID_ESTIMATE must be one of {', '.join(ESTIMATE_KERNELS)}, got {ESTIMATE_KERNEL!r}")
