@@ -35,6 +35,9 @@ __all__ = ["can_run_pyramid", "level_lists", "pyramid_attention"]
 
 BLOCK_SIZES = (16, 32, 64, 128)
 _TEXT_BLOCK = 32
+PACK_POOLED_BLOCKS = True
+"""Whether the forward packs P listed level-P blocks into one full-width tile (`_packed_lanes`) or gives each its
+own b/P-row tile. Timed on the H200 (`benchmarks/probes/pyramid_stages.py`, ``kernel_configs_ms``)."""
 
 
 @triton.jit
@@ -69,17 +72,43 @@ def _pooled_lanes(kb, sub, NV, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.const
 
 
 @triton.jit
+def _packed_lanes(Idx, it, hi, NV, P: tl.constexpr, BS: tl.constexpr):
+    """The level-P list entries ``Idx[it:it + P]`` packed into one BS-lane tile: (row in the level, valid, log2
+    bias). Lane r holds pooled row r % (BS/P) of entry it + r // (BS/P): the same rows and biases as
+    `_pooled_lanes`, P blocks per tile; entries past ``hi`` and empty groups of a partial block are invalid, and
+    no lane reads a token outside its own block (the reference's merge path does for b = 32/64 at p = 4/8)."""
+    PER: tl.constexpr = BS // P
+    lanes = tl.arange(0, BS)
+    j = it + lanes // PER
+    listed = j < hi
+    kb = tl.load(Idx + j, mask=listed, other=0)
+    offs_r = lanes % PER
+    cnt = tl.minimum(NV - (kb * BS + offs_r * P), P)
+    bias = tl.math.log2(tl.maximum(cnt, 1).to(tl.float32))
+    return kb * PER + offs_r, listed & (cnt > 0), bias
+
+
+@triton.jit
 def _level_pass(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, Idx, lo, hi, row0, NV, qk_scale,
-                offs_d, d_mask, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr,
+                offs_d, d_mask, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr, PACK: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    """KV blocks ``Idx[lo:hi]`` at level P: b/P pooled rows each (starting at row0 + block * b/P)."""
-    for it in range(lo, hi):
-        kb = tl.load(Idx + it)
-        lrow, valid, bias, _ = _pooled_lanes(kb, 0, NV, P, BS, ROWS)
-        rows = (row0 + lrow).to(tl.int64)
-        kT = tl.load(k_base + rows[None, :] * stride_kn, mask=valid[None, :] & d_mask[:, None], other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vn, mask=valid[:, None] & d_mask[None, :], other=0.0)
-        acc, l_i, m_i = _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION)
+    """KV blocks ``Idx[lo:hi]`` at level P: b/P pooled rows each (starting at row0 + block * b/P); with PACK, P
+    listed blocks share one full-width tile, so a pooled block costs 1/P of a tile instead of a mostly idle one."""
+    if PACK and P > 1:
+        for it in range(lo, hi, P):
+            lrow, valid, bias = _packed_lanes(Idx, it, hi, NV, P, BS)
+            rows = (row0 + lrow).to(tl.int64)
+            kT = tl.load(k_base + rows[None, :] * stride_kn, mask=valid[None, :] & d_mask[:, None], other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vn, mask=valid[:, None] & d_mask[None, :], other=0.0)
+            acc, l_i, m_i = _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION)
+    else:
+        for it in range(lo, hi):
+            kb = tl.load(Idx + it)
+            lrow, valid, bias, _ = _pooled_lanes(kb, 0, NV, P, BS, ROWS)
+            rows = (row0 + lrow).to(tl.int64)
+            kT = tl.load(k_base + rows[None, :] * stride_kn, mask=valid[None, :] & d_mask[:, None], other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vn, mask=valid[:, None] & d_mask[None, :], other=0.0)
+            acc, l_i, m_i = _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -98,7 +127,7 @@ def _pyramid_fwd_kernel(
     stride_lb, stride_lh,
     H, NV, NB, T, R4, R8, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BS: tl.constexpr,
-    R1_: tl.constexpr, R2_: tl.constexpr, R4_: tl.constexpr, R8_: tl.constexpr,
+    R1_: tl.constexpr, R2_: tl.constexpr, R4_: tl.constexpr, R8_: tl.constexpr, PACK: tl.constexpr,
     HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, TEXT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
@@ -127,13 +156,13 @@ def _pyramid_fwd_kernel(
     kp = KP + off_b * stride_pkb + off_h * stride_pkh + offs_d[:, None] * stride_pkd
     vp = VP + off_b * stride_pvb + off_h * stride_pvh + offs_d[None, :] * stride_pvd
     acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, k1, v1, stride_kn, stride_vn, idx, 0, e1, 0, NV, qk_scale,
-                                offs_d, d_mask, 1, BS, R1_, DOT_PRECISION)
+                                offs_d, d_mask, 1, BS, R1_, PACK, DOT_PRECISION)
     acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e1, e2, 0, NV, qk_scale,
-                                offs_d, d_mask, 2, BS, R2_, DOT_PRECISION)
+                                offs_d, d_mask, 2, BS, R2_, PACK, DOT_PRECISION)
     acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e2, e4, R4, NV, qk_scale,
-                                offs_d, d_mask, 4, BS, R4_, DOT_PRECISION)
+                                offs_d, d_mask, 4, BS, R4_, PACK, DOT_PRECISION)
     acc, l_i, m_i = _level_pass(acc, l_i, m_i, q, kp, vp, stride_pkn, stride_pvn, idx, e4, e8, R8, NV, qk_scale,
-                                offs_d, d_mask, 8, BS, R8_, DOT_PRECISION)
+                                offs_d, d_mask, 8, BS, R8_, PACK, DOT_PRECISION)
     if HAS_TEXT:
         offs_t = tl.arange(0, TEXT_BLOCK)
         ek = EK + off_b * stride_ekb + off_h * stride_ekh + offs_d[:, None] * stride_ekd
@@ -229,7 +258,8 @@ def pyramid_fwd(
         H, NV, nb, T, r4, r8, scale * LOG2E,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), BS=block,
         R1_=max(16, block), R2_=max(16, block // 2), R4_=max(16, block // 4), R8_=max(16, block // 8),
-        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, TEXT_BLOCK=_TEXT_BLOCK, DOT_PRECISION=dot_precision(q.dtype),
+        PACK=PACK_POOLED_BLOCKS, HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, TEXT_BLOCK=_TEXT_BLOCK,
+        DOT_PRECISION=dot_precision(q.dtype),
         **_fwd_launch(block, head_dim_pad(D)),
     )
     return out, lse

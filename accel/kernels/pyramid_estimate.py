@@ -2,11 +2,14 @@
 
 `accel.kernels.pyramid_reference.estimate_block_importance` materialises every sampled logit: (n * sq) x (n * sk)
 per head, about 1.6 GB at Wan2.1-1.3B 480p with blocks of 128, written by a matmul and read back by the block
-max; that memory traffic was 1.9 of the 8.2 ms of a pyramid call on the H200 (`pyramid_stages_b128.json`). Here
-one program owns one (query block, batch x head) and walks the KV blocks twice: the first pass finds each sampled
-query's max logit over all sampled keys, the second recomputes the logits, takes each block's max and keeps
-``max over sampled queries of exp(block max - row max)``. Nothing but the (B, H, n, n) result reaches memory; the
-logits are computed twice (a matmul of the sampled tokens only, 1/16 of dense attention's at b/4 samples).
+max (1.9 ms of a 5.8 ms pyramid call on the H200, `pyramid_stages_b128.json`). Here one program owns the sampled
+queries of ``BI`` consecutive query blocks (``BI * SQP`` = 128 rows, so the dots are full tensor-core tiles and
+each sampled key is read once per 128 query rows) and walks the KV blocks once: per KV block one dot of its
+sampled keys, whose row max is that block's max logit per sampled query. It is written to a scratch of n floats
+per sampled query (1/sk of the logits; more heads than fit in 512 MB run as further launches) and folded into
+the row max over all keys. After a barrier the same program reads its scratch rows back and keeps ``max over a
+query block's samples of exp(block max - row max)``. The logits are computed once (a matmul of the sampled
+tokens only: 1/32 of dense attention's FLOPs at b/4 samples) and never stored.
 
 Sampled positions come from `sample_positions`, shared with the PyTorch estimate, so both see the same tokens.
 The logits stay in fp32 accumulators (the PyTorch path rounds half-precision logits to the input dtype before
@@ -26,47 +29,52 @@ from .pyramid_reference import estimate_setup, normalise_rows
 
 __all__ = ["estimate_block_importance_triton"]
 
-_COLUMNS = 128  # sampled keys per dot (BJ blocks x SKP samples)
+_ROWS = 128  # sampled query rows per program (BI query blocks x SQP samples)
+_SCRATCH_BYTES = 1 << 29  # per launch; more heads run as further launches
+_OUT_COLUMNS = 32  # KV blocks per step of the read-back
 
 
 @triton.jit
-def _sampled_logits(q, KS, k_base, j0, n, rd, cb, cs, SK: tl.constexpr, D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """Logits of the sampled queries ``q`` against the sampled keys of KV blocks j0 .. j0 + BJ - 1."""
-    blk = j0 + cb
-    ok = (blk < n) & (cs < SK)
-    k = tl.load(KS + k_base + (blk * SK + cs)[:, None].to(tl.int64) * D + rd[None, :],
-                mask=ok[:, None] & (rd[None, :] < D), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    return tl.where(ok[None, :], s, float("-inf"))
-
-
-@triton.jit
-def _estimate_kernel(QS, KS, S, n, qk_scale, SQ: tl.constexpr, SK: tl.constexpr, SQP: tl.constexpr,
-                     SKP: tl.constexpr, BJ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+def _estimate_kernel(QS, KS, Scratch, S, n, rows_per_bh, bh0, qk_scale,
+                     SQ: tl.constexpr, SK: tl.constexpr, SQP: tl.constexpr, SKP: tl.constexpr,
+                     BI: tl.constexpr, BJ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    rq = tl.arange(0, SQP)
+    g = tl.program_id(0)
+    bh_local = tl.program_id(1).to(tl.int64)
+    bh = bh0 + bh_local
+    BM: tl.constexpr = BI * SQP
+    r = tl.arange(0, BM)
+    qi = g * BI + r // SQP  # the query block of each row
+    q_ok = (r % SQP < SQ) & (qi < n)
     rd = tl.arange(0, BD)
-    q_ok = rq < SQ
-    q = tl.load(QS + bh * n * SQ * D + (i * SQ + rq)[:, None].to(tl.int64) * D + rd[None, :],
+    q = tl.load(QS + bh * n * SQ * D + (qi * SQ + r % SQP)[:, None].to(tl.int64) * D + rd[None, :],
                 mask=q_ok[:, None] & (rd[None, :] < D), other=0.0)
-    c = tl.arange(0, BJ * SKP)
-    cb = c // SKP  # which block of the chunk a column belongs to
-    cs = c % SKP  # which sample of that block
-    k_base = bh * n * SK * D
-    row_max = tl.full([SQP], float("-inf"), tl.float32)
+    c = tl.arange(0, SKP)
+    c_ok = c < SK
+    k_rows = KS + bh * n * SK * D + c[:, None].to(tl.int64) * D + rd[None, :]
+    k_mask = c_ok[:, None] & (rd[None, :] < D)
+    # scratch row of KV block j: rows_per_bh floats, this program's BM of them at g * BM
+    scratch = Scratch + bh_local * n * rows_per_bh + g * BM + r
+    row_max = tl.full([BM], float("-inf"), tl.float32)
+    for j in range(0, n):
+        k = tl.load(k_rows + j * SK * D, mask=k_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        block_max = tl.max(tl.where(c_ok[None, :], s, float("-inf")), 1)  # (BM,)
+        row_max = tl.maximum(row_max, block_max)
+        tl.store(scratch + j * rows_per_bh, block_max)
+    tl.debug_barrier()  # the read-back below reads rows other threads of this program wrote
+    jj = tl.arange(0, BJ)
+    bi = tl.arange(0, BI)
+    out_ok = g * BI + bi < n
     for j0 in range(0, n, BJ):
-        s = _sampled_logits(q, KS, k_base, j0, n, rd, cb, cs, SK, D, DOT_PRECISION)
-        row_max = tl.maximum(row_max, tl.max(s, 1))
-    out = tl.arange(0, BJ)
-    for j0 in range(0, n, BJ):
-        s = _sampled_logits(q, KS, k_base, j0, n, rd, cb, cs, SK, D, DOT_PRECISION)
-        block_max = tl.max(tl.reshape(s, (SQP, BJ, SKP)), 2)  # (SQP, BJ)
-        e = tl.exp2((block_max - row_max[:, None]) * qk_scale)
-        e = tl.where(q_ok[:, None], e, 0.0)  # padding rows (all-zero queries) never count
-        tl.store(S + (bh * n + i) * n + j0 + out, tl.max(e, 0), mask=j0 + out < n)
+        j_ok = j0 + jj < n
+        bm = tl.load(scratch[None, :] + (j0 + jj)[:, None].to(tl.int64) * rows_per_bh, mask=j_ok[:, None],
+                     other=float("-inf"))  # (BJ, BM)
+        e = tl.exp2((bm - row_max[None, :]) * qk_scale)
+        e = tl.where(q_ok[None, :] & j_ok[:, None], e, 0.0)  # padding rows never count
+        best = tl.max(tl.reshape(e, (BJ, BI, SQP)), 2)  # (BJ, BI): max over each query block's samples
+        dst = S + (bh * n + g * BI + bi[None, :]).to(tl.int64) * n + (j0 + jj)[:, None]
+        tl.store(dst, best, mask=j_ok[:, None] & out_ok[None, :])
 
 
 def estimate_block_importance_triton(
@@ -92,13 +100,19 @@ def estimate_block_importance_triton(
         return torch.gather(xh, 2, idx.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B * H, -1, D).contiguous()
 
     qs, ks = sampled(q, idx_q), sampled(k, idx_k)
-    sqp = max(16, triton.next_power_of_2(sq))
-    skp = triton.next_power_of_2(sk)
-    bj = max(1, min(triton.next_power_of_2(n), _COLUMNS // skp))
-    bj = max(bj, -(-16 // skp))  # a dot needs at least 16 columns
+    sqp = triton.next_power_of_2(sq)
+    bi = max(1, min(_ROWS // sqp, triton.next_power_of_2(n)))
+    bi = max(bi, -(-16 // sqp))  # a dot needs at least 16 rows
+    groups = -(-n // bi)
+    rows_per_bh = groups * bi * sqp
+    bh_step = max(1, min(B * H, _SCRATCH_BYTES // (4 * n * rows_per_bh)))
+    scratch = torch.empty(bh_step * n * rows_per_bh, dtype=torch.float32, device=q.device)
     importance = torch.empty(B * H, n, n, dtype=torch.float32, device=q.device)
-    _estimate_kernel[(n, B * H)](
-        qs, ks, importance, n, scale * LOG2E, SQ=sq, SK=sk, SQP=sqp, SKP=skp, BJ=bj, D=D,
-        BD=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
-    )
+    for bh0 in range(0, B * H, bh_step):
+        _estimate_kernel[(groups, min(bh_step, B * H - bh0))](
+            qs, ks, scratch, importance, n, rows_per_bh, bh0, scale * LOG2E, SQ=sq, SK=sk, SQP=sqp,
+            SKP=max(16, triton.next_power_of_2(sk)), BI=bi, BJ=min(_OUT_COLUMNS, triton.next_power_of_2(n)), D=D,
+            BD=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=8 if bi * sqp * D >= 128 * 128 else 4, num_stages=3,
+        )
     return normalise_rows(importance.view(B, H, n, n))

@@ -127,22 +127,29 @@ def main(argv: list[str] | None = None) -> int:
     out = torch.empty_like(q)
     lse = torch.empty(B, H, NV, device="cuda", dtype=torch.float32)
     configs = {}
-    for nw in (4, 8):
-        for ns in (1, 2, 3, 4):
-            def launch(nw=nw, ns=ns):
-                pk._pyramid_fwd_kernel[(nb, B * H)](
-                    q, k, v, kp, vp, kp, vp, idx, out, lse, idx, ends,
-                    *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *pk._strides(None),
-                    *pk._strides(None), 0, *out.stride(), lse.stride(0), lse.stride(1),
-                    H, NV, nb, 0, r4, r8, (1 / math.sqrt(D)) * 1.4426950408889634,
-                    HEAD_DIM=D, HEAD_DIM_PAD=D, BS=block, R1_=max(16, block), R2_=max(16, block // 2),
-                    R4_=max(16, block // 4), R8_=max(16, block // 8),
-                    HAS_TEXT=False, HAS_TEXT_MASK=False, TEXT_BLOCK=32, DOT_PRECISION=pk.dot_precision(q.dtype),
-                    num_warps=nw, num_stages=ns)
+
+    def launch(nw, ns, pack, o=out):
+        pk._pyramid_fwd_kernel[(nb, B * H)](
+            q, k, v, kp, vp, kp, vp, idx, o, lse, idx, ends,
+            *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *pk._strides(None),
+            *pk._strides(None), 0, *o.stride(), lse.stride(0), lse.stride(1),
+            H, NV, nb, 0, r4, r8, (1 / math.sqrt(D)) * 1.4426950408889634,
+            HEAD_DIM=D, HEAD_DIM_PAD=D, BS=block, R1_=max(16, block), R2_=max(16, block // 2),
+            R4_=max(16, block // 4), R8_=max(16, block // 8), PACK=pack,
+            HAS_TEXT=False, HAS_TEXT_MASK=False, TEXT_BLOCK=32, DOT_PRECISION=pk.dot_precision(q.dtype),
+            num_warps=nw, num_stages=ns)
+
+    for pack in (False, True):
+        for nw, ns in ((4, 2), (4, 3), (8, 2), (8, 3)):
+            name = f"{'pack' if pack else 'plain'}_w{nw}s{ns}"
             try:
-                configs[f"w{nw}s{ns}"] = bench(launch)
+                configs[name] = bench(lambda nw=nw, ns=ns, pack=pack: launch(nw, ns, pack))
             except Exception as err:  # a config that does not fit (shared memory)
-                configs[f"w{nw}s{ns}"] = repr(err)[:120]
+                configs[name] = repr(err)[:120]
+    plain_out, packed_out = torch.empty_like(q), torch.empty_like(q)
+    launch(8, 3, False, plain_out)
+    launch(8, 3, True, packed_out)
+    res["pack_vs_plain_max_abs_diff"] = float((plain_out.float() - packed_out.float()).abs().max())
     res["kernel_configs_ms"] = configs
     # level-1-only blocks through the block-sparse kernel at the same block size
     from accel.kernels import BlockLayout, block_sparse_attention
