@@ -122,34 +122,33 @@ def main(argv: list[str] | None = None) -> int:
     # the kernel alone at several launch configs
     B, NV = 1, layout.video_tokens
     kp, vp, r4, r8 = pool_kv_levels(k, v, block)
-    nb = -(-NV // block)
     idx, ends = pk.level_lists(levels)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, NV, device="cuda", dtype=torch.float32)
     configs = {}
 
-    def launch(nw, ns, pack, o=out):
-        pk._pyramid_fwd_kernel[(nb, B * H)](
-            q, k, v, kp, vp, kp, vp, idx, o, lse, idx, ends,
-            *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(), *pk._strides(None),
-            *pk._strides(None), 0, *o.stride(), lse.stride(0), lse.stride(1),
-            H, NV, nb, 0, r4, r8, (1 / math.sqrt(D)) * 1.4426950408889634,
-            HEAD_DIM=D, HEAD_DIM_PAD=D, BS=block, R1_=max(16, block), R2_=max(16, block // 2),
-            R4_=max(16, block // 4), R8_=max(16, block // 8), PACK=pack,
-            HAS_TEXT=False, HAS_TEXT_MASK=False, TEXT_BLOCK=32, DOT_PRECISION=pk.dot_precision(q.dtype),
-            num_warps=nw, num_stages=ns)
+    def launch(nw, ns, tma, group=1, split=1, o=out):
+        knobs = {"num_warps": nw, "num_stages": ns, "USE_TMA": tma, "GROUP": group, "SPLIT": split}
+        pk.launch_fwd(q, k, v, kp, vp, None, None, None, o, lse, idx, ends, r4, r8, block, 1 / math.sqrt(D), knobs)
 
-    for pack in (False, True):
-        for nw, ns in ((4, 2), (4, 3), (8, 2), (8, 3)):
-            name = f"{'pack' if pack else 'plain'}_w{nw}s{ns}"
-            try:
-                configs[name] = bench(lambda nw=nw, ns=ns, pack=pack: launch(nw, ns, pack))
-            except Exception as err:  # a config that does not fit (shared memory)
-                configs[name] = repr(err)[:120]
-    plain_out, packed_out = torch.empty_like(q), torch.empty_like(q)
-    launch(8, 3, False, plain_out)
-    launch(8, 3, True, packed_out)
-    res["pack_vs_plain_max_abs_diff"] = float((plain_out.float() - packed_out.float()).abs().max())
+    wide = block * D >= 128 * 128
+    trials = [(False, 1, 1, 8 if wide else 4, 3)]  # the pointer form at its old best
+    for nw, ns in ((8, 2), (8, 3), (4, 2), (4, 3)) if wide else ((4, 2), (4, 3)):
+        trials.append((True, 1, 1, nw, ns))
+    trials += [(True, 2, 1, 8 if wide else 4, 2)]
+    if wide:  # 64-row halves of a 128-row query block
+        trials += [(True, 1, 2, 4, 2), (True, 1, 2, 4, 3), (True, 2, 2, 4, 2)]
+    outs = {}
+    for tma, group, split, nw, ns in trials:
+        name = f"{'tma' if tma else 'pointers'}_g{group}_split{split}_w{nw}s{ns}"
+        try:
+            configs[name] = bench(lambda a=(nw, ns, tma, group, split): launch(*a))
+            outs[name] = torch.empty_like(q)
+            launch(nw, ns, tma, group, split, o=outs[name])
+        except Exception as err:  # a config that does not fit (shared memory)
+            configs[name] = repr(err)[:120]
+    base = next(iter(outs.values()))
+    res["max_abs_diff_vs_pointers"] = {name: float((o.float() - base.float()).abs().max()) for name, o in outs.items()}
     res["kernel_configs_ms"] = configs
     # level-1-only blocks through the block-sparse kernel at the same block size
     from accel.kernels import BlockLayout, block_sparse_attention
