@@ -22,7 +22,7 @@ def _kv(B: int, V: int, H: int, D: int, dtype=torch.float32, seed: int = 0):
         (2, 70, 2, 8, 16),  # partial last block: groups of 6 real tokens, rows past the end zero
         (1, 100, 1, 24, 32),  # head dim 24 (padded to 32), partial block
         (1, 300, 2, 64, 64),  # 5 blocks of 64
-        (1, 200, 1, 32, 128),  # chunks of 64 inside blocks of 128, partial block
+        (1, 200, 1, 32, 128),  # chunks of 32 inside blocks of 128, partial block
         (1, 3, 1, 16, 16),  # fewer tokens than a group of 8
     ],
 )
@@ -37,6 +37,14 @@ def test_matches_pool_levels(B, V, H, D, block) -> None:
     torch.testing.assert_close(vp, want_v, rtol=1e-6, atol=1e-6)
     if -(-V // 2) < r4:  # level-2 groups past the last token are zero
         assert kp[:, -(-V // 2):r4].abs().max() == 0
+
+
+@pytest.mark.parametrize("chunk,warps", [(16, 1), (64, 4)])
+def test_launch_knobs_do_not_change_the_values(chunk: int, warps: int) -> None:
+    k, v = _kv(1, 150, 2, 16, seed=2)
+    want = pool_kv_levels(k, v, 64)
+    got = pool_kv_levels(k, v, 64, chunk=chunk, num_warps=warps)
+    assert got[2:] == want[2:] and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_strided_joint_buffer_and_half() -> None:
@@ -55,3 +63,5 @@ def test_bad_input_is_named() -> None:
         pool_kv_levels(k, v[:, :16], 16)
     with pytest.raises(ValueError, match="block must be a multiple of 16"):
         pool_kv_levels(k, v, 24)
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        pool_kv_levels(k, v, 32, chunk=24)

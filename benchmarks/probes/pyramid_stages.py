@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         res[f"{mode}_levels_fused_agreement"] = float((got == torch.where(eye, 1, want)).float().mean())
     res["pool_ms"] = bench(lambda: (pk.pooled_buffer(k, block), pk.pooled_buffer(v, block)))
     res["pool_fused_ms"] = bench(lambda: pool_kv_levels(k, v, block))
+    res["pool_fused_configs_ms"] = {
+        f"chunk{c}_w{w}": bench(lambda c=c, w=w: pool_kv_levels(k, v, block, chunk=c, num_warps=w))
+        for c, w in ((16, 1), (32, 2), (32, 4), (64, 4), (64, 8)) if block % c == 0}
     kp_t, vp_t = pk.pooled_buffer(k, block)[0], pk.pooled_buffer(v, block)[0]
     kp_f, vp_f = pool_kv_levels(k, v, block)[:2]
     res["pool_fused_max_abs_diff"] = float(max((kp_t.float() - kp_f.float()).abs().max(),
