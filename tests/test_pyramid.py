@@ -110,20 +110,20 @@ def test_kernel_matches_reference_with_padded_text(block: int, dtype: torch.dtyp
     assert (full[1] - expect[1]).abs().max() > 1e-3 and torch.allclose(full[0], expect[0], atol=tol)
 
 
-@pytest.mark.parametrize("block,tma,group,split", [(16, False, 1, 2), (16, True, 1, 1), (32, True, 2, 1),
-                                                  (16, True, 2, 2)])
-def test_every_forward_form_matches_the_reference(block: int, tma: bool, group: int, split: int,
+@pytest.mark.parametrize("block,tma,pack", [(16, False, False), (16, True, False), (32, True, True),
+                                           (16, True, True)])
+def test_every_forward_form_matches_the_reference(block: int, tma: bool, pack: bool,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tensor descriptors (TMA), pooled blocks in pairs and query blocks split over programs: same answer."""
+    """Pointers, tensor descriptors (TMA) and packed pooled tiles: the same answer."""
     import accel.kernels.pyramid as pk
 
     monkeypatch.setattr(pk, "fwd_knobs", lambda *a: {"num_warps": 4, "num_stages": 2, "USE_TMA": tma,
-                                                     "GROUP": group, "SPLIT": split})
+                                                     "PACK": pack})
     B, H, D, T = 2, 2, 16, 5
     V = 4 * block + 3  # a partial last block
     n = -(-V // block)
     q, k, v = _qkv(B, V + T, H, D, torch.float16)  # text after the video
-    levels = _random_levels(B, H, n, torch.Generator().manual_seed(block + split))
+    levels = _random_levels(B, H, n, torch.Generator().manual_seed(block + pack))
     args = dict(video_keys=(0, V), text_keys=(V, T), text_lengths=torch.tensor([5, 2], dtype=torch.int32))
     got, lse = pyramid_attention(q[:, :V], k, v, levels, block, return_lse=True, **args)
     expect, expect_lse = reference_pyramid_attention(q[:, :V], k, v, levels, block, return_lse=True, **args)

@@ -42,6 +42,14 @@ def test_matches_the_pytorch_estimate(B, V, H, D, block, samples) -> None:
     torch.testing.assert_close(got.sum(-1), torch.ones(B, H, got.shape[-1]))
 
 
+@pytest.mark.parametrize("blocks_per_dot", [1, 2, 8])
+def test_blocks_per_dot_does_not_change_the_estimate(blocks_per_dot: int) -> None:
+    q, k = _qk(1, 150, 2, 16, seed=4)
+    want = estimate_block_importance_triton(q, k, 16, seed=1)
+    got = estimate_block_importance_triton(q, k, 16, seed=1, blocks_per_dot=blocks_per_dot)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_half_inputs_and_an_explicit_scale() -> None:
     q, k = _qk(1, 48, 2, 16, torch.float16, seed=1)
     want = estimate_block_importance(q, k, 16, seed=2, scale=0.5)
@@ -63,6 +71,8 @@ def test_bad_input_is_named() -> None:
         estimate_block_importance_triton(q, k[:, :16], 16)
     with pytest.raises(ValueError, match="dtype"):
         estimate_block_importance_triton(q.double(), k.double(), 16)
+    with pytest.raises(ValueError, match="blocks_per_dot must be a power of two"):
+        estimate_block_importance_triton(q, k, 16, blocks_per_dot=3)
 
 
 def test_the_method_uses_the_fused_estimate_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:

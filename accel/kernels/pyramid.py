@@ -8,8 +8,7 @@ level (index lists sorted by level from the (B, H, n, n) level map on the device
 pooled rows per block with the bias; the tile holds max(16, b/p) rows and the lanes past b/p (and empty groups
 of the last partial block) are masked, so every (block size, level) pair is exact. Skipped blocks are never
 read. Text keys join the same online softmax. On Hopper the video and pooled K/V tiles come through tensor
-descriptors (TMA): the pointer form holds per-element addresses and spills at 255 registers. With ``GROUP=2``
-two pooled blocks of a level share one online-softmax update (one rescale of the accumulator per pair).
+descriptors (TMA): the pointer form holds per-element addresses and spills at 255 registers.
 
 The forward also writes the natural-log LSE per query row. Backward (`pyramid_bwd.py`): FA2's split with
 Delta = rowsum(dO * O) - dLse, a dQ pass over query blocks (the same level lists as the forward) and a dK/dV pass
@@ -56,25 +55,6 @@ def _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION: tl.cons
 
 
 @triton.jit
-def _step2(acc, l_i, m_i, q, kT0, v0, valid0, bias0, kT1, v1, valid1, bias1, qk_scale, DOT_PRECISION: tl.constexpr):
-    """`_step` over two key tiles at once: one max, one rescale of ``acc``, two P.V products."""
-    s0 = tl.dot(q, kT0, input_precision=DOT_PRECISION) * qk_scale + bias0[None, :]
-    s1 = tl.dot(q, kT1, input_precision=DOT_PRECISION) * qk_scale + bias1[None, :]
-    s0 = tl.where(valid0[None, :], s0, float("-inf"))
-    s1 = tl.where(valid1[None, :], s1, float("-inf"))
-    m_new = tl.maximum(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1)))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p0 = tl.math.exp2(s0 - m_use[:, None])
-    p1 = tl.math.exp2(s1 - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PRECISION)
-    acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _pooled_lanes(kb, sub, NV, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr):
     """Lanes ``sub * ROWS + arange(ROWS)`` of KV block ``kb`` at level P: (row in the level, valid, log2 bias,
     lane inside the block).
@@ -106,26 +86,36 @@ def _level_pass(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, Idx, lo,
 
 
 @triton.jit
-def _level_pass_tma(acc, l_i, m_i, q, k_desc, v_desc, Idx, lo, hi, row0, NV, qk_scale,
-                    P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
+def _packed_lanes(Idx, it, hi, NV, P: tl.constexpr, BS: tl.constexpr):
+    """The level-P list entries ``Idx[it:it + P]`` packed into one BS-lane tile: (row in the level, valid, log2
+    bias). Lane r holds pooled row r % (BS/P) of entry it + r // (BS/P): the rows and biases of `_pooled_lanes`,
+    P blocks per tile; entries past ``hi`` and empty groups of a partial block are invalid."""
+    PER: tl.constexpr = BS // P
+    lanes = tl.arange(0, BS)
+    j = it + lanes // PER
+    listed = j < hi
+    kb = tl.load(Idx + j, mask=listed, other=0)
+    offs_r = lanes % PER
+    cnt = tl.minimum(NV - (kb * BS + offs_r * P), P)
+    bias = tl.math.log2(tl.maximum(cnt, 1).to(tl.float32))
+    return kb * PER + offs_r, listed & (cnt > 0), bias
+
+
+@triton.jit
+def _level_pass_tma(acc, l_i, m_i, q, k_desc, v_desc, k_ptr, v_ptr, stride_kn, stride_vn, Idx, lo, hi, row0, NV,
+                    qk_scale, offs_d, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr, PACK: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """`_level_pass` with K/V tiles through tensor descriptors (Hopper TMA): no per-element pointers or masks
     in registers. Lanes past b/P read the next block's rows or, past the buffer, zeros; `_pooled_lanes` marks
-    them invalid, so the softmax gives them weight 0. GROUP=2 takes pooled blocks in pairs (`_step2`; a pair's
-    missing second block is masked out)."""
-    if GROUP == 2 and P > 1:
-        for it in range(lo, hi, 2):
-            kb0 = tl.load(Idx + it)
-            has1 = it + 1 < hi
-            kb1 = tl.load(Idx + it + 1, mask=has1, other=kb0)
-            _, valid0, bias0, _ = _pooled_lanes(kb0, 0, NV, P, BS, ROWS)
-            _, valid1, bias1, _ = _pooled_lanes(kb1, 0, NV, P, BS, ROWS)
-            kT0 = k_desc.load([row0 + kb0 * (BS // P), 0]).T
-            v0 = v_desc.load([row0 + kb0 * (BS // P), 0])
-            kT1 = k_desc.load([row0 + kb1 * (BS // P), 0]).T
-            v1 = v_desc.load([row0 + kb1 * (BS // P), 0])
-            acc, l_i, m_i = _step2(acc, l_i, m_i, q, kT0, v0, valid0, bias0, kT1, v1, valid1 & has1, bias1,
-                                   qk_scale, DOT_PRECISION)
+    them invalid, so the softmax gives them weight 0. With PACK, P pooled blocks share one full-width tile,
+    gathered through int32 row offsets from ``k_ptr``/``v_ptr`` (descriptors cannot gather on Hopper)."""
+    if PACK and P > 1:
+        for it in range(lo, hi, P):
+            lrow, valid, bias = _packed_lanes(Idx, it, hi, NV, P, BS)
+            rows = row0 + lrow
+            kT = tl.load(k_ptr + (rows * stride_kn)[None, :] + offs_d[:, None], mask=valid[None, :], other=0.0)
+            v = tl.load(v_ptr + (rows * stride_vn)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            acc, l_i, m_i = _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION)
     else:
         for it in range(lo, hi):
             kb = tl.load(Idx + it)
@@ -153,25 +143,23 @@ def _pyramid_fwd_kernel(
     H, NV, NB, T, R4, R8, RP, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BS: tl.constexpr,
     R1_: tl.constexpr, R2_: tl.constexpr, R4_: tl.constexpr, R8_: tl.constexpr,
-    USE_TMA: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
+    USE_TMA: tl.constexpr, PACK: tl.constexpr,
     HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, TEXT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # SPLIT programs share a query block, each owning BS / SPLIT of its rows (same lists, smaller accumulators)
-    QM: tl.constexpr = BS // SPLIT
-    qb = tl.program_id(0) // SPLIT
+    qb = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    offs_m = tl.arange(0, QM)
+    offs_m = tl.arange(0, BS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_mask = offs_d < HEAD_DIM
-    q_rows = (qb * BS + (tl.program_id(0) % SPLIT) * QM + offs_m).to(tl.int64)
+    q_rows = (qb * BS + offs_m).to(tl.int64)
     m_valid = q_rows < NV
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + q_rows[:, None] * stride_qm
                 + offs_d[None, :] * stride_qd, mask=m_valid[:, None] & d_mask[None, :], other=0.0)
-    m_i = tl.full([QM], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([QM], dtype=tl.float32)
-    acc = tl.zeros([QM, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i = tl.full([BS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BS], dtype=tl.float32)
+    acc = tl.zeros([BS, HEAD_DIM_PAD], dtype=tl.float32)
 
     row = pid_bh.to(tl.int64) * NB + qb
     idx = Idx + row * NB
@@ -186,20 +174,20 @@ def _pyramid_fwd_kernel(
         vbp = VP + off_b * stride_pvb + off_h * stride_pvh
         acc, l_i, m_i = _level_pass_tma(
             acc, l_i, m_i, q, _rows_desc(kb1, NV, stride_kn, HEAD_DIM, HEAD_DIM_PAD, R1_),
-            _rows_desc(vb1, NV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, R1_), idx, 0, e1, 0, NV, qk_scale,
-            1, BS, R1_, GROUP, DOT_PRECISION)
+            _rows_desc(vb1, NV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, R1_), kb1, vb1, stride_kn, stride_vn,
+            idx, 0, e1, 0, NV, qk_scale, offs_d, 1, BS, R1_, PACK, DOT_PRECISION)
         acc, l_i, m_i = _level_pass_tma(
             acc, l_i, m_i, q, _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, HEAD_DIM_PAD, R2_),
-            _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, HEAD_DIM_PAD, R2_), idx, e1, e2, 0, NV, qk_scale,
-            2, BS, R2_, GROUP, DOT_PRECISION)
+            _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, HEAD_DIM_PAD, R2_), kbp, vbp, stride_pkn, stride_pvn,
+            idx, e1, e2, 0, NV, qk_scale, offs_d, 2, BS, R2_, PACK, DOT_PRECISION)
         acc, l_i, m_i = _level_pass_tma(
             acc, l_i, m_i, q, _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, HEAD_DIM_PAD, R4_),
-            _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, HEAD_DIM_PAD, R4_), idx, e2, e4, R4, NV, qk_scale,
-            4, BS, R4_, GROUP, DOT_PRECISION)
+            _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, HEAD_DIM_PAD, R4_), kbp, vbp, stride_pkn, stride_pvn,
+            idx, e2, e4, R4, NV, qk_scale, offs_d, 4, BS, R4_, PACK, DOT_PRECISION)
         acc, l_i, m_i = _level_pass_tma(
             acc, l_i, m_i, q, _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, HEAD_DIM_PAD, R8_),
-            _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, HEAD_DIM_PAD, R8_), idx, e4, e8, R8, NV, qk_scale,
-            8, BS, R8_, GROUP, DOT_PRECISION)
+            _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, HEAD_DIM_PAD, R8_), kbp, vbp, stride_pkn, stride_pvn,
+            idx, e4, e8, R8, NV, qk_scale, offs_d, 8, BS, R8_, PACK, DOT_PRECISION)
     else:
         k1 = K + off_b * stride_kb + off_h * stride_kh + offs_d[:, None] * stride_kd
         v1 = V + off_b * stride_vb + off_h * stride_vh + offs_d[None, :] * stride_vd
@@ -312,12 +300,12 @@ def fwd_uses_tma(*tensors: Tensor) -> bool:
 
 
 def fwd_knobs(block: int, hdp: int, use_tma: bool) -> dict[str, int | bool]:
-    """Forward launch knobs. H200 sweep at Wan2.1-1.3B 480p (benchmarks/results/pyramid_stages_b*.json):
-    with pointers, 128-row tiles at D=128 want 8 warps (3.15 ms vs 4.28 with 4), 64-row tiles 4 warps (3.41 vs
-    5.46); through descriptors, 3 stages of 128-row tiles would not fit in shared memory."""
-    wide = block * hdp >= 128 * 128
-    return {"num_warps": 8 if wide else 4, "num_stages": 2 if (use_tma and wide) else 3, "USE_TMA": use_tma,
-            "GROUP": 1, "SPLIT": 1}
+    """Forward launch knobs from the H200 sweep at Wan2.1-1.3B 480p (benchmarks/results/pyramid_stages_b*.json,
+    ``kernel_configs_ms``): 128-row tiles at D=128 want 8 warps and 3 stages (through descriptors 2.98 ms, through
+    pointers 3.15, with 4 warps 4.39), 64-row tiles 4 warps and 3 stages (3.14 ms, pointers 3.44). Pairs of pooled
+    blocks sharing one softmax update (3.09 vs 3.12 ms at 2 stages) and query blocks split over two programs (3.70)
+    did not pay and were removed. PACK (P pooled blocks per full-width tile, gathered) is timed by the probe."""
+    return {"num_warps": 8 if block * hdp >= 128 * 128 else 4, "num_stages": 3, "USE_TMA": use_tma, "PACK": False}
 
 
 def launch_fwd(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None, ev: Tensor | None,
@@ -329,7 +317,7 @@ def launch_fwd(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Te
     T = ek.shape[1] if ek is not None else 0
     if knobs["USE_TMA"]:
         ensure_allocator()
-    _pyramid_fwd_kernel[(nb * knobs["SPLIT"], B * H)](
+    _pyramid_fwd_kernel[(nb, B * H)](
         q, kv, vv, kp, vp, ek if T else kp, ev if T else vp, emask if emask is not None else idx, out, lse, idx, ends,
         *q.stride(), *kv.stride(), *vv.stride(), *kp.stride(), *vp.stride(), *_strides(ek), *_strides(ev),
         emask.stride(0) if emask is not None else 0, *out.stride(), lse.stride(0), lse.stride(1),

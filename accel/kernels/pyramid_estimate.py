@@ -4,8 +4,9 @@
 per head, about 1.6 GB at Wan2.1-1.3B 480p with blocks of 128, written by a matmul and read back by the block
 max (1.9 ms of a 5.8 ms pyramid call on the H200, `pyramid_stages_b128.json`). Here one program owns the sampled
 queries of ``BI`` consecutive query blocks (``BI * SQP`` = 128 rows, so the dots are full tensor-core tiles and
-each sampled key is read once per 128 query rows) and walks the KV blocks once: per KV block one dot of its
-sampled keys, whose row max is that block's max logit per sampled query. It is written to a scratch of n floats
+each sampled key is read once per 128 query rows) and walks the KV blocks once, ``KB`` blocks per dot (128
+sampled keys: a full-width tile; each block's max from a reshape): a row's max over a block's sampled keys is
+that block's max logit per sampled query. It is written to a scratch of n floats
 per sampled query (1/sk of the logits; more heads than fit in 512 MB run as further launches) and folded into
 the row max over all keys. After a barrier the same program reads its scratch rows back and keeps ``max over a
 query block's samples of exp(block max - row max)``. The logits are computed once (a matmul of the sampled
@@ -37,7 +38,7 @@ _OUT_COLUMNS = 32  # KV blocks per step of the read-back
 @triton.jit
 def _estimate_kernel(QS, KS, Scratch, S, n, rows_per_bh, bh0, qk_scale,
                      SQ: tl.constexpr, SK: tl.constexpr, SQP: tl.constexpr, SKP: tl.constexpr,
-                     BI: tl.constexpr, BJ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                     BI: tl.constexpr, KB: tl.constexpr, BJ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     g = tl.program_id(0)
     bh_local = tl.program_id(1).to(tl.int64)
@@ -49,19 +50,25 @@ def _estimate_kernel(QS, KS, Scratch, S, n, rows_per_bh, bh0, qk_scale,
     rd = tl.arange(0, BD)
     q = tl.load(QS + bh * n * SQ * D + (qi * SQ + r % SQP)[:, None].to(tl.int64) * D + rd[None, :],
                 mask=q_ok[:, None] & (rd[None, :] < D), other=0.0)
-    c = tl.arange(0, SKP)
-    c_ok = c < SK
-    k_rows = KS + bh * n * SK * D + c[:, None].to(tl.int64) * D + rd[None, :]
-    k_mask = c_ok[:, None] & (rd[None, :] < D)
+    # KB KV blocks per dot (KB * SKP columns: a full-width tile), each block's max taken from a reshape
+    c = tl.arange(0, KB * SKP)
+    cb = c // SKP
+    cs = c % SKP
+    k_base = KS + bh * n * SK * D
+    kk = tl.arange(0, KB)
     # scratch row of KV block j: rows_per_bh floats, this program's BM of them at g * BM
     scratch = Scratch + bh_local * n * rows_per_bh + g * BM + r
     row_max = tl.full([BM], float("-inf"), tl.float32)
-    for j in range(0, n):
-        k = tl.load(k_rows + j * SK * D, mask=k_mask, other=0.0)
+    for j0 in range(0, n, KB):
+        ok = (cs < SK) & (j0 + cb < n)
+        k = tl.load(k_base + ((j0 + cb) * SK + cs)[:, None].to(tl.int64) * D + rd[None, :],
+                    mask=ok[:, None] & (rd[None, :] < D), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        block_max = tl.max(tl.where(c_ok[None, :], s, float("-inf")), 1)  # (BM,)
-        row_max = tl.maximum(row_max, block_max)
-        tl.store(scratch + j * rows_per_bh, block_max)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        block_max = tl.max(tl.reshape(s, (BM, KB, SKP)), 2)  # (BM, KB)
+        row_max = tl.maximum(row_max, tl.max(block_max, 1))
+        tl.store(scratch[:, None] + (j0 + kk)[None, :].to(tl.int64) * rows_per_bh, block_max,
+                 mask=(j0 + kk < n)[None, :])
     tl.debug_barrier()  # the read-back below reads rows other threads of this program wrote
     jj = tl.arange(0, BJ)
     bi = tl.arange(0, BI)
@@ -79,11 +86,12 @@ def _estimate_kernel(QS, KS, Scratch, S, n, rows_per_bh, bh0, qk_scale,
 
 def estimate_block_importance_triton(
     q: Tensor, k: Tensor, block_size: int, *, seed: int = 0, sample_q: int | None = None,
-    sample_k: int | None = None, scale: float | None = None,
+    sample_k: int | None = None, scale: float | None = None, blocks_per_dot: int | None = None,
 ) -> Tensor:
     """(B, H, n, n) float32 block importance, `estimate_block_importance`'s formula in one kernel (no host sync).
 
     ``q``, ``k``: (B, V, H, D) video rows on CUDA (or CPU under TRITON_INTERPRET=1), fp16/bf16/fp32.
+    ``blocks_per_dot`` (a power of two) overrides how many KV blocks' sampled keys share one dot (probes).
     """
     reason = triton_input_reason(q)
     if reason is not None:
@@ -105,13 +113,18 @@ def estimate_block_importance_triton(
     bi = max(bi, -(-16 // sqp))  # a dot needs at least 16 rows
     groups = -(-n // bi)
     rows_per_bh = groups * bi * sqp
+    skp = triton.next_power_of_2(sk)
+    kb = blocks_per_dot or min(_ROWS // skp, triton.next_power_of_2(n))
+    if kb & (kb - 1):
+        raise ValueError(f"estimate_block_importance_triton: blocks_per_dot must be a power of two, got {kb}")
+    kb = max(kb, -(-16 // skp))  # a dot needs at least 16 columns
     bh_step = max(1, min(B * H, _SCRATCH_BYTES // (4 * n * rows_per_bh)))
     scratch = torch.empty(bh_step * n * rows_per_bh, dtype=torch.float32, device=q.device)
     importance = torch.empty(B * H, n, n, dtype=torch.float32, device=q.device)
     for bh0 in range(0, B * H, bh_step):
         _estimate_kernel[(groups, min(bh_step, B * H - bh0))](
             qs, ks, scratch, importance, n, rows_per_bh, bh0, scale * LOG2E, SQ=sq, SK=sk, SQP=sqp,
-            SKP=max(16, triton.next_power_of_2(sk)), BI=bi, BJ=min(_OUT_COLUMNS, triton.next_power_of_2(n)), D=D,
+            SKP=skp, BI=bi, KB=kb, BJ=min(_OUT_COLUMNS, triton.next_power_of_2(n)), D=D,
             BD=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
             num_warps=8 if bi * sqp * D >= 128 * 128 else 4, num_stages=3,
         )

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     from accel.kernels.pyramid_estimate import estimate_block_importance_triton
 
     res["estimate_fused_ms"] = bench(lambda: estimate_block_importance_triton(q, k, block))
+    res["estimate_fused_blocks_per_dot_ms"] = {
+        f"kb{kb}": bench(lambda kb=kb: estimate_block_importance_triton(q, k, block, blocks_per_dot=kb))
+        for kb in (1, 2, 4, 8)}
     fused = estimate_block_importance_triton(q, k, block)
     res["estimate_fused_max_abs_diff"] = float((fused - imp).abs().max())
     res["estimate_fused_topk_agreement"] = float((topk_levels(fused, (0.09, 0.14, 0.22, 0.30))
@@ -130,24 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     lse = torch.empty(B, H, NV, device="cuda", dtype=torch.float32)
     configs = {}
 
-    def launch(nw, ns, tma, group=1, split=1, o=out):
-        knobs = {"num_warps": nw, "num_stages": ns, "USE_TMA": tma, "GROUP": group, "SPLIT": split}
+    def launch(nw, ns, tma, pack=False, o=out):
+        knobs = {"num_warps": nw, "num_stages": ns, "USE_TMA": tma, "PACK": pack}
         pk.launch_fwd(q, k, v, kp, vp, None, None, None, o, lse, idx, ends, r4, r8, block, 1 / math.sqrt(D), knobs)
 
-    wide = block * D >= 128 * 128
-    trials = [(False, 1, 1, 8 if wide else 4, 3)]  # the pointer form at its old best
-    for nw, ns in ((8, 2), (8, 3), (4, 2), (4, 3)) if wide else ((4, 2), (4, 3)):
-        trials.append((True, 1, 1, nw, ns))
-    trials += [(True, 2, 1, 8 if wide else 4, 2)]
-    if wide:  # 64-row halves of a 128-row query block
-        trials += [(True, 1, 2, 4, 2), (True, 1, 2, 4, 3), (True, 2, 2, 4, 2)]
+    nw = 8 if block * D >= 128 * 128 else 4
+    trials = [(False, False, nw, 3)] + [(True, pack, nw, ns) for pack in (False, True) for ns in (3, 2)]
     outs = {}
-    for tma, group, split, nw, ns in trials:
-        name = f"{'tma' if tma else 'pointers'}_g{group}_split{split}_w{nw}s{ns}"
+    for tma, pack, nw, ns in trials:
+        name = f"{'tma' if tma else 'pointers'}{'_pack' if pack else ''}_w{nw}s{ns}"
         try:
-            configs[name] = bench(lambda a=(nw, ns, tma, group, split): launch(*a))
+            configs[name] = bench(lambda a=(nw, ns, tma, pack): launch(*a))
             outs[name] = torch.empty_like(q)
-            launch(nw, ns, tma, group, split, o=outs[name])
+            launch(nw, ns, tma, pack, o=outs[name])
         except Exception as err:  # a config that does not fit (shared memory)
             configs[name] = repr(err)[:120]
     base = next(iter(outs.values()))
