@@ -208,8 +208,11 @@ def test_ctrl_c_is_interrupted_not_a_traceback(monkeypatch, capsys) -> None:
 
 
 def test_real_sigint_exits_130() -> None:
+    # A child of a background job starts with SIGINT ignored (POSIX shells without job control), where Python
+    # installs no KeyboardInterrupt handler; a terminal's Ctrl-C meets Python's default one, so install it.
     script = (
-        "import sys, time, accel.cli as c\n"
+        "import signal, sys, time, accel.cli as c\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "def wait(args):\n    print('ready', flush=True); time.sleep(60)\n"
         "c.cmd_mask = wait\n"
         f"sys.exit(c.main({MASK!r}))\n"
