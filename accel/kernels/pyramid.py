@@ -302,10 +302,13 @@ def fwd_uses_tma(*tensors: Tensor) -> bool:
 def fwd_knobs(block: int, hdp: int, use_tma: bool) -> dict[str, int | bool]:
     """Forward launch knobs from the H200 sweep at Wan2.1-1.3B 480p (benchmarks/results/pyramid_stages_b*.json,
     ``kernel_configs_ms``): 128-row tiles at D=128 want 8 warps and 3 stages (through descriptors 2.98 ms, through
-    pointers 3.15, with 4 warps 4.39), 64-row tiles 4 warps and 3 stages (3.14 ms, pointers 3.44). Pairs of pooled
-    blocks sharing one softmax update (3.09 vs 3.12 ms at 2 stages) and query blocks split over two programs (3.70)
-    did not pay and were removed. PACK (P pooled blocks per full-width tile, gathered) is timed by the probe."""
-    return {"num_warps": 8 if block * hdp >= 128 * 128 else 4, "num_stages": 3, "USE_TMA": use_tma, "PACK": False}
+    pointers 3.15, with 4 warps 4.39); 64-row tiles 4 warps, and through descriptors their pooled blocks packed
+    into full-width tiles with 2 stages (2.97 ms; unpacked 3.17, pointers 3.42). Packing spills registers with
+    128-row tiles (4.48 vs 3.15 ms through pointers). Pairs of pooled blocks sharing one softmax update (3.09 vs
+    3.12 ms) and query blocks split over two programs (3.70) did not pay and were removed."""
+    wide = block * hdp >= 128 * 128
+    pack = use_tma and not wide
+    return {"num_warps": 8 if wide else 4, "num_stages": 2 if pack else 3, "USE_TMA": use_tma, "PACK": pack}
 
 
 def launch_fwd(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None, ev: Tensor | None,

@@ -87,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     from accel.kernels.pyramid_estimate import estimate_block_importance_triton
 
     res["estimate_fused_ms"] = bench(lambda: estimate_block_importance_triton(q, k, block))
-    res["estimate_fused_blocks_per_dot_ms"] = {
-        f"kb{kb}": bench(lambda kb=kb: estimate_block_importance_triton(q, k, block, blocks_per_dot=kb))
-        for kb in (1, 2, 4, 8)}
+    per_dot = {}
+    for kb in (1, 2, 4, 8):
+        try:
+            per_dot[f"kb{kb}"] = bench(lambda kb=kb: estimate_block_importance_triton(q, k, block, blocks_per_dot=kb))
+        except Exception as err:  # too wide for shared memory
+            per_dot[f"kb{kb}"] = repr(err)[:120]
+    res["estimate_fused_blocks_per_dot_ms"] = per_dot
     fused = estimate_block_importance_triton(q, k, block)
     res["estimate_fused_max_abs_diff"] = float((fused - imp).abs().max())
     res["estimate_fused_topk_agreement"] = float((topk_levels(fused, (0.09, 0.14, 0.22, 0.30))
