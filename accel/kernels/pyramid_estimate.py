@@ -4,8 +4,8 @@
 per head, about 1.6 GB at Wan2.1-1.3B 480p with blocks of 128, written by a matmul and read back by the block
 max (1.9 ms of a 5.8 ms pyramid call on the H200, `pyramid_stages_b128.json`). Here one program owns the sampled
 queries of ``BI`` consecutive query blocks (``BI * SQP`` = 128 rows, so the dots are full tensor-core tiles and
-each sampled key is read once per 128 query rows) and walks the KV blocks once, ``KB`` blocks per dot (64
-sampled keys; each block's max from a reshape): a row's max over a block's sampled keys is
+each sampled key is read once per 128 query rows) and walks the KV blocks once, ``KB`` = 4 blocks per dot
+(each block's max from a reshape): a row's max over a block's sampled keys is
 that block's max logit per sampled query. It is written to a scratch of n floats
 per sampled query (1/sk of the logits; more heads than fit in 512 MB run as further launches) and folded into
 the row max over all keys. After a barrier the same program reads its scratch rows back and keeps ``max over a
@@ -33,9 +33,10 @@ __all__ = ["estimate_block_importance_triton"]
 _ROWS = 128  # sampled query rows per program (BI query blocks x SQP samples)
 _SCRATCH_BYTES = 1 << 29  # per launch; more heads run as further launches
 _OUT_COLUMNS = 32  # KV blocks per step of the read-back
-# Sampled keys per dot: on the H200 at block 64 (16 samples per block) 4 blocks per dot took 0.68 ms, 8 blocks
-# 0.74, 2 blocks 0.74, 1 block 1.02 (`pyramid_stages_b64.json`, ``estimate_fused_blocks_per_dot_ms``).
-_KEY_COLUMNS = 64
+# KV blocks per dot: on the H200 4 was best at both block sizes (`pyramid_stages_b*.json`,
+# ``estimate_fused_blocks_per_dot_ms``): block 64 (16 samples each) 1/2/4/8 blocks 1.02/0.74/0.68/0.74 ms, block
+# 128 (32 samples) 0.90/0.91/0.64 ms (8 does not fit in shared memory).
+_BLOCKS_PER_DOT = 4
 
 
 @triton.jit
@@ -117,7 +118,7 @@ def estimate_block_importance_triton(
     groups = -(-n // bi)
     rows_per_bh = groups * bi * sqp
     skp = triton.next_power_of_2(sk)
-    kb = blocks_per_dot or min(_KEY_COLUMNS // skp, triton.next_power_of_2(n))
+    kb = blocks_per_dot or min(_BLOCKS_PER_DOT, triton.next_power_of_2(n))
     if kb & (kb - 1):
         raise ValueError(f"estimate_block_importance_triton: blocks_per_dot must be a power of two, got {kb}")
     kb = max(kb, -(-16 // skp))  # a dot needs at least 16 columns
