@@ -103,18 +103,21 @@ def _packed_lanes(Idx, it, hi, NV, P: tl.constexpr, BS: tl.constexpr):
 
 @triton.jit
 def _level_pass_tma(acc, l_i, m_i, q, k_desc, v_desc, k_ptr, v_ptr, stride_kn, stride_vn, Idx, lo, hi, row0, NV,
-                    qk_scale, offs_d, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr, PACK: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    qk_scale, offs_d, d_mask, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr,
+                    PACK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """`_level_pass` with K/V tiles through tensor descriptors (Hopper TMA): no per-element pointers or masks
     in registers. Lanes past b/P read the next block's rows or, past the buffer, zeros; `_pooled_lanes` marks
     them invalid, so the softmax gives them weight 0. With PACK, P pooled blocks share one full-width tile,
-    gathered through int32 row offsets from ``k_ptr``/``v_ptr`` (descriptors cannot gather on Hopper)."""
+    gathered through int32 row offsets from ``k_ptr``/``v_ptr`` (descriptors cannot gather on Hopper; the
+    launcher packs only where the pooled buffer's offsets fit in int32)."""
     if PACK and P > 1:
         for it in range(lo, hi, P):
             lrow, valid, bias = _packed_lanes(Idx, it, hi, NV, P, BS)
             rows = row0 + lrow
-            kT = tl.load(k_ptr + (rows * stride_kn)[None, :] + offs_d[:, None], mask=valid[None, :], other=0.0)
-            v = tl.load(v_ptr + (rows * stride_vn)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            kT = tl.load(k_ptr + (rows * stride_kn)[None, :] + offs_d[:, None], mask=valid[None, :] & d_mask[:, None],
+                         other=0.0)
+            v = tl.load(v_ptr + (rows * stride_vn)[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
+                        other=0.0)
             acc, l_i, m_i = _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION)
     else:
         for it in range(lo, hi):
@@ -175,19 +178,23 @@ def _pyramid_fwd_kernel(
         acc, l_i, m_i = _level_pass_tma(
             acc, l_i, m_i, q, _rows_desc(kb1, NV, stride_kn, HEAD_DIM, HEAD_DIM_PAD, R1_),
             _rows_desc(vb1, NV, stride_vn, HEAD_DIM, HEAD_DIM_PAD, R1_), kb1, vb1, stride_kn, stride_vn,
-            idx, 0, e1, 0, NV, qk_scale, offs_d, 1, BS, R1_, PACK, DOT_PRECISION)
+            idx, 0, e1, 0, NV, qk_scale, offs_d, d_mask, 1, BS, R1_, PACK,
+            DOT_PRECISION)
         acc, l_i, m_i = _level_pass_tma(
             acc, l_i, m_i, q, _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, HEAD_DIM_PAD, R2_),
             _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, HEAD_DIM_PAD, R2_), kbp, vbp, stride_pkn, stride_pvn,
-            idx, e1, e2, 0, NV, qk_scale, offs_d, 2, BS, R2_, PACK, DOT_PRECISION)
+            idx, e1, e2, 0, NV, qk_scale, offs_d, d_mask, 2, BS, R2_, PACK,
+            DOT_PRECISION)
         acc, l_i, m_i = _level_pass_tma(
             acc, l_i, m_i, q, _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, HEAD_DIM_PAD, R4_),
             _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, HEAD_DIM_PAD, R4_), kbp, vbp, stride_pkn, stride_pvn,
-            idx, e2, e4, R4, NV, qk_scale, offs_d, 4, BS, R4_, PACK, DOT_PRECISION)
+            idx, e2, e4, R4, NV, qk_scale, offs_d, d_mask, 4, BS, R4_, PACK,
+            DOT_PRECISION)
         acc, l_i, m_i = _level_pass_tma(
             acc, l_i, m_i, q, _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, HEAD_DIM_PAD, R8_),
             _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, HEAD_DIM_PAD, R8_), kbp, vbp, stride_pkn, stride_pvn,
-            idx, e4, e8, R8, NV, qk_scale, offs_d, 8, BS, R8_, PACK, DOT_PRECISION)
+            idx, e4, e8, R8, NV, qk_scale, offs_d, d_mask, 8, BS, R8_, PACK,
+            DOT_PRECISION)
     else:
         k1 = K + off_b * stride_kb + off_h * stride_kh + offs_d[:, None] * stride_kd
         v1 = V + off_b * stride_vb + off_h * stride_vh + offs_d[None, :] * stride_vd
@@ -288,7 +295,8 @@ def pyramid_fwd(
     idx, ends = fused_level_lists(levels)
     T = ek.shape[1] if ek is not None else 0
     emask = text_vis if (T and text_vis is not None) else None
-    knobs = fwd_knobs(block, head_dim_pad(D), fwd_uses_tma(kv, vv, kp, vp))
+    knobs = fwd_knobs(block, head_dim_pad(D), fwd_uses_tma(kv, vv, kp, vp),
+                      max(kp.shape[1] * kp.stride(1), vp.shape[1] * vp.stride(1)) < 2**31)
     launch_fwd(q, kv, vv, kp, vp, ek, ev, emask, out, lse, idx, ends, r4, r8, block, scale, knobs)
     return out, lse
 
@@ -299,15 +307,16 @@ def fwd_uses_tma(*tensors: Tensor) -> bool:
     return all(tma_problem(t, "kv") is None for t in tensors)
 
 
-def fwd_knobs(block: int, hdp: int, use_tma: bool) -> dict[str, int | bool]:
+def fwd_knobs(block: int, hdp: int, use_tma: bool, pooled_fit_int32: bool = True) -> dict[str, int | bool]:
     """Forward launch knobs from the H200 sweep at Wan2.1-1.3B 480p (benchmarks/results/pyramid_stages_b*.json,
     ``kernel_configs_ms``): 128-row tiles at D=128 want 8 warps and 3 stages (through descriptors 2.98 ms, through
     pointers 3.15, with 4 warps 4.39); 64-row tiles 4 warps, and through descriptors their pooled blocks packed
     into full-width tiles with 2 stages (2.97 ms; unpacked 3.17, pointers 3.42). Packing spills registers with
     128-row tiles (4.48 vs 3.15 ms through pointers). Pairs of pooled blocks sharing one softmax update (3.09 vs
-    3.12 ms) and query blocks split over two programs (3.70) did not pay and were removed."""
+    3.12 ms) and query blocks split over two programs (3.70) did not pay and were removed. Packed tiles gather
+    rows through int32 offsets, so they need ``pooled_fit_int32`` (every pooled row offset below 2**31)."""
     wide = block * hdp >= 128 * 128
-    pack = use_tma and not wide
+    pack = use_tma and not wide and pooled_fit_int32
     return {"num_warps": 8 if wide else 4, "num_stages": 2 if pack else 3, "USE_TMA": use_tma, "PACK": pack}
 
 
