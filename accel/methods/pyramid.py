@@ -50,7 +50,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 ESTIMATE_KERNELS = ("torch", "triton")
 ESTIMATE_KERNEL = os.environ.get("ACCEL_PYRAMID_ESTIMATE", "triton")
 """Which block-importance estimate runs on Triton-capable inputs, read once at import: "triton" (the default: the
-fused kernel, `accel.kernels.pyramid_estimate`, 0.73 vs 1.85 ms at block 128 and 1.01 vs 2.25 ms at block 64 on
+fused kernel, `accel.kernels.pyramid_estimate`, 0.64 vs 1.85 ms at block 128 and 0.68 vs 2.25 ms at block 64 on
 the H200, `pyramid_stages_b*.json`) or "torch" (the PyTorch estimate, its reference). Same formula;
 ``ACCEL_PYRAMID_ESTIMATE=torch`` A/Bs them (probes/pyramid_stages.py)."""
 if ESTIMATE_KERNEL not in ESTIMATE_KERNELS:
