@@ -110,11 +110,12 @@ def test_kernel_matches_reference_with_padded_text(block: int, dtype: torch.dtyp
     assert (full[1] - expect[1]).abs().max() > 1e-3 and torch.allclose(full[0], expect[0], atol=tol)
 
 
-@pytest.mark.parametrize("block,tma,pack,D", [(16, False, False, 16), (16, True, False, 24), (32, True, True, 16),
-                                             (16, True, True, 24)])
-def test_every_forward_form_matches_the_reference(block: int, tma: bool, pack: bool, D: int,
+@pytest.mark.parametrize("block,tma,pack,D", [(16, False, 0, 16), (16, True, 0, 24), (32, True, 32, 16),
+                                             (16, True, 16, 24), (32, True, 16, 16)])
+def test_every_forward_form_matches_the_reference(block: int, tma: bool, pack: int, D: int,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pointers, tensor descriptors (TMA) and packed pooled tiles: the same answer (D = 24: padded columns)."""
+    """Pointers, tensor descriptors (TMA) and packed pooled tiles (``pack`` lanes: every pooled level, or only
+    those with fewer rows while the others stay one block per tile): the same answer (D = 24: padded columns)."""
     import accel.kernels.pyramid as pk
 
     monkeypatch.setattr(pk, "fwd_knobs", lambda *a: {"num_warps": 4, "num_stages": 2, "USE_TMA": tma,

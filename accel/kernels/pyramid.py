@@ -86,12 +86,13 @@ def _level_pass(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, Idx, lo,
 
 
 @triton.jit
-def _packed_lanes(Idx, it, hi, NV, P: tl.constexpr, BS: tl.constexpr):
-    """The level-P list entries ``Idx[it:it + P]`` packed into one BS-lane tile: (row in the level, valid, log2
-    bias). Lane r holds pooled row r % (BS/P) of entry it + r // (BS/P): the rows and biases of `_pooled_lanes`,
-    P blocks per tile; entries past ``hi`` and empty groups of a partial block are invalid."""
+def _packed_lanes(Idx, it, hi, NV, P: tl.constexpr, BS: tl.constexpr, W: tl.constexpr):
+    """The level-P list entries ``Idx[it:it + W*P/BS]`` packed into one W-lane tile: (row in the level, valid,
+    log2 bias). Lane r holds pooled row r % (BS/P) of entry it + r // (BS/P): the rows and biases of
+    `_pooled_lanes`, W/(BS/P) blocks per tile; entries past ``hi`` and empty groups of a partial block are
+    invalid."""
     PER: tl.constexpr = BS // P
-    lanes = tl.arange(0, BS)
+    lanes = tl.arange(0, W)
     j = it + lanes // PER
     listed = j < hi
     kb = tl.load(Idx + j, mask=listed, other=0)
@@ -107,12 +108,13 @@ def _level_pass_tma(acc, l_i, m_i, q, k_desc, v_desc, k_ptr, v_ptr, stride_kn, s
                     PACK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """`_level_pass` with K/V tiles through tensor descriptors (Hopper TMA): no per-element pointers or masks
     in registers. Lanes past b/P read the next block's rows or, past the buffer, zeros; `_pooled_lanes` marks
-    them invalid, so the softmax gives them weight 0. With PACK, P pooled blocks share one full-width tile,
-    gathered through int32 row offsets from ``k_ptr``/``v_ptr`` (descriptors cannot gather on Hopper; the
-    launcher packs only where the pooled buffer's offsets fit in int32)."""
-    if PACK and P > 1:
-        for it in range(lo, hi, P):
-            lrow, valid, bias = _packed_lanes(Idx, it, hi, NV, P, BS)
+    them invalid, so the softmax gives them weight 0. With PACK (lanes per packed tile, 0 = off), the levels
+    whose b/P pooled rows are fewer than PACK share PACK-lane tiles, PACK*P/b blocks each, gathered through
+    int32 row offsets from ``k_ptr``/``v_ptr`` (descriptors cannot gather on Hopper; the launcher packs only
+    where the pooled buffer's offsets fit in int32)."""
+    if PACK > BS // P:
+        for it in range(lo, hi, PACK // (BS // P)):
+            lrow, valid, bias = _packed_lanes(Idx, it, hi, NV, P, BS, PACK)
             rows = row0 + lrow
             kT = tl.load(k_ptr + (rows * stride_kn)[None, :] + offs_d[:, None], mask=valid[None, :] & d_mask[:, None],
                          other=0.0)
@@ -316,7 +318,7 @@ def fwd_knobs(block: int, hdp: int, use_tma: bool, pooled_fit_int32: bool = True
     3.12 ms) and query blocks split over two programs (3.70) did not pay and were removed. Packed tiles gather
     rows through int32 offsets, so they need ``pooled_fit_int32`` (every pooled row offset below 2**31)."""
     wide = block * hdp >= 128 * 128
-    pack = use_tma and not wide and pooled_fit_int32
+    pack = block if use_tma and not wide and pooled_fit_int32 else 0
     return {"num_warps": 8 if wide else 4, "num_stages": 2 if pack else 3, "USE_TMA": use_tma, "PACK": pack}
 
 
