@@ -310,16 +310,18 @@ def fwd_uses_tma(*tensors: Tensor) -> bool:
 
 
 def fwd_knobs(block: int, hdp: int, use_tma: bool, pooled_fit_int32: bool = True) -> dict[str, int | bool]:
-    """Forward launch knobs from the H200 sweep at Wan2.1-1.3B 480p (benchmarks/results/pyramid_stages_b*.json,
-    ``kernel_configs_ms``): 128-row tiles at D=128 want 8 warps and 3 stages (through descriptors 2.98 ms, through
-    pointers 3.15, with 4 warps 4.39); 64-row tiles 4 warps, and through descriptors their pooled blocks packed
-    into full-width tiles with 2 stages (2.97 ms; unpacked 3.17, pointers 3.42). Packing spills registers with
-    128-row tiles (4.48 vs 3.15 ms through pointers). Pairs of pooled blocks sharing one softmax update (3.09 vs
-    3.12 ms) and query blocks split over two programs (3.70) did not pay and were removed. Packed tiles gather
-    rows through int32 offsets, so they need ``pooled_fit_int32`` (every pooled row offset below 2**31)."""
+    """Forward launch knobs from the H200 sweeps at Wan2.1-1.3B 480p (benchmarks/results/pyramid_stages_b*.json,
+    ``kernel_configs_ms``). 128-row tiles at D=128: 8 warps, 3 stages, descriptors, and the pooled levels with
+    fewer than 64 rows per block packed into 64-lane tiles (2.86 ms; unpacked 2.98, through pointers 3.15, with
+    4 warps 4.39; 128-lane packs spill registers: 3.8-4.2). 64-row tiles: 4 warps, pooled blocks packed into
+    full-width tiles with 2 stages (2.97-2.99 ms; unpacked 3.15, pointers 3.42). Pairs of pooled blocks sharing
+    one softmax update (3.09 vs 3.12 ms) and query blocks split over two programs (3.70) did not pay and were
+    removed. Packed tiles gather rows through int32 offsets, so they need ``pooled_fit_int32`` (every pooled row
+    offset below 2**31). ``PACK`` is the lanes per packed tile (0: one pooled block per tile)."""
     wide = block * hdp >= 128 * 128
-    pack = block if use_tma and not wide and pooled_fit_int32 else 0
-    return {"num_warps": 8 if wide else 4, "num_stages": 2 if pack else 3, "USE_TMA": use_tma, "PACK": pack}
+    pack = (block // 2 if wide else block) if use_tma and pooled_fit_int32 else 0
+    return {"num_warps": 8 if wide else 4, "num_stages": 2 if pack and not wide else 3, "USE_TMA": use_tma,
+            "PACK": pack}
 
 
 def launch_fwd(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None, ev: Tensor | None,

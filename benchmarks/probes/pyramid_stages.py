@@ -178,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
                 lambda pack=pack, only=only: launch(default["num_warps"], default["num_stages"], True, pack,
                                                     lists=only))
     res["level_alone_ms"] = per_level
+    # what every program pays without tiles (Q load, empty level loops, store), and the pooled levels alone
+    # beside the block-sparse kernel over the level-1 blocks (a split into two kernels)
+    none = pk.level_lists(torch.zeros_like(levels))
+    res["no_tiles_ms"] = bench(lambda: launch(default["num_warps"], default["num_stages"], True, default["PACK"],
+                                              lists=none))
+    pooled = pk.level_lists(torch.where(levels > 1, levels, 0).to(levels.dtype))
+    res["pooled_only_ms"] = bench(lambda: launch(default["num_warps"], default["num_stages"], True,
+                                                 default["PACK"], lists=pooled))
     # level-1-only blocks through the block-sparse kernel at the same block size
     from accel.kernels import BlockLayout, block_sparse_attention
 
