@@ -67,19 +67,18 @@ CASES: dict[str, MethodCase] = {c.name: c for c in (
     # the default thresholds run on "local" inputs; the topk quotas give a fixed 15% FLOP density on any input.
     MethodCase("pyramid-wan1.3b-480p-81f", (21, 30, 52), 12, "pyramid", inputs="local",
                reference="PSA default thresholds (density depends on the inputs)"),
+    MethodCase("pyramid-b64-wan1.3b-480p-81f", (21, 30, 52), 12, "pyramid:block_size=64", inputs="local",
+               reference="PSA default thresholds, 64-token blocks (the reference's PSAConfig default)"),
     MethodCase("pyramid-topk15-wan1.3b-480p-81f", (21, 30, 52), 12, PYRAMID_15,
                reference="PSA target >= 4x at ~85% FLOP sparsity", reference_speedup=4.0),
-    MethodCase("pyramid-b128-topk15-wan1.3b-480p-81f", (21, 30, 52), 12, PYRAMID_15 + ",block_size=128",
-               reference="PSA target >= 4x at ~85% FLOP sparsity; 128-token blocks", reference_speedup=4.0),
+    MethodCase("pyramid-b64-topk15-wan1.3b-480p-81f", (21, 30, 52), 12, PYRAMID_15 + ",block_size=64",
+               reference="PSA target >= 4x at ~85% FLOP sparsity; 64-token blocks", reference_speedup=4.0),
     MethodCase("pyramid-wan14b-720p-81f", (21, 45, 80), 40, "pyramid", inputs="local",
                reference="PSA default thresholds (density depends on the inputs)"),
     MethodCase("pyramid-topk15-wan14b-720p-81f", (21, 45, 80), 40, PYRAMID_15,
                reference="PSA target >= 4x at ~85% FLOP sparsity", reference_speedup=4.0),
-    # 128-token blocks (the reference's Wan2.1 presets use them)
-    MethodCase("pyramid-b128-wan1.3b-480p-81f", (21, 30, 52), 12, "pyramid:block_size=128", inputs="local",
-               reference="PSA default thresholds, 128-token blocks"),
-    MethodCase("pyramid-b128-topk15-wan14b-720p-81f", (21, 45, 80), 40, PYRAMID_15 + ",block_size=128",
-               reference="PSA target >= 4x at ~85% FLOP sparsity; 128-token blocks", reference_speedup=4.0),
+    MethodCase("pyramid-b64-topk15-wan14b-720p-81f", (21, 45, 80), 40, PYRAMID_15 + ",block_size=64",
+               reference="PSA target >= 4x at ~85% FLOP sparsity; 64-token blocks", reference_speedup=4.0),
 )}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -37,6 +37,7 @@ _OUT_COLUMNS = 32  # KV blocks per step of the read-back
 # ``estimate_fused_blocks_per_dot_ms``): block 64 (16 samples each) 1/2/4/8 blocks 1.02/0.74/0.68/0.74 ms, block
 # 128 (32 samples) 0.90/0.91/0.64 ms (8 does not fit in shared memory).
 _BLOCKS_PER_DOT = 4
+_NUM_STAGES = 3
 
 
 @triton.jit
@@ -91,11 +92,13 @@ def _estimate_kernel(QS, KS, Scratch, S, n, rows_per_bh, bh0, qk_scale,
 def estimate_block_importance_triton(
     q: Tensor, k: Tensor, block_size: int, *, seed: int = 0, sample_q: int | None = None,
     sample_k: int | None = None, scale: float | None = None, blocks_per_dot: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> Tensor:
     """(B, H, n, n) float32 block importance, `estimate_block_importance`'s formula in one kernel (no host sync).
 
     ``q``, ``k``: (B, V, H, D) video rows on CUDA (or CPU under TRITON_INTERPRET=1), fp16/bf16/fp32.
-    ``blocks_per_dot`` (a power of two) overrides how many KV blocks' sampled keys share one dot (probes).
+    ``blocks_per_dot`` (a power of two) overrides how many KV blocks' sampled keys share one dot, ``num_warps``
+    and ``num_stages`` the launch (probes).
     """
     reason = triton_input_reason(q)
     if reason is not None:
@@ -130,6 +133,6 @@ def estimate_block_importance_triton(
             qs, ks, scratch, importance, n, rows_per_bh, bh0, scale * LOG2E, SQ=sq, SK=sk, SQP=sqp,
             SKP=skp, BI=bi, KB=kb, BJ=min(_OUT_COLUMNS, triton.next_power_of_2(n)), D=D,
             BD=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
-            num_warps=8 if bi * sqp * D >= 128 * 128 else 4, num_stages=3,
+            num_warps=num_warps or (8 if bi * sqp * D >= 128 * 128 else 4), num_stages=num_stages or _NUM_STAGES,
         )
     return normalise_rows(importance.view(B, H, n, n))

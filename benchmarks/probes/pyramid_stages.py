@@ -178,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                 lambda pack=pack, only=only: launch(default["num_warps"], default["num_stages"], True, pack,
                                                     lists=only))
     res["level_alone_ms"] = per_level
+    from accel.kernels.pyramid_estimate import estimate_block_importance_triton
+
+    res["estimate_launch_ms"] = {
+        f"w{w}s{st}": bench(lambda w=w, st=st: estimate_block_importance_triton(q, k, block, num_warps=w,
+                                                                                 num_stages=st))
+        for w, st in ((8, 3), (8, 2), (4, 2), (4, 3), (8, 1))}
     # what every program pays without tiles (Q load, empty level loops, store), and the pooled levels alone
     # beside the block-sparse kernel over the level-1 blocks (a split into two kernels)
     none = pk.level_lists(torch.zeros_like(levels))
