@@ -28,25 +28,41 @@ __all__ = ["BOX_MMA_BIG", "BOX_MMA_MIN_SCALED", "LOG2E", "box_mma_slots", "dot_p
 
 # ---------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One (BLOCK_M x BLOCK_N) online-softmax step; k is (HEAD_DIM_PAD, BLOCK_N). ``visible`` (broadcastable
-    to the tile: ``n_valid[None, :]`` or a 2-D mask) is used if MASK_N."""
-    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-    if MASK_N:
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A tile whose keys are all hidden must not turn -inf - -inf into NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = m_new
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+def _softmax_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
+    """The online-softmax update from raw logits ``qk`` (the scale folded into exp2's argument); every row of
+    the tile must hold a finite logit (no hidden keys)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _softmax_update_masked(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
+    """The online-softmax update from scaled logits ``s`` (log2 units) where hidden keys are -inf: a row whose
+    keys are all hidden must not turn -inf - -inf into NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One (BLOCK_M x BLOCK_N) online-softmax step; k is (HEAD_DIM_PAD, BLOCK_N). ``visible`` (broadcastable
+    to the tile: ``n_valid[None, :]`` or a 2-D mask) is used if MASK_N."""
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+    if MASK_N:
+        return _softmax_update_masked(acc, l_i, m_i, tl.where(visible, qk * qk_scale, float("-inf")), v,
+                                      DOT_PRECISION)
+    return _softmax_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
 
 
 @triton.jit
@@ -66,14 +82,8 @@ def _fwd_tile_bias(acc, l_i, m_i, q, k, v, qa, ka, qk_scale, DOT_PRECISION: tl.c
     Hidden entries get finite logits of at most -BIG x qk_scale below the visible ones: exp2 of them is 0 once
     the row has seen a visible key, and a row's tiles before that are rescaled by exp2(-BIG x qk_scale) = 0."""
     qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-    qk = tl.dot(qa, ka, qk, input_precision=DOT_PRECISION)
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return _softmax_update(acc, l_i, m_i, tl.dot(qa, ka, qk, input_precision=DOT_PRECISION), v, qk_scale,
+                           DOT_PRECISION)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import resolve_key_parts, text_visibility, triton_input_reason
-from ._triton_common import LOG2E, _rows_desc, dot_precision, ensure_allocator, head_dim_pad
+from ._triton_common import LOG2E, _rows_desc, _softmax_update_masked, dot_precision, ensure_allocator, head_dim_pad
 from .pyramid_levels import level_lists as fused_level_lists
 from .pyramid_pool import pool_kv_levels
 from .pyramid_reference import LEVELS, pool_levels
@@ -43,15 +43,7 @@ _TEXT_BLOCK = 32
 def _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION: tl.constexpr):
     """One online-softmax step; logits in log2 units, ``bias`` (columns, log2 units), ``valid`` (columns)."""
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
-    qk = tl.where(valid[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return _softmax_update_masked(acc, l_i, m_i, tl.where(valid[None, :], qk, float("-inf")), v, DOT_PRECISION)
 
 
 @triton.jit
