@@ -28,13 +28,18 @@ from .pyramid import _TEXT_BLOCK, _parts, _pooled_lanes, _strides, tile_rows
 from .pyramid_levels import level_lists
 from .pyramid_pool import pool_kv_levels
 
-__all__ = ["pyramid_backward"]
+__all__ = ["bwd_knobs", "pyramid_backward"]
 
-# Tile shapes after the block-sparse backward's H100 sweep (benchmarks/NOTES.md, attempt 4): dK/dV best with
-# 64-key x 32-query tiles and 4 warps, dQ with 128-query x 64-key tiles and 8 warps. Untuned for pyramid.
-_DKDV_KEY_ROWS = 64
-_DKDV_QUERY_ROWS = 32
-_DQ_KEY_ROWS = 64
+
+
+def bwd_knobs(block: int) -> dict[str, int]:
+    """Launch knobs of the two backward passes: dQ (warps, stages, key rows per tile) and dK/dV (warps, stages,
+    key rows, query rows per tile). Tile shapes after the block-sparse backward's H100 sweep (benchmarks/NOTES.md,
+    attempt 4): dK/dV best with 64-key x 32-query tiles and 4 warps, dQ with 64-key tiles; 128-row query blocks
+    with 3 dQ stages need 256 KB of shared memory (H200: 227 KB), so one stage there."""
+    wide = block >= 128
+    return {"dq_warps": 8 if wide else 4, "dq_stages": 1 if wide else 2, "dq_key_rows": 64,
+            "dkdv_warps": 4, "dkdv_stages": 3, "dkdv_key_rows": 64, "dkdv_query_rows": 32}
 
 
 @triton.jit
@@ -192,12 +197,12 @@ def _dkdv_level(q_base, do_base, lse_base, delta_base, k_base, v_base, dk_base, 
         v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         dk = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
         dv = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
-        for it in range(lo, hi):
-            qb = tl.load(TIdx + it)
-            for m in tl.static_range(BS // MT):
-                dk, dv = _dkdv_tile(dk, dv, k, v, valid, bias, q_base, do_base, lse_base, delta_base,
-                                    qb * BS + m * MT, NV, stride_qm, stride_qd, stride_dom, stride_dod, offs_d,
-                                    d_mask, qk_scale, MT, DOT_PRECISION)
+        # one flat loop over (listed query block, MT-row part): pipelined, not unrolled BS/MT times
+        for it in range(lo * (BS // MT), hi * (BS // MT)):
+            qb = tl.load(TIdx + it // (BS // MT))
+            dk, dv = _dkdv_tile(dk, dv, k, v, valid, bias, q_base, do_base, lse_base, delta_base,
+                                qb * BS + (it % (BS // MT)) * MT, NV, stride_qm, stride_qd, stride_dom, stride_dod,
+                                offs_d, d_mask, qk_scale, MT, DOT_PRECISION)
         dk *= sm_scale
         out_mask = lane_ok[:, None] & d_mask[None, :]
         tl.store(dk_base + rows[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk, mask=out_mask)
@@ -319,9 +324,11 @@ def _unpool(g1: Tensor, gp: Tensor, nv: int, block: int, r4: int, r8: int) -> Te
 
 
 def pyramid_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                     levels: Tensor, text_vis: Tensor | None, parts: list[int], block: int, scale: float
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq (B, V, H, D) and the gradients of the joint k, v (B, S, H, D) of `pyramid_fwd`."""
+                     levels: Tensor, text_vis: Tensor | None, parts: list[int], block: int, scale: float,
+                     knobs: dict[str, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq (B, V, H, D) and the gradients of the joint k, v (B, S, H, D) of `pyramid_fwd`; ``knobs`` overrides
+    `bwd_knobs` (probes)."""
+    kn = bwd_knobs(block) if knobs is None else knobs
     B, NV, H, D = q.shape
     v0, _, t0, T = parts
     kv, ek = _parts(k, parts)
@@ -346,9 +353,8 @@ def pyramid_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v:
         *q.stride(), *kv.stride(), *vv.stride(), *kp.stride(), *vp.stride(), *text_strides,
         *dout.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
         H, NV, nb, T, r4, r8, scale, scale * LOG2E,
-        # 128-row query blocks with 3 stages need 256 KB of shared memory (H200: 227 KB): one stage there
-        HAS_TEXT=T > 0, num_warps=8 if block >= 128 else 4, num_stages=1 if block >= 128 else 2,
-        **_tiles(block, _DQ_KEY_ROWS), **common,
+        HAS_TEXT=T > 0, num_warps=kn["dq_warps"], num_stages=kn["dq_stages"], **_tiles(block, kn["dq_key_rows"]),
+        **common,
     )
 
     dk = torch.zeros_like(k)
@@ -365,7 +371,8 @@ def pyramid_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v:
         *q.stride(), *kv.stride(), *vv.stride(), *kp.stride(), *vp.stride(), *text_strides,
         *dout.stride(), *g1k.stride(), *gpk.stride(), *dek.stride(), *dev_.stride(), lse.stride(0), lse.stride(1),
         H, NV, nb, T, n_text, r4, r8, scale, scale * LOG2E,
-        MT=min(block, _DKDV_QUERY_ROWS), num_warps=4, **_tiles(block, _DKDV_KEY_ROWS), **common,
+        MT=min(block, kn["dkdv_query_rows"]), num_warps=kn["dkdv_warps"], num_stages=kn["dkdv_stages"],
+        **_tiles(block, kn["dkdv_key_rows"]), **common,
     )
     dk[:, v0:v0 + NV] = _unpool(g1k, gpk, NV, block, r4, r8)
     dv[:, v0:v0 + NV] = _unpool(g1v, gpv, NV, block, r4, r8)
