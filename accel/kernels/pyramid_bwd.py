@@ -34,12 +34,16 @@ __all__ = ["bwd_knobs", "pyramid_backward"]
 
 def bwd_knobs(block: int) -> dict[str, int]:
     """Launch knobs of the two backward passes: dQ (warps, stages, key rows per tile) and dK/dV (warps, stages,
-    key rows, query rows per tile). Tile shapes after the block-sparse backward's H100 sweep (benchmarks/NOTES.md,
-    attempt 4): dK/dV best with 64-key x 32-query tiles and 4 warps, dQ with 64-key tiles; 128-row query blocks
-    with 3 dQ stages need 256 KB of shared memory (H200: 227 KB), so one stage there."""
-    wide = block >= 128
-    return {"dq_warps": 8 if wide else 4, "dq_stages": 1 if wide else 2, "dq_key_rows": 64,
-            "dkdv_warps": 4, "dkdv_stages": 3, "dkdv_key_rows": 64, "dkdv_query_rows": 32}
+    key rows, query rows per tile). From the H200 sweep at Wan2.1-1.3B 480p, rank quotas at 15%
+    (benchmarks/results/pyramid_bwd_knobs_b*.json; every set gives identical gradients): block 128 12.1 ms with
+    8-warp dQ in 2 stages (1 stage 12.7; 8-warp or 128-key dK/dV 15.8-16.2), block 64 15.6 ms with 4-warp dQ in
+    3 stages and 64-query dK/dV tiles (16.1 with 2 stages and 32; 8-warp dQ 22-31). 128-row query blocks with 3
+    dQ stages need 256 KB of shared memory (the H200 has 227 KB)."""
+    if block >= 128:
+        return {"dq_warps": 8, "dq_stages": 2, "dq_key_rows": 64,
+                "dkdv_warps": 4, "dkdv_stages": 3, "dkdv_key_rows": 64, "dkdv_query_rows": 32}
+    return {"dq_warps": 4, "dq_stages": 3, "dq_key_rows": 64,
+            "dkdv_warps": 4, "dkdv_stages": 3, "dkdv_key_rows": 64, "dkdv_query_rows": 64}
 
 
 @triton.jit
