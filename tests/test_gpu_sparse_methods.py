@@ -94,13 +94,17 @@ def _random_levels(B: int, H: int, n: int, device: torch.device) -> torch.Tensor
     return lv.to(torch.int32)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("block", [64, 128])
-def test_pyramid_kernel_on_the_gpu(block: int, dtype) -> None:
+PYRAMID_GPU_CASES = [(block, dtype, 128) for block in (64, 128) for dtype in (torch.bfloat16, torch.float16)] + [
+    (block, torch.bfloat16, d) for block in (64, 128) for d in (64, 256)]  # other head dims: other launch knobs
+
+
+@pytest.mark.parametrize("block,dtype,D", PYRAMID_GPU_CASES,
+                         ids=[f"b{b}-{str(t)[6:]}-d{d}" for b, t, d in PYRAMID_GPU_CASES])
+def test_pyramid_kernel_on_the_gpu(block: int, dtype, D: int) -> None:
     from accel.kernels.pyramid import pyramid_attention
 
     dev = torch.device("cuda")
-    B, H, D, T = 2, 3, 128, 29
+    B, H, T = 2, 3, 29
     V = 11 * block + 37  # not a multiple of the block
     n = -(-V // block)
     q, k, v = (torch.randn(B, T + V, H, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))

@@ -32,13 +32,17 @@ __all__ = ["bwd_knobs", "pyramid_backward"]
 
 
 
-def bwd_knobs(block: int) -> dict[str, int]:
+def bwd_knobs(block: int, hdp: int = 128) -> dict[str, int]:
     """Launch knobs of the two backward passes: dQ (warps, stages, key rows per tile) and dK/dV (warps, stages,
     key rows, query rows per tile). From the H200 sweep at Wan2.1-1.3B 480p, rank quotas at 15%
     (benchmarks/results/pyramid_bwd_knobs_b*.json; every set gives identical gradients): block 128 12.1 ms with
     8-warp dQ in 2 stages (1 stage 12.7; 8-warp or 128-key dK/dV 15.8-16.2), block 64 15.6 ms with 4-warp dQ in
     3 stages and 64-query dK/dV tiles (16.1 with 2 stages and 32; 8-warp dQ 22-31). 128-row query blocks with 3
-    dQ stages need 256 KB of shared memory (the H200 has 227 KB)."""
+    dQ stages need 256 KB of shared memory (the H200 has 227 KB); head dims padded past 128 (``hdp``) double
+    every tile, so there dQ keeps one stage fewer and dK/dV 32-query tiles."""
+    if hdp > 128:
+        return {"dq_warps": 8 if block >= 128 else 4, "dq_stages": 1 if block >= 128 else 2, "dq_key_rows": 64,
+                "dkdv_warps": 4, "dkdv_stages": 3, "dkdv_key_rows": 64, "dkdv_query_rows": 32}
     if block >= 128:
         return {"dq_warps": 8, "dq_stages": 2, "dq_key_rows": 64,
                 "dkdv_warps": 4, "dkdv_stages": 3, "dkdv_key_rows": 64, "dkdv_query_rows": 32}
@@ -332,7 +336,7 @@ def pyramid_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v:
                      knobs: dict[str, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """dq (B, V, H, D) and the gradients of the joint k, v (B, S, H, D) of `pyramid_fwd`; ``knobs`` overrides
     `bwd_knobs` (probes)."""
-    kn = bwd_knobs(block) if knobs is None else knobs
+    kn = bwd_knobs(block, head_dim_pad(q.shape[-1])) if knobs is None else knobs
     B, NV, H, D = q.shape
     v0, _, t0, T = parts
     kv, ek = _parts(k, parts)
