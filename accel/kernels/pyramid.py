@@ -9,7 +9,7 @@ pooled rows per block with the bias; the tile holds max(16, b/p) rows and the la
 of the last partial block) are masked, so every (block size, level) pair is exact. Skipped blocks are never
 read. Text keys join the same online softmax. On Hopper the video and pooled K/V tiles come through tensor
 descriptors (TMA): the pointer form holds per-element addresses and spills at 255 registers. There the pooled
-levels with few rows per block share wider tiles (``PACK`` lanes: 64 at block 128, 64 at block 64), gathered
+levels with few rows per block share wider tiles (``PACK`` = 64 lanes at blocks 64 and 128), gathered
 through int32 row offsets, so a level-8 block of 16 rows no longer pays a whole tile's latency (`fwd_knobs`).
 
 The forward also writes the natural-log LSE per query row. Backward (`pyramid_bwd.py`): FA2's split with

@@ -31,7 +31,6 @@ from .pyramid_pool import pool_kv_levels
 __all__ = ["bwd_knobs", "pyramid_backward"]
 
 
-
 def bwd_knobs(block: int, hdp: int = 128) -> dict[str, int]:
     """Launch knobs of the two backward passes: dQ (warps, stages, key rows per tile) and dK/dV (warps, stages,
     key rows, query rows per tile). From the H200 sweep at Wan2.1-1.3B 480p, rank quotas at 15%

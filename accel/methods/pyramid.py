@@ -97,7 +97,7 @@ class Pyramid(AttentionMethod):
         block_size: tokens per query and KV block (16, 32, 64 or 128). Default 128, as the reference's Wan2.1
             presets (its ``PSAConfig`` default is 64): on the H200 at equal FLOP density the attention error
             matched block 64's within a few percent on every input family and the call ran 9-36% faster
-            (``benchmarks/results/fidelity_pyramid_blocks.json``, ``methods_pyramid_b128.json``).
+            (``benchmarks/results/fidelity_pyramid_blocks.json``, ``methods_pyramid_round2.json``).
         mode: "threshold" (cumulative importance) or "topk" (rank quotas).
         t1, t2, t3, t4: cumulative thresholds of levels 1, 2, 4, 8 (non-decreasing). Default
             0.5/0.6/0.7/0.8: the reference's Wan2.1-1.3B ``psa_balanced`` preset.

@@ -3,7 +3,9 @@
     python benchmarks/probes/pyramid_stages.py [--out DIR]   (writes pyramid_stages_b<block>.json; GPU only)
 
 Times each stage at the Wan2.1-1.3B 480p 81-frame shape with `do_bench`, the kernel at several launch
-configurations, and the block-sparse kernel over the level-1 blocks alone for comparison.
+configurations, each level alone, a launch without tiles (the fixed cost per program), the pooled levels alone,
+the estimate's launch configurations, and the block-sparse kernel over the level-1 blocks alone for comparison.
+``--kernel-only`` skips the stage timings before the kernel; ``--tag`` suffixes the file name.
 """
 
 from __future__ import annotations
