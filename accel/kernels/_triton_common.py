@@ -28,15 +28,20 @@ __all__ = ["BOX_MMA_BIG", "BOX_MMA_MIN_SCALED", "LOG2E", "box_mma_slots", "dot_p
 
 # ---------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
+def _rescale_accumulate(acc, l_i, alpha, p, v, DOT_PRECISION: tl.constexpr):
+    """The end of every online-softmax step: rescale the running sum and output by ``alpha``, add P and P.V."""
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION), l_i
+
+
+@triton.jit
 def _softmax_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
     """The online-softmax update from raw logits ``qk`` (the scale folded into exp2's argument); every row of
     the tile must hold a finite logit (no hidden keys)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    acc, l_i = _rescale_accumulate(acc, l_i, tl.math.exp2(m_i - m_new), p, v, DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -47,10 +52,7 @@ def _softmax_update_masked(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    acc, l_i = _rescale_accumulate(acc, l_i, tl.math.exp2(m_i - m_use), p, v, DOT_PRECISION)
     return acc, l_i, m_new
 
 

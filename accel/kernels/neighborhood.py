@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import resolve_key_parts, text_visibility, triton_input_reason
-from ._triton_common import LOG2E, dot_precision, head_dim_pad, strides4
+from ._triton_common import LOG2E, _softmax_update_masked, dot_precision, head_dim_pad, strides4
 from .neighborhood_reference import INDEX_BITS, INDEX_MASK, TilePlan
 
 __all__ = ["can_run_neighborhood", "neighborhood_attention"]
@@ -114,14 +114,7 @@ def _softmax_step(acc, l_i, m_i, q, kT, v, mask, qk_scale, MASKED: tl.constexpr,
     qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         qk = tl.where(mask, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return _softmax_update_masked(acc, l_i, m_i, qk, v, DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------- forward
