@@ -15,47 +15,27 @@ import sys
 
 import pytest
 
-SM90_SHARED_BYTES = 232448  # opt-in shared memory per block on an H100/H200 (227 KB)
+from accel.kernels.sm90_compile import SM90_SHARED_BYTES
+
 CASES = [(64, 128), (128, 128), (64, 256), (128, 256)]
-
-
-def _shared_bytes(fn, constexprs: dict, pointers: dict[str, str], num_warps: int, num_stages: int) -> int:
-    """Shared memory of ``fn`` compiled for sm_90, integer arguments specialised as a launch does."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    consts = dict(constexprs)
-    consts.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
-    sig = {n: "constexpr" if n in consts else pointers.get(n) or ("fp32" if n.endswith("_scale") else "i32")
-           for n in fn.arg_names}
-    aligned = [n for n in fn.arg_names if n in pointers or (n.startswith("stride_") and n not in consts)]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    kernel = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    return kernel.metadata.shared
-
-
-def _tiles(block: int, most: int) -> dict[str, int]:
-    from accel.kernels.pyramid import tile_rows
-
-    out = {}
-    for name, p in (("1", 1), ("2", 2), ("4", 4), ("8", 8)):
-        out[f"R{name}_"], out[f"N{name}_"] = tile_rows(block, p, most)
-    return out
 
 
 def measure(block: int, hdp: int) -> dict[str, int]:
     """Shared bytes of the forward, dQ and dK/dV kernels at their default knobs (run without the interpreter)."""
     from accel.kernels import pyramid as pk
     from accel.kernels import pyramid_bwd as pb
+    from accel.kernels.sm90_compile import compile_sm90
+
+    def shared(fn, consts, ptrs, warps, stages):
+        return compile_sm90(fn, consts, ptrs, ("sm_scale", "qk_scale"), num_warps=warps,
+                            num_stages=stages).metadata.shared
 
     bf = "*bf16"
     knobs = pk.fwd_knobs(block, hdp, True)
     ptrs = {n: bf for n in ("Q", "K", "V", "KP", "VP", "EK", "EV", "Out")}
     ptrs.update(EMask="*i8", Lse="*fp32", Idx="*i32", Ends="*i32")
     text = dict(HAS_TEXT_MASK=True, TEXT_BLOCK=pk._TEXT_BLOCK, DOT_PRECISION="tf32")
-    fwd = _shared_bytes(pk._pyramid_fwd_kernel, dict(
+    fwd = shared(pk._pyramid_fwd_kernel, dict(
         HEAD_DIM=hdp, HEAD_DIM_PAD=hdp, BS=block, R1_=block, R2_=max(16, block // 2), R4_=max(16, block // 4),
         R8_=max(16, block // 8), USE_TMA=knobs["USE_TMA"], PACK=knobs["PACK"], HAS_TEXT=True, **text),
         ptrs, knobs["num_warps"], knobs["num_stages"])
@@ -63,14 +43,14 @@ def measure(block: int, hdp: int) -> dict[str, int]:
     common = dict(HEAD_DIM=hdp, HEAD_DIM_PAD=hdp, BS=block, **text)
     dq_ptrs = {n: bf for n in ("Q", "K", "V", "KP", "VP", "EK", "EV", "DO", "DQ")}
     dq_ptrs.update(EMask="*i8", Lse="*fp32", Delta="*fp32", Idx="*i32", Ends="*i32")
-    dq = _shared_bytes(pb._pyramid_bwd_dq_kernel, dict(common, HAS_TEXT=True, **_tiles(block, kn["dq_key_rows"])),
-                       dq_ptrs, kn["dq_warps"], kn["dq_stages"])
+    dq = shared(pb._pyramid_bwd_dq_kernel, dict(common, HAS_TEXT=True, **pb._tiles(block, kn["dq_key_rows"])),
+                dq_ptrs, kn["dq_warps"], kn["dq_stages"])
     dk_ptrs = {n: bf for n in ("Q", "K", "V", "KP", "VP", "EK", "EV", "DO", "DEK", "DEV")}
     dk_ptrs.update({n: "*fp32" for n in ("Lse", "Delta", "DK1", "DV1", "DKP", "DVP")}, EMask="*i8", TIdx="*i32",
                    TEnds="*i32")
-    dkdv = _shared_bytes(pb._pyramid_bwd_dkdv_kernel,
-                         dict(common, MT=min(block, kn["dkdv_query_rows"]), **_tiles(block, kn["dkdv_key_rows"])),
-                         dk_ptrs, kn["dkdv_warps"], kn["dkdv_stages"])
+    dkdv = shared(pb._pyramid_bwd_dkdv_kernel,
+                  dict(common, MT=min(block, kn["dkdv_query_rows"]), **pb._tiles(block, kn["dkdv_key_rows"])),
+                  dk_ptrs, kn["dkdv_warps"], kn["dkdv_stages"])
     return {"forward": fwd, "dq": dq, "dkdv": dkdv}
 
 

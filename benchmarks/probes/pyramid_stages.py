@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     nw = 8 if block * D >= 128 * 128 else 4
     # PACK: lanes per packed tile of the pooled levels with fewer rows (0 = one block per tile)
-    packs = (0, 32, 64) if block == 128 else (0, 32, 64)
+    packs = (0, 32, 64)
     trials = [(False, 0, nw, 3)] + [(True, pack, nw, ns) for pack in packs for ns in (3, 2)]
     outs = {}
     for tma, pack, nw, ns in trials:

@@ -16,27 +16,15 @@ import sys
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
 
 from accel.kernels import pyramid as pk
 from accel.kernels import pyramid_estimate as pe
 from accel.kernels import pyramid_pool as pp
+from accel.kernels.sm90_compile import compile_sm90
 
 
 def _resources(fn, constexprs: dict, pointers: dict[str, str], floats: tuple[str, ...], **options) -> str:
-    # Specialise the integer arguments as a launch does at these shapes: unit strides become constants, the
-    # other strides are multiples of 16 (without this the compiler cannot vectorise and reports ~35 more
-    # registers than the kernel really uses).
-    constexprs = dict(constexprs)
-    constexprs.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
-    sig = {}
-    for name in fn.arg_names:
-        sig[name] = ("constexpr" if name in constexprs else pointers.get(name)
-                     or ("fp32" if name in floats else "i32"))
-    aligned = [n for n in fn.arg_names if n in pointers or (n.startswith("stride_") and n not in constexprs)]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    kernel = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=options)
+    kernel = compile_sm90(fn, constexprs, pointers, floats, **options)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
