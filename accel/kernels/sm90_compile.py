@@ -29,5 +29,8 @@ def compile_sm90(fn, constexprs: dict, pointers: dict[str, str], floats: tuple[s
            for n in fn.arg_names}
     aligned = [n for n in fn.arg_names if n in pointers or (n.startswith("stride_") and n not in consts)]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+    source = triton.compiler.ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    return triton.compile(source(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)

@@ -1,0 +1,324 @@
+"""Pyramid forward for Hopper (sm_90) in Gluon: every K/V tile full, pooled blocks packed into it by TMA.
+
+The Triton forward (`pyramid.py`) pays a tile's fixed cost for every pooled block: Triton cannot load several
+descriptor boxes into one shared-memory tile, and it waits for every QK^T product right after issuing it
+(benchmarks/NOTES.md, pyramid items 9-11). Here, with the same inputs, level lists and results:
+
+- A tile of level p holds p pooled blocks of b/p rows each: p TMA loads into row slices of one (b, D)
+  shared-memory tile, so a level-8 block costs 1/8 of a tile. Level-1 tiles and text tiles are one load each.
+  The row's tiles run in one loop: level 1, then 2, 4, 8 (packed), then text; the columns' validity and the
+  +log2(count) bias follow from the tile's level (`_tile_columns`), exactly as `_pooled_lanes` gives them.
+- The next tile's QK^T is issued before this tile's softmax and waited for after this tile's P.V is issued
+  (FA3's intra-warpgroup overlap): one product is always in flight.
+- K has two slots and V three (192 KB with Q); a slot is refilled once both warpgroups are past it (one CTA
+  barrier per tile).
+
+Only for sm_90, 16-bit inputs, head dims 64/128 and blocks 64/128 with descriptor-friendly strides
+(`gluon_fwd_problem`); everything else, and any build failure, runs the Triton kernel. Gluon does not run
+under TRITON_INTERPRET, so its tests are on the GPU (tests/test_gpu_sparse_methods.py) and, offline, an sm_90
+compile in CI (tests/test_pyramid_sm90_fit.py).
+"""
+
+# No `from __future__ import annotations`: Gluon reads constexpr annotations as objects.
+import torch
+from torch import Tensor
+
+try:  # Gluon is experimental: a Triton without it (or with another API) runs the Triton kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_init,
+        warpgroup_mma_wait,
+    )
+    # names that moved between releases (3.6: the first of each pair; later: the second)
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+__all__ = ["HAVE_GLUON", "gluon_fwd_problem", "launch_fwd_gluon"]
+
+K_SLOTS = 2  # K tiles in shared memory: tile t+2 loads while t+1's QK^T runs
+V_SLOTS = 3  # V tiles: tile t+1 loads while t's P.V runs and t-1's slot drains
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _issue_pooled(u, lo, hi, idx, desc, row0, dst, bar, P: gl.constexpr, BS: gl.constexpr):
+        """TMA loads of the level-P entries ``lo + u*P + j`` (j < P) into row slices of ``dst``. Entries past the
+        level's end reload its last block (finite data; `_tile_columns` masks those columns)."""
+        PER: gl.constexpr = BS // P
+        for j in gl.static_range(P):
+            kb = gl.load(idx + gl.minimum(lo + u * P + j, hi - 1))
+            _tma_load(desc, [row0 + kb * PER, 0], bar, dst.slice(j * PER, PER))
+
+    @gluon.jit
+    def _issue_tile(t, c1, c2, c4, c8, e1, e2, e4, e8, idx, d1, d2, d4, d8, dt, r4, r8, dst, bar,
+                    BS: gl.constexpr, HAS_TEXT: gl.constexpr):
+        """Start the loads of the row's tile ``t`` (of K or of V: the descriptors say which) into ``dst``."""
+        mbarrier.expect(bar, d1.block_type.nbytes)  # every tile is BS rows, whatever its level
+        if t < c1:
+            _tma_load(d1, [gl.load(idx + t) * BS, 0], bar, dst)
+        elif t < c2:
+            _issue_pooled(t - c1, e1, e2, idx, d2, 0, dst, bar, 2, BS)
+        elif t < c4:
+            _issue_pooled(t - c2, e2, e4, idx, d4, r4, dst, bar, 4, BS)
+        elif t < c8:
+            _issue_pooled(t - c4, e4, e8, idx, d8, r8, dst, bar, 8, BS)
+        else:
+            if HAS_TEXT:
+                _tma_load(dt, [(t - c8) * BS, 0], bar, dst)
+
+    @gluon.jit
+    def _tile_level(t, c1, c2, c4, c8, e1, e2, e4, e8):
+        """(lg, first entry, level's end) of video tile ``t``: level 2**lg, entries [first, first + 2**lg)."""
+        lg = gl.where(t < c1, 0, gl.where(t < c2, 1, gl.where(t < c4, 2, 3)))
+        tile0 = gl.where(t < c1, 0, gl.where(t < c2, c1, gl.where(t < c4, c2, c4)))
+        lo = gl.where(t < c1, 0, gl.where(t < c2, e1, gl.where(t < c4, e2, e4)))
+        hi = gl.where(t < c1, e1, gl.where(t < c2, e2, gl.where(t < c4, e4, e8)))
+        return lg, lo + ((t - tile0) << lg), hi
+
+    @gluon.jit
+    def _tile_column_bias(t, lg, first, hi, last_kb, c8, NV, T, emask, cols, BS: gl.constexpr,
+                          LOG_BS: gl.constexpr, HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr):
+        """Per-column logit bias (log2 units, -inf = hidden) of a tile that is not plain. Video tiles of level
+        p = 2**lg: column c is pooled row c % (b/p) of entry first + c // (b/p), the mean of tokens
+        [kb*b + r*p, +p) cut at NV (`pyramid._pooled_lanes`); entries past the level's end are hidden. Only the
+        partial last KV block has groups of fewer than p tokens, and a level lists its blocks in ascending
+        order, so only the level's last entry (block ``last_kb``) needs its block index: no gather."""
+        e = first + (cols >> (LOG_BS - lg))
+        full = 1 << lg
+        tok = last_kb * BS + ((cols & ((BS >> lg) - 1)) << lg)
+        cnt = gl.where(e == hi - 1, gl.minimum(NV - tok, full), full)
+        bias = gl.where((e < hi) & (cnt > 0), gl.log2(gl.maximum(cnt, 1).to(gl.float32)), float("-inf"))
+        if HAS_TEXT:
+            tcol = (t - c8) * BS + cols
+            tvalid = tcol < T
+            if HAS_TEXT_MASK:
+                tvalid = tvalid & (gl.load(emask + tcol, mask=tvalid, other=0) != 0)
+            bias = gl.where(t >= c8, gl.where(tvalid, 0.0, float("-inf")), bias)
+        return bias
+
+    @gluon.jit
+    def _qk_async(q_smem, k_tile, s_layout: gl.constexpr, BS: gl.constexpr):
+        """Issue Q.K^T of one tile (a fresh accumulator, not waited for)."""
+        return warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BS, BS], gl.float32, layout=s_layout),
+                             use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _rows_desc(base, rows, stride_row, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, layout: gl.constexpr):
+        return tma.make_tensor_descriptor(base, [rows, HEAD_DIM], [stride_row, 1], [BLOCK, HEAD_DIM], layout)
+
+    @gluon.jit
+    def _pyramid_fwd_gluon_kernel(
+        Q, K, V, KP, VP, EK, EV, EMask, Out, Lse, Idx, Ends,
+        stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+        stride_pkb, stride_pkn, stride_pkh, stride_pvb, stride_pvn, stride_pvh,
+        stride_ekb, stride_ekn, stride_ekh, stride_evb, stride_evn, stride_evh, stride_emb,
+        stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+        H, NV, NB, T, R4, R8, RP, qk_scale,
+        HEAD_DIM: gl.constexpr, BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
+        HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        dtype: gl.constexpr = Q.dtype.element_ty
+        qb = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        off_b = (pid_bh // H).to(gl.int64)
+        off_h = (pid_bh % H).to(gl.int64)
+        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
+                                                  rank=2)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BS, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        q_desc = _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, NV, stride_qm, HEAD_DIM, BS, smem)
+        o_desc = _rows_desc(Out + off_b * stride_ob + off_h * stride_oh, NV, stride_om, HEAD_DIM, BS, smem)
+        kb1 = K + off_b * stride_kb + off_h * stride_kh
+        vb1 = V + off_b * stride_vb + off_h * stride_vh
+        kbp = KP + off_b * stride_pkb + off_h * stride_pkh
+        vbp = VP + off_b * stride_pvb + off_h * stride_pvh
+        k1 = _rows_desc(kb1, NV, stride_kn, HEAD_DIM, BS, smem)
+        v1 = _rows_desc(vb1, NV, stride_vn, HEAD_DIM, BS, smem)
+        k2 = _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 2, smem)
+        v2 = _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 2, smem)
+        k4 = _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 4, smem)
+        v4 = _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 4, smem)
+        k8 = _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 8, smem)
+        v8 = _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 8, smem)
+        if HAS_TEXT:
+            kt = _rows_desc(EK + off_b * stride_ekb + off_h * stride_ekh, T, stride_ekn, HEAD_DIM, BS, smem)
+            vt = _rows_desc(EV + off_b * stride_evb + off_h * stride_evh, T, stride_evn, HEAD_DIM, BS, smem)
+        else:
+            kt = k1
+            vt = v1
+        emask = EMask + off_b * stride_emb
+
+        row = pid_bh.to(gl.int64) * NB + qb
+        idx = Idx + row * NB
+        e1 = gl.load(Ends + row * 4)
+        e2 = gl.load(Ends + row * 4 + 1)
+        e4 = gl.load(Ends + row * 4 + 2)
+        e8 = gl.load(Ends + row * 4 + 3)
+        c1 = e1
+        c2 = c1 + (e2 - e1 + 1) // 2
+        c4 = c2 + (e4 - e2 + 3) // 4
+        c8 = c4 + (e8 - e4 + 7) // 8
+        n_tiles = c8
+        if HAS_TEXT:
+            n_tiles = c8 + (T + BS - 1) // BS
+
+        q_smem = gl.allocate_shared_memory(dtype, [BS, HEAD_DIM], smem)
+        k_smem = gl.allocate_shared_memory(dtype, [KS, BS, HEAD_DIM], smem)
+        v_smem = gl.allocate_shared_memory(dtype, [VS, BS, HEAD_DIM], smem)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [KS, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [VS, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(KS):
+            mbarrier.init(k_bar.index(i), count=1)
+        for i in gl.static_range(VS):
+            mbarrier.init(v_bar.index(i), count=1)
+        fence_async_shared()
+
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [qb * BS, 0], q_bar, q_smem)
+        for i in gl.static_range(KS):
+            if i < n_tiles:
+                _issue_tile(i, c1, c2, c4, c8, e1, e2, e4, e8, idx, k1, k2, k4, k8, kt, R4, R8,
+                            k_smem.index(i), k_bar.index(i), BS, HAS_TEXT)
+        for i in gl.static_range(VS - 2):
+            if i < n_tiles:
+                _issue_tile(i, c1, c2, c4, c8, e1, e2, e4, e8, idx, v1, v2, v4, v8, vt, R4, R8,
+                            v_smem.index(i), v_bar.index(i), BS, HAS_TEXT)
+
+        cols = gl.arange(0, BS, layout=cols_s)
+        m_i = gl.full([BS], float("-inf"), gl.float32, layout=rows_s)
+        l_i = gl.zeros([BS], gl.float32, layout=rows_s)
+        acc = warpgroup_mma_init(gl.zeros([BS, HEAD_DIM], gl.float32, layout=o_layout))
+        mbarrier.wait(q_bar, 0)
+        s_cur = gl.zeros([BS, BS], gl.float32, layout=s_layout)
+        if LOOKAHEAD:
+            if n_tiles > 0:
+                mbarrier.wait(k_bar.index(0), 0)
+            s_tok = _qk_async(q_smem, k_smem.index(0), s_layout, BS)
+            s_cur = warpgroup_mma_wait(0, deps=[s_tok])
+
+        for t in range(n_tiles):
+            # both warpgroups are past QK^T(tk) and P.V(t-2): refill K slot tk and V slot t-2
+            _cta_barrier()
+            tk = t if LOOKAHEAD else t - 1
+            if (tk >= 0) & (tk + KS < n_tiles):
+                _issue_tile(tk + KS, c1, c2, c4, c8, e1, e2, e4, e8, idx, k1, k2, k4, k8, kt, R4, R8,
+                            k_smem.index(tk % KS), k_bar.index(tk % KS), BS, HAS_TEXT)
+            if t + VS - 2 < n_tiles:
+                tv = t + VS - 2
+                _issue_tile(tv, c1, c2, c4, c8, e1, e2, e4, e8, idx, v1, v2, v4, v8, vt, R4, R8,
+                            v_smem.index(tv % VS), v_bar.index(tv % VS), BS, HAS_TEXT)
+            if LOOKAHEAD:  # the next tile's QK^T runs during this tile's softmax (the last tile repeats its own)
+                nxt = gl.minimum(t + 1, n_tiles - 1)
+                if t + 1 < n_tiles:
+                    mbarrier.wait(k_bar.index(nxt % KS), (nxt // KS) & 1)
+                s_tok = _qk_async(q_smem, k_smem.index(nxt % KS), s_layout, BS)
+            else:
+                mbarrier.wait(k_bar.index(t % KS), (t // KS) & 1)
+                s_tok = _qk_async(q_smem, k_smem.index(t % KS), s_layout, BS)
+                s_cur = warpgroup_mma_wait(0, deps=[s_tok])
+
+            # a plain tile (all entries listed, none a partial block, not text) needs no per-column bias
+            lg, first, hi = _tile_level(t, c1, c2, c4, c8, e1, e2, e4, e8)
+            last_kb = gl.load(idx + gl.maximum(hi - 1, 0))
+            plain = (first + (1 << lg) <= hi) & (last_kb * BS + BS <= NV) & (t < c8)
+            if plain:
+                s = s_cur * qk_scale + lg.to(gl.float32)
+            else:
+                s = s_cur * qk_scale + _tile_column_bias(t, lg, first, hi, last_kb, c8, NV, T, emask, cols, BS,
+                                                         LOG_BS, HAS_TEXT, HAS_TEXT_MASK)[None, :]
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(s - m_use[:, None])
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = warpgroup_mma_wait(1 if LOOKAHEAD else 0, deps=[acc])  # P.V(t-1) done; QK^T(t+1) may run
+            acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_bar.index(t % VS), (t // VS) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(t % VS), acc, is_async=True)
+            if LOOKAHEAD:
+                s_cur = warpgroup_mma_wait(1, deps=[s_tok])  # QK^T(t+1) done; P.V(t) may still run
+
+        out = warpgroup_mma_wait(0, deps=[acc])
+        l_o = gl.convert_layout(l_i, rows_o)
+        out = out / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+        _cta_barrier()  # every warpgroup is done reading Q: its tile takes the output
+        q_smem.store(out.to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+        _tma_store(o_desc, [qb * BS, 0], q_smem)
+        # natural-log LSE (log2 units times ln 2); -inf for a row that sees no key
+        q_rows = qb * BS + gl.arange(0, BS, layout=rows_s)
+        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i)))
+                       * 0.6931471805599453)
+        gl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_rows, lse, mask=q_rows < NV)
+        tma.store_wait(0)
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(KS):
+            mbarrier.invalidate(k_bar.index(i))
+        for i in gl.static_range(VS):
+            mbarrier.invalidate(v_bar.index(i))
+
+
+def gluon_fwd_problem(q: Tensor, tensors: dict[str, Tensor], block: int) -> str | None:
+    """Why the Gluon forward cannot run on these inputs (None: it can). ``tensors``: name -> every tensor a
+    descriptor reads or writes (q, out, the video, pooled and text K/V)."""
+    from .select import tma_problem
+
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon Hopper API"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "not an sm_90 GPU"
+    if block not in (64, 128):
+        return f"block {block} (Gluon forward: 64 or 128)"
+    if q.shape[-1] not in (64, 128):
+        return f"head dim {q.shape[-1]} (Gluon forward: 64 or 128)"
+    for name, t in tensors.items():
+        reason = tma_problem(t, name)
+        if reason is not None:
+            return reason
+    return None
+
+
+def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None,
+                     ev: Tensor | None, emask: Tensor | None, out: Tensor, lse: Tensor, idx: Tensor, ends: Tensor,
+                     r4: int, r8: int, block: int, scale: float, lookahead: bool = True) -> None:
+    """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`). ``lookahead``:
+    issue the next tile's QK^T before this tile's softmax (else one product at a time, as Triton does)."""
+    from ._triton_common import LOG2E, ensure_allocator
+
+    B, NV, H, D = q.shape
+    nb = -(-NV // block)
+    T = ek.shape[1] if ek is not None else 0
+    ensure_allocator()
+
+    def st(t: Tensor | None) -> tuple[int, int, int]:  # (batch, row, head) strides
+        return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
+
+    _pyramid_fwd_gluon_kernel[(nb, B * H)](
+        q, kv, vv, kp, vp, ek if T else kp, ev if T else vp, emask if emask is not None else idx, out, lse, idx,
+        ends, *st(q), *st(kv), *st(vv), *st(kp), *st(vp), *st(ek), *st(ev),
+        emask.stride(0) if emask is not None else 0, *st(out), lse.stride(0), lse.stride(1),
+        H, NV, nb, T, r4, r8, kp.shape[1], scale * LOG2E,
+        HEAD_DIM=D, BS=block, LOG_BS=block.bit_length() - 1, KS=K_SLOTS, VS=V_SLOTS,
+        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, LOOKAHEAD=lookahead, num_warps=block // 16,
+    )

@@ -1,0 +1,172 @@
+"""Probe: the Gluon pyramid forward against the Triton one on a GPU (sm_90): errors, then kernel times.
+
+    python benchmarks/probes/pyramid_gluon_ab.py [--out DIR] [--tag TAG]   (writes pyramid_gluon_ab<tag>.json)
+
+Errors: both kernels against `reference_pyramid_attention` (fp32) on random level maps at small shapes (token
+counts not a multiple of the block, batch 2, per-head maps, text keys with a mask, blocks 64/128, head dims
+64/128, fp16/bf16). Times: the kernel alone at Wan2.1-1.3B 480p 81f (12 heads, D=128, bf16) for rank quotas at
+15% and the default thresholds, blocks 128 and 64, with and without the QK^T lookahead, and each level alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--skip-errors", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 3
+    from triton.testing import do_bench
+
+    from accel.bench.methods import local_qkv
+    from accel.geometry import TokenLayout
+    from accel.kernels import pyramid as pk
+    from accel.kernels._common import text_visibility
+    from accel.kernels.pyramid_gluon import launch_fwd_gluon
+    from accel.kernels.pyramid_levels import level_lists
+    from accel.kernels.pyramid_pool import pool_kv_levels
+    from accel.kernels.pyramid_reference import (
+        estimate_block_importance,
+        level_density,
+        reference_pyramid_attention,
+        threshold_levels,
+        topk_levels,
+    )
+
+    def bench(fn) -> float:
+        return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+    def prepared(q, k, v, levels, block, T, emask):
+        NV = q.shape[1]
+        kv, vv = k[:, :NV], v[:, :NV]
+        ek, ev = (k[:, NV:], v[:, NV:]) if T else (None, None)
+        kp, vp, r4, r8 = pool_kv_levels(kv, vv, block)
+        idx, ends = level_lists(levels)
+        return kv, vv, kp, vp, ek, ev, emask, idx, ends, r4, r8
+
+    def run(kind, q, k, v, levels, block, T=0, emask=None, lookahead=True):
+        B, NV, H, D = q.shape
+        kv, vv, kp, vp, ek, ev, em, idx, ends, r4, r8 = prepared(q, k, v, levels, block, T, emask)
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, NV, device=q.device, dtype=torch.float32)
+        scale = 1 / math.sqrt(D)
+        if kind == "triton":
+            knobs = pk.fwd_knobs(block, D, pk.fwd_uses_tma(kv, vv, kp, vp))
+            fn = lambda: pk.launch_fwd(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
+                                       scale, knobs)
+        else:
+            fn = lambda: launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
+                                          scale, lookahead)
+        return fn, out, lse
+
+    res: dict = {"device": torch.cuda.get_device_name(), "errors": [], "times": {}}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    if not args.skip_errors:
+        cases = [  # (B, NV, H, D, T, masked, block, dtype)
+            (1, 1000, 2, 128, 0, False, 128, torch.bfloat16),
+            (2, 1500, 3, 128, 77, True, 128, torch.bfloat16),
+            (1, 2048, 2, 64, 0, False, 128, torch.float16),
+            (2, 777, 2, 128, 40, False, 64, torch.bfloat16),
+            (1, 1300, 2, 64, 130, True, 64, torch.float16),
+            (1, 4096, 2, 128, 0, False, 128, torch.bfloat16),
+        ]
+        for B, NV, H, D, T, masked, block, dtype in cases:
+            n = -(-NV // block)
+            q = torch.randn(B, NV, H, D, device="cuda", dtype=dtype, generator=gen)
+            k = torch.randn(B, NV + T, H, D, device="cuda", dtype=dtype, generator=gen)
+            v = torch.randn(B, NV + T, H, D, device="cuda", dtype=dtype, generator=gen)
+            choice = torch.tensor([0, 1, 2, 4, 8], device="cuda")
+            levels = choice[torch.randint(0, 5, (B, H, n, n), device="cuda", generator=gen)].to(torch.int32)
+            eye = torch.eye(n, dtype=torch.bool, device="cuda")
+            levels = torch.where(eye, 1, levels).to(torch.int32)
+            lengths = mask = None
+            emask = None
+            if T:
+                if masked:
+                    mask = torch.rand(B, T, device="cuda", generator=gen) > 0.3
+                else:
+                    lengths = torch.tensor([T, max(1, T // 2)][:B], device="cuda")
+                emask = text_visibility(T, lengths, mask, torch.int8)
+            ref, ref_lse = reference_pyramid_attention(
+                q, k, v, levels, block, video_keys=(0, NV), text_keys=(NV, T) if T else None,
+                text_lengths=lengths, text_mask=mask, return_lse=True)
+            row = {"case": [B, NV, H, D, T, masked, block, str(dtype)]}
+            for name, kind, la in (("triton", "triton", True), ("gluon", "gluon", True),
+                                   ("gluon_nola", "gluon", False)):
+                try:
+                    fn, out, lse = run(kind, q, k, v, levels, block, T, emask, la)
+                    fn()
+                    torch.cuda.synchronize()
+                    row[name] = float((out.float() - ref.float()).abs().max())
+                    row[name + "_lse"] = float((lse - ref_lse.float()).abs().max())
+                except Exception as err:
+                    row[name] = repr(err)[:300]
+            print(row, flush=True)
+            res["errors"].append(row)
+
+    layout = TokenLayout(1, 21, 30, 52)
+    H, D = 12, 128
+    q, k, v = local_qkv(layout, H, D, torch.bfloat16, gen)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        res["dense_cudnn_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v))))
+    for block in (128, 64):
+        imp = estimate_block_importance(q, k, block)
+        n = imp.shape[-1]
+        eye = torch.eye(n, dtype=torch.bool, device="cuda")
+        maps = {"topk15": topk_levels(imp, (0.09, 0.14, 0.22, 0.30)),
+                "threshold": threshold_levels(imp, (0.5, 0.6, 0.7, 0.8))}
+        for name, levels in maps.items():
+            levels = torch.where(eye, 1, levels).to(torch.int32)
+            key = f"b{block}_{name}"
+            t: dict = {"density": float(level_density(levels))}
+            fn_t, out_t, _ = run("triton", q, k, v, levels, block)
+            t["triton_ms"] = bench(fn_t)
+            for la in (True, False):
+                tag = "gluon" if la else "gluon_nola"
+                try:
+                    fn_g, out_g, _ = run("gluon", q, k, v, levels, block, lookahead=la)
+                    t[tag + "_ms"] = bench(fn_g)
+                    t[tag + "_max_abs_diff_vs_triton"] = float((out_g.float() - out_t.float()).abs().max())
+                except Exception as err:
+                    t[tag + "_ms"] = repr(err)[:300]
+            if name == "topk15":
+                for p in (1, 2, 4, 8):
+                    only = torch.where(levels == p, p, 0).to(torch.int32)
+                    t[f"p{p}_blocks"] = int((levels == p).sum())
+                    t[f"p{p}_triton_ms"] = bench(run("triton", q, k, v, only, block)[0])
+                    for la in (True, False):
+                        try:
+                            t[f"p{p}_{'gluon' if la else 'gluon_nola'}_ms"] = bench(
+                                run("gluon", q, k, v, only, block, lookahead=la)[0])
+                        except Exception as err:
+                            t[f"p{p}_gluon_ms"] = repr(err)[:200]
+                none = torch.zeros_like(levels)
+                t["no_tiles_triton_ms"] = bench(run("triton", q, k, v, none, block)[0])
+                t["no_tiles_gluon_ms"] = bench(run("gluon", q, k, v, none, block)[0])
+            print(key, t, flush=True)
+            res["times"][key] = t
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"pyramid_gluon_ab{args.tag}.json"
+    path.write_text(json.dumps(res, indent=1))
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
