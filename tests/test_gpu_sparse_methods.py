@@ -122,6 +122,45 @@ def test_pyramid_kernel_on_the_gpu(block: int, dtype, D: int) -> None:
         assert _rel(g, e) < 2 * TOL[dtype], name
 
 
+GLUON_CASES = [(b, t, d) for b in (64, 128) for t in (torch.bfloat16, torch.float16) for d in (64, 128)]
+
+
+@pytest.mark.parametrize("block,dtype,D", GLUON_CASES, ids=[f"b{b}-{str(t)[6:]}-d{d}" for b, t, d in GLUON_CASES])
+def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int) -> None:
+    """The Gluon forward (sm_90) directly: out and LSE vs the reference, with a partial last block, batch 2,
+    per-head maps and masked text keys after the video keys."""
+    import math
+
+    from accel.kernels._common import text_visibility
+    from accel.kernels.pyramid_gluon import gluon_fwd_problem, launch_fwd_gluon
+    from accel.kernels.pyramid_levels import level_lists
+    from accel.kernels.pyramid_pool import pool_kv_levels
+
+    dev = torch.device("cuda")
+    B, H, T = 2, 3, 150
+    V = 9 * block + 21
+    n = -(-V // block)
+    q = torch.randn(B, V, H, D, device=dev, dtype=dtype)
+    k, v = (torch.randn(B, V + T, H, D, device=dev, dtype=dtype) for _ in range(2))
+    levels = _random_levels(B, H, n, dev)
+    mask = torch.rand(B, T, device=dev) > 0.3
+    kv, vv, ek, ev = k[:, :V], v[:, :V], k[:, V:], v[:, V:]
+    kp, vp, r4, r8 = pool_kv_levels(kv, vv, block)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, V, device=dev, dtype=torch.float32)
+    tensors = {"q": q, "out": out, "k": kv, "v": vv, "kp": kp, "vp": vp, "ek": ek, "ev": ev}
+    reason = gluon_fwd_problem(q, tensors, block)
+    if reason is not None:
+        pytest.skip(reason)
+    launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, text_visibility(T, None, mask, torch.int8), out, lse,
+                     *level_lists(levels), r4, r8, block, 1 / math.sqrt(D))
+    expect, expect_lse = reference_pyramid_attention(q.float(), k.float(), v.float(), levels, block,
+                                                     video_keys=(0, V), text_keys=(V, T), text_mask=mask,
+                                                     return_lse=True)
+    assert _rel(out, expect) < TOL[dtype]
+    assert float((lse - expect_lse).abs().max()) < 0.05
+
+
 def test_pyramid_method_on_the_gpu_reports_its_density() -> None:
     dev = torch.device("cuda")
     layout = TokenLayout(1, 5, 30, 52)

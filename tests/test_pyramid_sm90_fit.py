@@ -1,5 +1,8 @@
 """The pyramid kernels' default launch knobs fit an H100/H200 (sm_90) at every block size and head dim.
 
+The Gluon forward (`pyramid_gluon`, head dims 64/128) is compiled too: it has no interpreter, so this is the
+CI check that it still builds for sm_90 with the installed Triton.
+
 Compiled for sm_90 without a GPU (Triton compiles for a target without a driver), so CI catches a knob change
 that asks for more shared memory than the chip has: the forward at block 128 and head dim 256 once asked for
 459 KB in three stages and only failed on the GPU (benchmarks/NOTES.md, "Pyramid, second round", item 18).
@@ -51,7 +54,14 @@ def measure(block: int, hdp: int) -> dict[str, int]:
     dkdv = shared(pb._pyramid_bwd_dkdv_kernel,
                   dict(common, MT=min(block, kn["dkdv_query_rows"]), **pb._tiles(block, kn["dkdv_key_rows"])),
                   dk_ptrs, kn["dkdv_warps"], kn["dkdv_stages"])
-    return {"forward": fwd, "dq": dq, "dkdv": dkdv}
+    result = {"forward": fwd, "dq": dq, "dkdv": dkdv}
+    from accel.kernels import pyramid_gluon as pg
+
+    if pg.HAVE_GLUON and hdp in (64, 128):  # the Gluon forward serves head dims 64 and 128
+        result["forward_gluon"] = shared(pg._pyramid_fwd_gluon_kernel, dict(
+            HEAD_DIM=hdp, BS=block, LOG_BS=block.bit_length() - 1, KS=pg.K_SLOTS, VS=pg.V_SLOTS, HAS_TEXT=True,
+            HAS_TEXT_MASK=True, num_warps=block // 16), ptrs, block // 16, 1)
+    return result
 
 
 @pytest.mark.slow

@@ -50,27 +50,32 @@ V_SLOTS = 3  # V tiles: tile t+1 loads while t's P.V runs and t-1's slot drains
 if HAVE_GLUON:
 
     @gluon.jit
-    def _issue_pooled(u, lo, hi, idx, desc, row0, dst, bar, P: gl.constexpr, BS: gl.constexpr):
-        """TMA loads of the level-P entries ``lo + u*P + j`` (j < P) into row slices of ``dst``. Entries past the
-        level's end reload its last block (finite data; `_tile_columns` masks those columns)."""
-        PER: gl.constexpr = BS // P
-        for j in gl.static_range(P):
-            kb = gl.load(idx + gl.minimum(lo + u * P + j, hi - 1))
-            _tma_load(desc, [row0 + kb * PER, 0], bar, dst.slice(j * PER, PER))
+    def _pick(kbs, j):
+        """Lane ``j`` of a tile's block indices (every thread holds all lanes: an in-thread select)."""
+        lanes = gl.arange(0, 8, layout=kbs.type.layout)
+        return gl.sum(gl.where(lanes == j, kbs, 0), axis=0)
 
     @gluon.jit
-    def _issue_tile(t, c1, c2, c4, c8, e1, e2, e4, e8, idx, d1, d2, d4, d8, dt, r4, r8, dst, bar,
-                    BS: gl.constexpr, HAS_TEXT: gl.constexpr):
-        """Start the loads of the row's tile ``t`` (of K or of V: the descriptors say which) into ``dst``."""
+    def _issue_pooled(kbs, desc, row0, dst, bar, P: gl.constexpr, BS: gl.constexpr):
+        """TMA loads of a level-P tile's P pooled blocks (b/P rows each) into row slices of ``dst``."""
+        PER: gl.constexpr = BS // P
+        for j in gl.static_range(P):
+            _tma_load(desc, [row0 + _pick(kbs, j) * PER, 0], bar, dst.slice(j * PER, PER))
+
+    @gluon.jit
+    def _issue_tile(t, kbs, c1, c2, c4, c8, d1, d2, d4, d8, dt, r4, r8, dst, bar, BS: gl.constexpr,
+                    HAS_TEXT: gl.constexpr):
+        """Start the loads of the row's tile ``t`` (of K or of V: the descriptors say which) into ``dst``;
+        ``kbs``: the tile's block indices (`_tile_entries`)."""
         mbarrier.expect(bar, d1.block_type.nbytes)  # every tile is BS rows, whatever its level
         if t < c1:
-            _tma_load(d1, [gl.load(idx + t) * BS, 0], bar, dst)
+            _tma_load(d1, [_pick(kbs, 0) * BS, 0], bar, dst)
         elif t < c2:
-            _issue_pooled(t - c1, e1, e2, idx, d2, 0, dst, bar, 2, BS)
+            _issue_pooled(kbs, d2, 0, dst, bar, 2, BS)
         elif t < c4:
-            _issue_pooled(t - c2, e2, e4, idx, d4, r4, dst, bar, 4, BS)
+            _issue_pooled(kbs, d4, r4, dst, bar, 4, BS)
         elif t < c8:
-            _issue_pooled(t - c4, e4, e8, idx, d8, r8, dst, bar, 8, BS)
+            _issue_pooled(kbs, d8, r8, dst, bar, 8, BS)
         else:
             if HAS_TEXT:
                 _tma_load(dt, [(t - c8) * BS, 0], bar, dst)
@@ -83,6 +88,16 @@ if HAVE_GLUON:
         lo = gl.where(t < c1, 0, gl.where(t < c2, e1, gl.where(t < c4, e2, e4)))
         hi = gl.where(t < c1, e1, gl.where(t < c2, e2, gl.where(t < c4, e4, e8)))
         return lg, lo + ((t - tile0) << lg), hi
+
+    @gluon.jit
+    def _tile_entries(t, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, layout: gl.constexpr):
+        """The block indices of video tile ``t``'s entries as 8 lanes held by every thread (lanes past its level
+        and entries past the level's end repeat its last block). Loaded one tile ahead of their use, so no
+        warp waits for a global load in the loop."""
+        lg, first, hi = _tile_level(t, c1, c2, c4, c8, e1, e2, e4, e8)
+        j = gl.arange(0, 8, layout=layout)
+        e = gl.maximum(gl.minimum(first + gl.minimum(j, (1 << lg) - 1), hi - 1), 0)
+        return gl.load(idx + e, mask=(j < 8) & (t < c8) & (t < n_tiles), other=0)
 
     @gluon.jit
     def _tile_column_bias(t, lg, first, hi, last_kb, c8, NV, T, emask, cols, BS: gl.constexpr,
@@ -124,7 +139,7 @@ if HAVE_GLUON:
         stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
         H, NV, NB, T, R4, R8, RP, qk_scale,
         HEAD_DIM: gl.constexpr, BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
-        HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, LOOKAHEAD: gl.constexpr, num_warps: gl.constexpr,
+        HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = Q.dtype.element_ty
         qb = gl.program_id(0)
@@ -193,51 +208,42 @@ if HAVE_GLUON:
 
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         _tma_load(q_desc, [qb * BS, 0], q_bar, q_smem)
-        for i in gl.static_range(KS):
-            if i < n_tiles:
-                _issue_tile(i, c1, c2, c4, c8, e1, e2, e4, e8, idx, k1, k2, k4, k8, kt, R4, R8,
-                            k_smem.index(i), k_bar.index(i), BS, HAS_TEXT)
-        for i in gl.static_range(VS - 2):
-            if i < n_tiles:
-                _issue_tile(i, c1, c2, c4, c8, e1, e2, e4, e8, idx, v1, v2, v4, v8, vt, R4, R8,
-                            v_smem.index(i), v_bar.index(i), BS, HAS_TEXT)
+        ent: gl.constexpr = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[num_warps],
+                                             order=[0])
+        kbs = _tile_entries(0, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
+        if n_tiles > 0:
+            _issue_tile(0, kbs, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index(0), k_bar.index(0), BS,
+                        HAS_TEXT)
+            _issue_tile(0, kbs, c1, c2, c4, c8, v1, v2, v4, v8, vt, R4, R8, v_smem.index(0), v_bar.index(0), BS,
+                        HAS_TEXT)
+        kbs = _tile_entries(1, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
+        # each level's last block: the only one that can be partial (`_tile_column_bias`)
+        last1 = gl.load(idx + gl.maximum(e1 - 1, 0))
+        last2 = gl.load(idx + gl.maximum(e2 - 1, 0))
+        last4 = gl.load(idx + gl.maximum(e4 - 1, 0))
+        last8 = gl.load(idx + gl.maximum(e8 - 1, 0))
 
         cols = gl.arange(0, BS, layout=cols_s)
         m_i = gl.full([BS], float("-inf"), gl.float32, layout=rows_s)
         l_i = gl.zeros([BS], gl.float32, layout=rows_s)
         acc = warpgroup_mma_init(gl.zeros([BS, HEAD_DIM], gl.float32, layout=o_layout))
         mbarrier.wait(q_bar, 0)
-        s_cur = gl.zeros([BS, BS], gl.float32, layout=s_layout)
-        if LOOKAHEAD:
-            if n_tiles > 0:
-                mbarrier.wait(k_bar.index(0), 0)
-            s_tok = _qk_async(q_smem, k_smem.index(0), s_layout, BS)
-            s_cur = warpgroup_mma_wait(0, deps=[s_tok])
-
         for t in range(n_tiles):
-            # both warpgroups are past QK^T(tk) and P.V(t-2): refill K slot tk and V slot t-2
+            # both warpgroups are past QK^T(t-1) and P.V(t-2): tile t+1 goes to K slot t-1 and V slot t-2
             _cta_barrier()
-            tk = t if LOOKAHEAD else t - 1
-            if (tk >= 0) & (tk + KS < n_tiles):
-                _issue_tile(tk + KS, c1, c2, c4, c8, e1, e2, e4, e8, idx, k1, k2, k4, k8, kt, R4, R8,
-                            k_smem.index(tk % KS), k_bar.index(tk % KS), BS, HAS_TEXT)
-            if t + VS - 2 < n_tiles:
-                tv = t + VS - 2
-                _issue_tile(tv, c1, c2, c4, c8, e1, e2, e4, e8, idx, v1, v2, v4, v8, vt, R4, R8,
-                            v_smem.index(tv % VS), v_bar.index(tv % VS), BS, HAS_TEXT)
-            if LOOKAHEAD:  # the next tile's QK^T runs during this tile's softmax (the last tile repeats its own)
-                nxt = gl.minimum(t + 1, n_tiles - 1)
-                if t + 1 < n_tiles:
-                    mbarrier.wait(k_bar.index(nxt % KS), (nxt // KS) & 1)
-                s_tok = _qk_async(q_smem, k_smem.index(nxt % KS), s_layout, BS)
-            else:
-                mbarrier.wait(k_bar.index(t % KS), (t // KS) & 1)
-                s_tok = _qk_async(q_smem, k_smem.index(t % KS), s_layout, BS)
-                s_cur = warpgroup_mma_wait(0, deps=[s_tok])
+            if t + 1 < n_tiles:
+                _issue_tile(t + 1, kbs, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index((t + 1) % KS),
+                            k_bar.index((t + 1) % KS), BS, HAS_TEXT)
+                _issue_tile(t + 1, kbs, c1, c2, c4, c8, v1, v2, v4, v8, vt, R4, R8, v_smem.index((t + 1) % VS),
+                            v_bar.index((t + 1) % VS), BS, HAS_TEXT)
+            kbs = _tile_entries(t + 2, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
+            mbarrier.wait(k_bar.index(t % KS), (t // KS) & 1)
+            s_tok = _qk_async(q_smem, k_smem.index(t % KS), s_layout, BS)
+            s_cur = warpgroup_mma_wait(0, deps=[s_tok])  # also retires P.V(t-1)
 
             # a plain tile (all entries listed, none a partial block, not text) needs no per-column bias
             lg, first, hi = _tile_level(t, c1, c2, c4, c8, e1, e2, e4, e8)
-            last_kb = gl.load(idx + gl.maximum(hi - 1, 0))
+            last_kb = gl.where(lg == 0, last1, gl.where(lg == 1, last2, gl.where(lg == 2, last4, last8)))
             plain = (first + (1 << lg) <= hi) & (last_kb * BS + BS <= NV) & (t < c8)
             if plain:
                 s = s_cur * qk_scale + lg.to(gl.float32)
@@ -250,13 +256,11 @@ if HAVE_GLUON:
             alpha = gl.exp2(m_i - m_use)
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
-            acc = warpgroup_mma_wait(1 if LOOKAHEAD else 0, deps=[acc])  # P.V(t-1) done; QK^T(t+1) may run
+            acc = warpgroup_mma_wait(0, deps=[acc])
             acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             mbarrier.wait(v_bar.index(t % VS), (t // VS) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(t % VS), acc, is_async=True)
-            if LOOKAHEAD:
-                s_cur = warpgroup_mma_wait(1, deps=[s_tok])  # QK^T(t+1) done; P.V(t) may still run
 
         out = warpgroup_mma_wait(0, deps=[acc])
         l_o = gl.convert_layout(l_i, rows_o)
@@ -301,9 +305,8 @@ def gluon_fwd_problem(q: Tensor, tensors: dict[str, Tensor], block: int) -> str 
 
 def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None,
                      ev: Tensor | None, emask: Tensor | None, out: Tensor, lse: Tensor, idx: Tensor, ends: Tensor,
-                     r4: int, r8: int, block: int, scale: float, lookahead: bool = True) -> None:
-    """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`). ``lookahead``:
-    issue the next tile's QK^T before this tile's softmax (else one product at a time, as Triton does)."""
+                     r4: int, r8: int, block: int, scale: float) -> None:
+    """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`, no knobs)."""
     from ._triton_common import LOG2E, ensure_allocator
 
     B, NV, H, D = q.shape
@@ -320,5 +323,5 @@ def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, 
         emask.stride(0) if emask is not None else 0, *st(out), lse.stride(0), lse.stride(1),
         H, NV, nb, T, r4, r8, kp.shape[1], scale * LOG2E,
         HEAD_DIM=D, BS=block, LOG_BS=block.bit_length() - 1, KS=K_SLOTS, VS=V_SLOTS,
-        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, LOOKAHEAD=lookahead, num_warps=block // 16,
+        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, num_warps=block // 16,
     )

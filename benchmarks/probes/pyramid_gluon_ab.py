@@ -5,7 +5,7 @@
 Errors: both kernels against `reference_pyramid_attention` (fp32) on random level maps at small shapes (token
 counts not a multiple of the block, batch 2, per-head maps, text keys with a mask, blocks 64/128, head dims
 64/128, fp16/bf16). Times: the kernel alone at Wan2.1-1.3B 480p 81f (12 heads, D=128, bf16) for rank quotas at
-15% and the default thresholds, blocks 128 and 64, with and without the QK^T lookahead, and each level alone.
+15% and the default thresholds, blocks 128 and 64, each level alone, and a launch without tiles.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         idx, ends = level_lists(levels)
         return kv, vv, kp, vp, ek, ev, emask, idx, ends, r4, r8
 
-    def run(kind, q, k, v, levels, block, T=0, emask=None, lookahead=True):
+    def run(kind, q, k, v, levels, block, T=0, emask=None):
         B, NV, H, D = q.shape
         kv, vv, kp, vp, ek, ev, em, idx, ends, r4, r8 = prepared(q, k, v, levels, block, T, emask)
         out = torch.empty_like(q)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                        scale, knobs)
         else:
             fn = lambda: launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
-                                          scale, lookahead)
+                                          scale)
         return fn, out, lse
 
     res: dict = {"device": torch.cuda.get_device_name(), "errors": [], "times": {}}
@@ -103,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                 q, k, v, levels, block, video_keys=(0, NV), text_keys=(NV, T) if T else None,
                 text_lengths=lengths, text_mask=mask, return_lse=True)
             row = {"case": [B, NV, H, D, T, masked, block, str(dtype)]}
-            for name, kind, la in (("triton", "triton", True), ("gluon", "gluon", True),
-                                   ("gluon_nola", "gluon", False)):
+            for name in ("triton", "gluon"):
                 try:
-                    fn, out, lse = run(kind, q, k, v, levels, block, T, emask, la)
+                    fn, out, lse = run(name, q, k, v, levels, block, T, emask)
                     fn()
                     torch.cuda.synchronize()
                     row[name] = float((out.float() - ref.float()).abs().max())
@@ -136,25 +135,21 @@ def main(argv: list[str] | None = None) -> int:
             t: dict = {"density": float(level_density(levels))}
             fn_t, out_t, _ = run("triton", q, k, v, levels, block)
             t["triton_ms"] = bench(fn_t)
-            for la in (True, False):
-                tag = "gluon" if la else "gluon_nola"
-                try:
-                    fn_g, out_g, _ = run("gluon", q, k, v, levels, block, lookahead=la)
-                    t[tag + "_ms"] = bench(fn_g)
-                    t[tag + "_max_abs_diff_vs_triton"] = float((out_g.float() - out_t.float()).abs().max())
-                except Exception as err:
-                    t[tag + "_ms"] = repr(err)[:300]
+            try:
+                fn_g, out_g, _ = run("gluon", q, k, v, levels, block)
+                t["gluon_ms"] = bench(fn_g)
+                t["gluon_max_abs_diff_vs_triton"] = float((out_g.float() - out_t.float()).abs().max())
+            except Exception as err:
+                t["gluon_ms"] = repr(err)[:300]
             if name == "topk15":
                 for p in (1, 2, 4, 8):
                     only = torch.where(levels == p, p, 0).to(torch.int32)
                     t[f"p{p}_blocks"] = int((levels == p).sum())
                     t[f"p{p}_triton_ms"] = bench(run("triton", q, k, v, only, block)[0])
-                    for la in (True, False):
-                        try:
-                            t[f"p{p}_{'gluon' if la else 'gluon_nola'}_ms"] = bench(
-                                run("gluon", q, k, v, only, block, lookahead=la)[0])
-                        except Exception as err:
-                            t[f"p{p}_gluon_ms"] = repr(err)[:200]
+                    try:
+                        t[f"p{p}_gluon_ms"] = bench(run("gluon", q, k, v, only, block)[0])
+                    except Exception as err:
+                        t[f"p{p}_gluon_ms"] = repr(err)[:200]
                 none = torch.zeros_like(levels)
                 t["no_tiles_triton_ms"] = bench(run("triton", q, k, v, none, block)[0])
                 t["no_tiles_gluon_ms"] = bench(run("gluon", q, k, v, none, block)[0])
