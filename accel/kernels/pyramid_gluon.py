@@ -44,8 +44,8 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 
 __all__ = ["HAVE_GLUON", "gluon_fwd_problem", "launch_fwd_gluon"]
 
-K_SLOTS = 2  # K tiles in shared memory: tile t+2 loads while t+1's QK^T runs
-V_SLOTS = 3  # V tiles: tile t+1 loads while t's P.V runs and t-1's slot drains
+K_SLOTS = 3  # K tiles in shared memory: tiles t+1 and t+2 load while tile t computes
+V_SLOTS = 3  # V tiles: tile t+1 loads while t computes and P.V(t-1) may still read its slot
 
 if HAVE_GLUON:
 
@@ -210,13 +210,19 @@ if HAVE_GLUON:
         _tma_load(q_desc, [qb * BS, 0], q_bar, q_smem)
         ent: gl.constexpr = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[num_warps],
                                              order=[0])
+        # K runs two tiles ahead (slots t+1, t+2 loading while t computes), V one (its slot t-1 may still be read
+        # by P.V(t-1) at the top of iteration t): kbs_v/kbs_k hold the block indices of tiles t+1/t+2
         kbs = _tile_entries(0, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
+        kbs_v = _tile_entries(1, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
         if n_tiles > 0:
             _issue_tile(0, kbs, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index(0), k_bar.index(0), BS,
                         HAS_TEXT)
             _issue_tile(0, kbs, c1, c2, c4, c8, v1, v2, v4, v8, vt, R4, R8, v_smem.index(0), v_bar.index(0), BS,
                         HAS_TEXT)
-        kbs = _tile_entries(1, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
+        if n_tiles > 1:
+            _issue_tile(1, kbs_v, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index(1), k_bar.index(1), BS,
+                        HAS_TEXT)
+        kbs_k = _tile_entries(2, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
         # each level's last block: the only one that can be partial (`_tile_column_bias`)
         last1 = gl.load(idx + gl.maximum(e1 - 1, 0))
         last2 = gl.load(idx + gl.maximum(e2 - 1, 0))
@@ -229,14 +235,16 @@ if HAVE_GLUON:
         acc = warpgroup_mma_init(gl.zeros([BS, HEAD_DIM], gl.float32, layout=o_layout))
         mbarrier.wait(q_bar, 0)
         for t in range(n_tiles):
-            # both warpgroups are past QK^T(t-1) and P.V(t-2): tile t+1 goes to K slot t-1 and V slot t-2
+            # both warpgroups are past QK^T(t-1) and P.V(t-2): K(t+2) goes to K slot t-1, V(t+1) to V slot t-2
             _cta_barrier()
+            if t + 2 < n_tiles:
+                _issue_tile(t + 2, kbs_k, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index((t + 2) % KS),
+                            k_bar.index((t + 2) % KS), BS, HAS_TEXT)
             if t + 1 < n_tiles:
-                _issue_tile(t + 1, kbs, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index((t + 1) % KS),
-                            k_bar.index((t + 1) % KS), BS, HAS_TEXT)
-                _issue_tile(t + 1, kbs, c1, c2, c4, c8, v1, v2, v4, v8, vt, R4, R8, v_smem.index((t + 1) % VS),
+                _issue_tile(t + 1, kbs_v, c1, c2, c4, c8, v1, v2, v4, v8, vt, R4, R8, v_smem.index((t + 1) % VS),
                             v_bar.index((t + 1) % VS), BS, HAS_TEXT)
-            kbs = _tile_entries(t + 2, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
+            kbs_v = kbs_k
+            kbs_k = _tile_entries(t + 3, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
             mbarrier.wait(k_bar.index(t % KS), (t // KS) & 1)
             s_tok = _qk_async(q_smem, k_smem.index(t % KS), s_layout, BS)
             s_cur = warpgroup_mma_wait(0, deps=[s_tok])  # also retires P.V(t-1)
