@@ -11,6 +11,8 @@ read. Text keys join the same online softmax. On Hopper the video and pooled K/V
 descriptors (TMA): the pointer form holds per-element addresses and spills at 255 registers. There the pooled
 levels with few rows per block share wider tiles (``PACK`` = 64 lanes at blocks 64 and 128), gathered
 through int32 row offsets, so a level-8 block of 16 rows no longer pays a whole tile's latency (`fwd_knobs`).
+On an sm_90 GPU at blocks 64/128 and head dims 64/128 the forward runs as a Gluon kernel instead
+(`pyramid_gluon`: p pooled blocks per full tile through TMA, 7-10% faster on the H200), with this one as fallback.
 
 The forward also writes the natural-log LSE per query row. Backward (`pyramid_bwd.py`): FA2's split with
 Delta = rowsum(dO * O) - dLse, a dQ pass over query blocks (the same level lists as the forward) and a dK/dV pass
@@ -22,6 +24,7 @@ node each.
 
 # No `from __future__ import annotations`: torch.library reads the schema from real annotation objects.
 import math
+import warnings
 
 import torch
 import triton
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from ._common import resolve_key_parts, text_visibility, triton_input_reason
 from ._triton_common import LOG2E, _rows_desc, _softmax_update_masked, dot_precision, ensure_allocator, head_dim_pad
+from .pyramid_gluon import gluon_fwd_problem, launch_fwd_gluon
 from .pyramid_levels import level_lists as fused_level_lists
 from .pyramid_pool import pool_kv_levels
 from .pyramid_reference import LEVELS, pool_levels
@@ -291,10 +295,32 @@ def pyramid_fwd(
     idx, ends = fused_level_lists(levels)
     T = ek.shape[1] if ek is not None else 0
     emask = text_vis if (T and text_vis is not None) else None
+    tensors = {"q": q, "out": out, "video k": kv, "video v": vv, "pooled k": kp, "pooled v": vp}
+    if T:
+        tensors.update({"text k": ek, "text v": ev})
+    if gluon_fwd_problem(q, tensors, block) is None and _launch_gluon_or_warn(
+            q, kv, vv, kp, vp, ek, ev, emask, out, lse, idx, ends, r4, r8, block, scale):
+        return out, lse
     knobs = fwd_knobs(block, head_dim_pad(D), fwd_uses_tma(kv, vv, kp, vp),
                       max(kp.shape[1] * kp.stride(1), vp.shape[1] * vp.stride(1)) < 2**31)
     launch_fwd(q, kv, vv, kp, vp, ek, ev, emask, out, lse, idx, ends, r4, r8, block, scale, knobs)
     return out, lse
+
+
+def _launch_gluon_or_warn(*args) -> bool:
+    """Run the Gluon forward (`pyramid_gluon`); False, with a warning, when this Triton cannot build it (Gluon
+    is experimental: a release that changes its API must cost speed, not the call)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        launch_fwd_gluon(*args)
+        return True
+    except (CompilationError, OutOfResources, AttributeError, TypeError) as err:
+        warnings.warn(f"accel: the Gluon pyramid forward did not build with triton {triton.__version__} "
+                      f"({type(err).__name__}: {str(err)[:200]}); using the Triton kernel", RuntimeWarning,
+                      stacklevel=3)
+        return False
 
 
 def fwd_uses_tma(*tensors: Tensor) -> bool:
