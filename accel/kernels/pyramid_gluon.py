@@ -45,6 +45,8 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 __all__ = ["HAVE_GLUON", "gluon_fwd_problem", "launch_fwd_gluon"]
 
 K_SLOTS = 3  # K tiles in shared memory: tiles t+1 and t+2 load while tile t computes
+WS_CONSUMER_REGS = 240  # registers per thread of each consumer warpgroup (FA3's split of the 64K)
+WS_PRODUCER_REGS = 24  # of the load warp's warpgroup
 V_SLOTS = 3  # V tiles: tile t+1 loads while t computes and P.V(t-1) may still read its slot
 
 if HAVE_GLUON:
@@ -291,6 +293,178 @@ if HAVE_GLUON:
             mbarrier.invalidate(v_bar.index(i))
 
 
+    @gluon.jit
+    def _ws_producer(descs, row, bufs, bars, R4, R8, BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
+                     HAS_TEXT: gl.constexpr):
+        """The load warp: Q once, then per tile its K and V (p boxes each for a pooled tile) into the rings, each
+        slot once both consumer warpgroups have released it. Its waits on the block indices stall only itself."""
+        idx, c1, c2, c4, c8, e1, e2, e4, e8, n_tiles, q_row = row
+        k1, k2, k4, k8, kt, v1, v2, v4, v8, vt, q_desc = descs
+        q_smem, k_smem, v_smem = bufs
+        q_bar, k_ready, k_empty, v_ready, v_empty = bars
+        ent: gl.constexpr = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[1],
+                                             order=[0])
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [q_row, 0], q_bar, q_smem)
+        for t in range(n_tiles):
+            kbs = _tile_entries(t, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
+            mbarrier.wait(k_empty.index(t % KS), ((t // KS) & 1) ^ 1)
+            _issue_tile(t, kbs, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index(t % KS),
+                        k_ready.index(t % KS), BS, HAS_TEXT)
+            mbarrier.wait(v_empty.index(t % VS), ((t // VS) & 1) ^ 1)
+            _issue_tile(t, kbs, c1, c2, c4, c8, v1, v2, v4, v8, vt, R4, R8, v_smem.index(t % VS),
+                        v_ready.index(t % VS), BS, HAS_TEXT)
+
+    @gluon.jit
+    def _ws_consumer(row, bufs, bars, outs, NV, T, emask, qk_scale, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
+                     HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr):
+        """One consumer warpgroup: query rows [WG*b/2, +b/2) of the block over every tile of the row, releasing
+        each K slot after its QK^T and each V slot after its P.V, then its output rows and LSE."""
+        idx, c1, c2, c4, c8, e1, e2, e4, e8, n_tiles, q_row = row
+        q_smem, k_smem, v_smem = bufs
+        q_bar, k_ready, k_empty, v_ready, v_empty = bars
+        out_base, stride_om, lse_base = outs
+        HALF: gl.constexpr = BS // 2
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BS, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        cols = gl.arange(0, BS, layout=gl.SliceLayout(0, s_layout))
+        last1 = gl.load(idx + gl.maximum(e1 - 1, 0))
+        last2 = gl.load(idx + gl.maximum(e2 - 1, 0))
+        last4 = gl.load(idx + gl.maximum(e4 - 1, 0))
+        last8 = gl.load(idx + gl.maximum(e8 - 1, 0))
+        q_half = q_smem.slice(WG * HALF, HALF)
+        m_i = gl.full([HALF], float("-inf"), gl.float32, layout=rows_s)
+        l_i = gl.zeros([HALF], gl.float32, layout=rows_s)
+        acc = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout))
+        mbarrier.wait(q_bar, 0)
+        for t in range(n_tiles):
+            mbarrier.wait(k_ready.index(t % KS), (t // KS) & 1)
+            s_tok = warpgroup_mma(q_half, k_smem.index(t % KS).permute((1, 0)),
+                                  gl.zeros([HALF, BS], gl.float32, layout=s_layout), use_acc=False, is_async=True)
+            s_cur = warpgroup_mma_wait(0, deps=[s_tok])  # also retires P.V(t-1)
+            mbarrier.arrive(k_empty.index(t % KS), count=1)
+            if t > 0:
+                mbarrier.arrive(v_empty.index((t - 1) % VS), count=1)
+            lg, first, hi = _tile_level(t, c1, c2, c4, c8, e1, e2, e4, e8)
+            last_kb = gl.where(lg == 0, last1, gl.where(lg == 1, last2, gl.where(lg == 2, last4, last8)))
+            plain = (first + (1 << lg) <= hi) & (last_kb * BS + BS <= NV) & (t < c8)
+            if plain:
+                s = s_cur * qk_scale + lg.to(gl.float32)
+            else:
+                s = s_cur * qk_scale + _tile_column_bias(t, lg, first, hi, last_kb, c8, NV, T, emask, cols, BS,
+                                                         LOG_BS, HAS_TEXT, HAS_TEXT_MASK)[None, :]
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(s - m_use[:, None])
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(t % VS), (t // VS) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(t % VS), acc, is_async=True)
+        out = warpgroup_mma_wait(0, deps=[acc])
+        l_o = gl.convert_layout(l_i, rows_o)
+        out = out / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+        r_o = q_row + WG * HALF + gl.arange(0, HALF, layout=rows_o)
+        d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        gl.store(out_base + r_o.to(gl.int64)[:, None] * stride_om + d_o[None, :], out.to(dtype),
+                 mask=(r_o < NV)[:, None])
+        r_s = q_row + WG * HALF + gl.arange(0, HALF, layout=rows_s)
+        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i)))
+                       * 0.6931471805599453)
+        gl.store(lse_base + r_s, lse, mask=r_s < NV)
+
+    @gluon.jit
+    def _pyramid_fwd_gluon_ws_kernel(
+        Q, K, V, KP, VP, EK, EV, EMask, Out, Lse, Idx, Ends,
+        stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+        stride_pkb, stride_pkn, stride_pkh, stride_pvb, stride_pvn, stride_pvh,
+        stride_ekb, stride_ekn, stride_ekh, stride_evb, stride_evn, stride_evh, stride_emb,
+        stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+        H, NV, NB, T, R4, R8, RP, qk_scale,
+        HEAD_DIM: gl.constexpr, BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
+        HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """The same forward warp-specialised (FA3's split): one load warp and two consumer warpgroups of b/2
+        query rows, synchronised only through mbarriers, so one warpgroup's softmax overlaps the other's
+        matmuls and no CTA barrier precedes a TMA copy (the single-partition kernel pays one per copy)."""
+        dtype: gl.constexpr = Q.dtype.element_ty
+        qb = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        off_b = (pid_bh // H).to(gl.int64)
+        off_h = (pid_bh % H).to(gl.int64)
+        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
+                                                  rank=2)
+        kb1 = K + off_b * stride_kb + off_h * stride_kh
+        vb1 = V + off_b * stride_vb + off_h * stride_vh
+        kbp = KP + off_b * stride_pkb + off_h * stride_pkh
+        vbp = VP + off_b * stride_pvb + off_h * stride_pvh
+        k1 = _rows_desc(kb1, NV, stride_kn, HEAD_DIM, BS, smem)
+        if HAS_TEXT:
+            kt = _rows_desc(EK + off_b * stride_ekb + off_h * stride_ekh, T, stride_ekn, HEAD_DIM, BS, smem)
+            vt = _rows_desc(EV + off_b * stride_evb + off_h * stride_evh, T, stride_evn, HEAD_DIM, BS, smem)
+        else:
+            kt = k1
+            vt = k1
+        descs = (k1, _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 2, smem),
+                 _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 4, smem),
+                 _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 8, smem), kt,
+                 _rows_desc(vb1, NV, stride_vn, HEAD_DIM, BS, smem),
+                 _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 2, smem),
+                 _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 4, smem),
+                 _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 8, smem), vt,
+                 _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, NV, stride_qm, HEAD_DIM, BS, smem))
+        r = pid_bh.to(gl.int64) * NB + qb
+        e1 = gl.load(Ends + r * 4)
+        e2 = gl.load(Ends + r * 4 + 1)
+        e4 = gl.load(Ends + r * 4 + 2)
+        e8 = gl.load(Ends + r * 4 + 3)
+        c1 = e1
+        c2 = c1 + (e2 - e1 + 1) // 2
+        c4 = c2 + (e4 - e2 + 3) // 4
+        c8 = c4 + (e8 - e4 + 7) // 8
+        n_tiles = c8
+        if HAS_TEXT:
+            n_tiles = c8 + (T + BS - 1) // BS
+        row = (Idx + r * NB, c1, c2, c4, c8, e1, e2, e4, e8, n_tiles, qb * BS)
+        bufs = (gl.allocate_shared_memory(dtype, [BS, HEAD_DIM], smem),
+                gl.allocate_shared_memory(dtype, [KS, BS, HEAD_DIM], smem),
+                gl.allocate_shared_memory(dtype, [VS, BS, HEAD_DIM], smem))
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [KS, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [KS, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [VS, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [VS, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(KS):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        for i in gl.static_range(VS):
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        bars = (q_bar, k_ready, k_empty, v_ready, v_empty)
+        outs = (Out + off_b * stride_ob + off_h * stride_oh, stride_om, Lse + off_b * stride_lb + off_h * stride_lh)
+        emask = EMask + off_b * stride_emb
+        gl.warp_specialize([
+            (_ws_consumer, (row, bufs, bars, outs, NV, T, emask, qk_scale, 0, HEAD_DIM, BS, LOG_BS, KS, VS,
+                            HAS_TEXT, HAS_TEXT_MASK)),
+            (_ws_consumer, (row, bufs, bars, outs, NV, T, emask, qk_scale, 1, HEAD_DIM, BS, LOG_BS, KS, VS,
+                            HAS_TEXT, HAS_TEXT_MASK)),
+            (_ws_producer, (descs, row, bufs, bars, R4, R8, BS, KS, VS, HAS_TEXT)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
 def gluon_fwd_problem(q: Tensor, tensors: dict[str, Tensor], block: int) -> str | None:
     """Why the Gluon forward cannot run on these inputs (None: it can). ``tensors``: name -> every tensor a
     descriptor reads or writes (q, out, the video, pooled and text K/V)."""
@@ -313,8 +487,9 @@ def gluon_fwd_problem(q: Tensor, tensors: dict[str, Tensor], block: int) -> str 
 
 def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None,
                      ev: Tensor | None, emask: Tensor | None, out: Tensor, lse: Tensor, idx: Tensor, ends: Tensor,
-                     r4: int, r8: int, block: int, scale: float) -> None:
-    """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`, no knobs)."""
+                     r4: int, r8: int, block: int, scale: float, ws: bool = False) -> None:
+    """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`). ``ws``: the
+    warp-specialised form (block 128 only: each consumer warpgroup needs 64 query rows)."""
     from ._triton_common import LOG2E, ensure_allocator
 
     B, NV, H, D = q.shape
@@ -325,11 +500,19 @@ def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, 
     def st(t: Tensor | None) -> tuple[int, int, int]:  # (batch, row, head) strides
         return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
 
-    _pyramid_fwd_gluon_kernel[(nb, B * H)](
+    kernel, extra = _pyramid_fwd_gluon_kernel, {"num_warps": block // 16}
+    if ws:
+        if block != 128:
+            raise ValueError(f"the warp-specialised Gluon forward needs block 128, got {block}")
+        # maxnreg: the launch's per-thread share (3 warpgroups in 64K registers), so the default partition
+        # (consumer 0) gets 240 like consumer 1, not more than the register file holds
+        kernel, extra = _pyramid_fwd_gluon_ws_kernel, {"num_warps": 4, "CONSUMER_REGS": WS_CONSUMER_REGS,
+                                                        "PRODUCER_REGS": WS_PRODUCER_REGS, "maxnreg": 168}
+    kernel[(nb, B * H)](
         q, kv, vv, kp, vp, ek if T else kp, ev if T else vp, emask if emask is not None else idx, out, lse, idx,
         ends, *st(q), *st(kv), *st(vv), *st(kp), *st(vp), *st(ek), *st(ev),
         emask.stride(0) if emask is not None else 0, *st(out), lse.stride(0), lse.stride(1),
         H, NV, nb, T, r4, r8, kp.shape[1], scale * LOG2E,
         HEAD_DIM=D, BS=block, LOG_BS=block.bit_length() - 1, KS=K_SLOTS, VS=V_SLOTS,
-        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, num_warps=block // 16,
+        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, **extra,
     )

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return kv, vv, kp, vp, ek, ev, emask, idx, ends, r4, r8
 
     def run(kind, q, k, v, levels, block, T=0, emask=None):
+        ws = kind == "gluon_ws"
         B, NV, H, D = q.shape
         kv, vv, kp, vp, ek, ev, em, idx, ends, r4, r8 = prepared(q, k, v, levels, block, T, emask)
         out = torch.empty_like(q)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                        scale, knobs)
         else:
             fn = lambda: launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
-                                          scale)
+                                          scale, ws)
         return fn, out, lse
 
     res: dict = {"device": torch.cuda.get_device_name(), "errors": [], "times": {}}
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 q, k, v, levels, block, video_keys=(0, NV), text_keys=(NV, T) if T else None,
                 text_lengths=lengths, text_mask=mask, return_lse=True)
             row = {"case": [B, NV, H, D, T, masked, block, str(dtype)]}
-            for name in ("triton", "gluon"):
+            for name in ("triton", "gluon") + (("gluon_ws",) if block == 128 else ()):
                 try:
                     fn, out, lse = run(name, q, k, v, levels, block, T, emask)
                     fn()
@@ -135,24 +136,28 @@ def main(argv: list[str] | None = None) -> int:
             t: dict = {"density": float(level_density(levels))}
             fn_t, out_t, _ = run("triton", q, k, v, levels, block)
             t["triton_ms"] = bench(fn_t)
-            try:
-                fn_g, out_g, _ = run("gluon", q, k, v, levels, block)
-                t["gluon_ms"] = bench(fn_g)
-                t["gluon_max_abs_diff_vs_triton"] = float((out_g.float() - out_t.float()).abs().max())
-            except Exception as err:
-                t["gluon_ms"] = repr(err)[:300]
+            for kind in ("gluon", "gluon_ws") if block == 128 else ("gluon",):
+                try:
+                    fn_g, out_g, _ = run(kind, q, k, v, levels, block)
+                    t[kind + "_ms"] = bench(fn_g)
+                    t[kind + "_max_abs_diff_vs_triton"] = float((out_g.float() - out_t.float()).abs().max())
+                except Exception as err:
+                    t[kind + "_ms"] = repr(err)[:300]
             if name == "topk15":
                 for p in (1, 2, 4, 8):
                     only = torch.where(levels == p, p, 0).to(torch.int32)
                     t[f"p{p}_blocks"] = int((levels == p).sum())
                     t[f"p{p}_triton_ms"] = bench(run("triton", q, k, v, only, block)[0])
-                    try:
-                        t[f"p{p}_gluon_ms"] = bench(run("gluon", q, k, v, only, block)[0])
-                    except Exception as err:
-                        t[f"p{p}_gluon_ms"] = repr(err)[:200]
+                    for kind in ("gluon", "gluon_ws") if block == 128 else ("gluon",):
+                        try:
+                            t[f"p{p}_{kind}_ms"] = bench(run(kind, q, k, v, only, block)[0])
+                        except Exception as err:
+                            t[f"p{p}_{kind}_ms"] = repr(err)[:200]
                 none = torch.zeros_like(levels)
                 t["no_tiles_triton_ms"] = bench(run("triton", q, k, v, none, block)[0])
                 t["no_tiles_gluon_ms"] = bench(run("gluon", q, k, v, none, block)[0])
+                if block == 128:
+                    t["no_tiles_gluon_ws_ms"] = bench(run("gluon_ws", q, k, v, none, block)[0])
             print(key, t, flush=True)
             res["times"][key] = t
     out_dir = Path(args.out)
