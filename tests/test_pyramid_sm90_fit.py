@@ -61,6 +61,11 @@ def measure(block: int, hdp: int) -> dict[str, int]:
         result["forward_gluon"] = shared(pg._pyramid_fwd_gluon_kernel, dict(
             HEAD_DIM=hdp, BS=block, LOG_BS=block.bit_length() - 1, KS=pg.K_SLOTS, VS=pg.V_SLOTS, HAS_TEXT=True,
             HAS_TEXT_MASK=True, num_warps=block // 16), ptrs, block // 16, 1)
+        if block == 128:
+            result["forward_gluon_ws"] = compile_sm90(pg._pyramid_fwd_gluon_ws_kernel, dict(
+                HEAD_DIM=hdp, BS=block, LOG_BS=7, KS=pg.K_SLOTS, VS=pg.V_SLOTS, HAS_TEXT=True, HAS_TEXT_MASK=True,
+                CONSUMER_REGS=pg.WS_CONSUMER_REGS, PRODUCER_REGS=pg.WS_PRODUCER_REGS, num_warps=4), ptrs,
+                ("qk_scale",), num_warps=4, maxnreg=168).metadata.shared
     return result
 
 

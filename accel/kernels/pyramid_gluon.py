@@ -1,17 +1,22 @@
 """Pyramid forward for Hopper (sm_90) in Gluon: every K/V tile full, pooled blocks packed into it by TMA.
 
 The Triton forward (`pyramid.py`) pays a tile's fixed cost for every pooled block: Triton cannot load several
-descriptor boxes into one shared-memory tile, and it waits for every QK^T product right after issuing it
-(benchmarks/NOTES.md, pyramid items 9-11). Here, with the same inputs, level lists and results:
+descriptor boxes into one shared-memory tile (benchmarks/NOTES.md, pyramid items 9-11). Here, with the same
+inputs, level lists and results:
 
 - A tile of level p holds p pooled blocks of b/p rows each: p TMA loads into row slices of one (b, D)
-  shared-memory tile, so a level-8 block costs 1/8 of a tile. Level-1 tiles and text tiles are one load each.
-  The row's tiles run in one loop: level 1, then 2, 4, 8 (packed), then text; the columns' validity and the
-  +log2(count) bias follow from the tile's level (`_tile_columns`), exactly as `_pooled_lanes` gives them.
-- The next tile's QK^T is issued before this tile's softmax and waited for after this tile's P.V is issued
-  (FA3's intra-warpgroup overlap): one product is always in flight.
-- K has two slots and V three (192 KB with Q); a slot is refilled once both warpgroups are past it (one CTA
-  barrier per tile).
+  shared-memory tile, so a level-8 block costs 1/8 of a tile's matmuls. Level-1 and text tiles are one load.
+  The row's tiles run in one loop: level 1, then 2, 4, 8 (packed), then text. A tile whose entries are all
+  listed and full needs no per-column work (bias log2(p) for all); only a level's last tile and text tiles
+  build a per-column bias (`_tile_column_bias`), exactly the keys and biases of `pyramid._pooled_lanes`.
+- The block indices of a tile are loaded one tile before its loads are issued (`_tile_entries`), so no warp
+  waits on a global load inside the loop; K runs two tiles ahead in three slots, V one tile ahead in three
+  (224 KB with Q). A slot is refilled once both warpgroups are past it (one CTA barrier per tile).
+- ``ws=True`` (block 128): the same work warp-specialised, FA3's split: one load warp and two consumer
+  warpgroups of 64 query rows, synchronised through mbarriers only (`_pyramid_fwd_gluon_ws_kernel`).
+
+Tried and removed: issuing the next tile's QK^T before this tile's softmax (FA3's intra-warpgroup overlap):
+ptxas serialises the wgmmas anyway (C7514) and the second accumulator spills at block 128: 3.36 vs 2.67 ms.
 
 Only for sm_90, 16-bit inputs, head dims 64/128 and blocks 64/128 with descriptor-friendly strides
 (`gluon_fwd_problem`); everything else, and any build failure, runs the Triton kernel. Gluon does not run
