@@ -42,6 +42,7 @@ from .select import tma_problem
 __all__ = ["can_run_pyramid", "level_lists", "pyramid_attention"]
 
 BLOCK_SIZES = (16, 32, 64, 128)
+GLUON_WS = False  # block 128 on sm_90: the warp-specialised Gluon forward (else the single-partition one)
 _TEXT_BLOCK = 32
 
 
@@ -314,7 +315,7 @@ def _launch_gluon_or_warn(*args) -> bool:
     from triton.runtime.errors import OutOfResources
 
     try:
-        launch_fwd_gluon(*args)
+        launch_fwd_gluon(*args, ws=GLUON_WS and args[-2] == 128)
         return True
     except (CompilationError, OutOfResources, AttributeError, TypeError) as err:
         warnings.warn(f"accel: the Gluon pyramid forward did not build with triton {triton.__version__} "
