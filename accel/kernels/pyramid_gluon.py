@@ -128,6 +128,63 @@ if HAVE_GLUON:
         return bias
 
     @gluon.jit
+    def _row_tiles(Ends, r, T, BS: gl.constexpr, HAS_TEXT: gl.constexpr):
+        """Row ``r``'s level ends (entries) and tile ends: (e1, e2, e4, e8, c1, c2, c4, c8, tiles); a level-p tile
+        holds p entries, text tiles follow the video ones."""
+        e1 = gl.load(Ends + r * 4)
+        e2 = gl.load(Ends + r * 4 + 1)
+        e4 = gl.load(Ends + r * 4 + 2)
+        e8 = gl.load(Ends + r * 4 + 3)
+        c2 = e1 + (e2 - e1 + 1) // 2
+        c4 = c2 + (e4 - e2 + 3) // 4
+        c8 = c4 + (e8 - e4 + 7) // 8
+        n_tiles = c8
+        if HAS_TEXT:
+            n_tiles = c8 + (T + BS - 1) // BS
+        return e1, e2, e4, e8, e1, c2, c4, c8, n_tiles
+
+    @gluon.jit
+    def _level_lasts(idx, e1, e2, e4, e8):
+        """Each level's last block: the only one that can be partial (`_tile_column_bias`)."""
+        return (gl.load(idx + gl.maximum(e1 - 1, 0)), gl.load(idx + gl.maximum(e2 - 1, 0)),
+                gl.load(idx + gl.maximum(e4 - 1, 0)), gl.load(idx + gl.maximum(e8 - 1, 0)))
+
+    @gluon.jit
+    def _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols, qk_scale,
+                     BS: gl.constexpr, LOG_BS: gl.constexpr, HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr):
+        """Tile ``t``'s logits in log2 units with its keys' biases. A plain tile (all entries listed, none a
+        partial block, not text) needs no per-column work: every key's bias is log2(p)."""
+        lg, first, hi = _tile_level(t, c1, c2, c4, c8, e1, e2, e4, e8)
+        last_kb = gl.where(lg == 0, lasts[0], gl.where(lg == 1, lasts[1], gl.where(lg == 2, lasts[2], lasts[3])))
+        plain = (first + (1 << lg) <= hi) & (last_kb * BS + BS <= NV) & (t < c8)
+        if plain:
+            s = s_cur * qk_scale + lg.to(gl.float32)
+        else:
+            s = s_cur * qk_scale + _tile_column_bias(t, lg, first, hi, last_kb, c8, NV, T, emask, cols, BS,
+                                                     LOG_BS, HAS_TEXT, HAS_TEXT_MASK)[None, :]
+        return s
+
+    @gluon.jit
+    def _online_softmax(s, m_i, l_i, acc, rows_o: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+        """The online-softmax step (`_triton_common._softmax_update_masked`'s formula) up to P.V: returns P as the
+        wgmma's register operand, the new row max and sum, and the rescaled accumulator (its previous P.V
+        waited for)."""
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s - m_use[:, None])
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+        return gl.convert_layout(p.to(dtype), p_layout), m_new, l_i, acc
+
+    @gluon.jit
+    def _lse(m_i, l_i):
+        """Natural-log LSE per row (log2 units times ln 2); -inf for a row that sees no key."""
+        return gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i)))
+                        * 0.6931471805599453)
+
+    @gluon.jit
     def _qk_async(q_smem, k_tile, s_layout: gl.constexpr, BS: gl.constexpr):
         """Issue Q.K^T of one tile (a fresh accumulator, not waited for)."""
         return warpgroup_mma(q_smem, k_tile.permute((1, 0)), gl.zeros([BS, BS], gl.float32, layout=s_layout),
@@ -188,17 +245,7 @@ if HAVE_GLUON:
 
         row = pid_bh.to(gl.int64) * NB + qb
         idx = Idx + row * NB
-        e1 = gl.load(Ends + row * 4)
-        e2 = gl.load(Ends + row * 4 + 1)
-        e4 = gl.load(Ends + row * 4 + 2)
-        e8 = gl.load(Ends + row * 4 + 3)
-        c1 = e1
-        c2 = c1 + (e2 - e1 + 1) // 2
-        c4 = c2 + (e4 - e2 + 3) // 4
-        c8 = c4 + (e8 - e4 + 7) // 8
-        n_tiles = c8
-        if HAS_TEXT:
-            n_tiles = c8 + (T + BS - 1) // BS
+        e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, row, T, BS, HAS_TEXT)
 
         q_smem = gl.allocate_shared_memory(dtype, [BS, HEAD_DIM], smem)
         k_smem = gl.allocate_shared_memory(dtype, [KS, BS, HEAD_DIM], smem)
@@ -230,11 +277,7 @@ if HAVE_GLUON:
             _issue_tile(1, kbs_v, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index(1), k_bar.index(1), BS,
                         HAS_TEXT)
         kbs_k = _tile_entries(2, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
-        # each level's last block: the only one that can be partial (`_tile_column_bias`)
-        last1 = gl.load(idx + gl.maximum(e1 - 1, 0))
-        last2 = gl.load(idx + gl.maximum(e2 - 1, 0))
-        last4 = gl.load(idx + gl.maximum(e4 - 1, 0))
-        last8 = gl.load(idx + gl.maximum(e8 - 1, 0))
+        lasts = _level_lasts(idx, e1, e2, e4, e8)
 
         cols = gl.arange(0, BS, layout=cols_s)
         m_i = gl.full([BS], float("-inf"), gl.float32, layout=rows_s)
@@ -255,25 +298,9 @@ if HAVE_GLUON:
             mbarrier.wait(k_bar.index(t % KS), (t // KS) & 1)
             s_tok = _qk_async(q_smem, k_smem.index(t % KS), s_layout, BS)
             s_cur = warpgroup_mma_wait(0, deps=[s_tok])  # also retires P.V(t-1)
-
-            # a plain tile (all entries listed, none a partial block, not text) needs no per-column bias
-            lg, first, hi = _tile_level(t, c1, c2, c4, c8, e1, e2, e4, e8)
-            last_kb = gl.where(lg == 0, last1, gl.where(lg == 1, last2, gl.where(lg == 2, last4, last8)))
-            plain = (first + (1 << lg) <= hi) & (last_kb * BS + BS <= NV) & (t < c8)
-            if plain:
-                s = s_cur * qk_scale + lg.to(gl.float32)
-            else:
-                s = s_cur * qk_scale + _tile_column_bias(t, lg, first, hi, last_kb, c8, NV, T, emask, cols, BS,
-                                                         LOG_BS, HAS_TEXT, HAS_TEXT_MASK)[None, :]
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(s - m_use[:, None])
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            s = _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols, qk_scale, BS,
+                             LOG_BS, HAS_TEXT, HAS_TEXT_MASK)
+            p_op, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, rows_o, p_layout, dtype)
             mbarrier.wait(v_bar.index(t % VS), (t // VS) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(t % VS), acc, is_async=True)
 
@@ -285,11 +312,8 @@ if HAVE_GLUON:
         fence_async_shared()
         _cta_barrier()
         _tma_store(o_desc, [qb * BS, 0], q_smem)
-        # natural-log LSE (log2 units times ln 2); -inf for a row that sees no key
         q_rows = qb * BS + gl.arange(0, BS, layout=rows_s)
-        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i)))
-                       * 0.6931471805599453)
-        gl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_rows, lse, mask=q_rows < NV)
+        gl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_rows, _lse(m_i, l_i), mask=q_rows < NV)
         tma.store_wait(0)
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(KS):
@@ -340,10 +364,7 @@ if HAVE_GLUON:
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         cols = gl.arange(0, BS, layout=gl.SliceLayout(0, s_layout))
-        last1 = gl.load(idx + gl.maximum(e1 - 1, 0))
-        last2 = gl.load(idx + gl.maximum(e2 - 1, 0))
-        last4 = gl.load(idx + gl.maximum(e4 - 1, 0))
-        last8 = gl.load(idx + gl.maximum(e8 - 1, 0))
+        lasts = _level_lasts(idx, e1, e2, e4, e8)
         q_half = q_smem.slice(WG * HALF, HALF)
         m_i = gl.full([HALF], float("-inf"), gl.float32, layout=rows_s)
         l_i = gl.zeros([HALF], gl.float32, layout=rows_s)
@@ -357,23 +378,9 @@ if HAVE_GLUON:
             mbarrier.arrive(k_empty.index(t % KS), count=1)
             if t > 0:
                 mbarrier.arrive(v_empty.index((t - 1) % VS), count=1)
-            lg, first, hi = _tile_level(t, c1, c2, c4, c8, e1, e2, e4, e8)
-            last_kb = gl.where(lg == 0, last1, gl.where(lg == 1, last2, gl.where(lg == 2, last4, last8)))
-            plain = (first + (1 << lg) <= hi) & (last_kb * BS + BS <= NV) & (t < c8)
-            if plain:
-                s = s_cur * qk_scale + lg.to(gl.float32)
-            else:
-                s = s_cur * qk_scale + _tile_column_bias(t, lg, first, hi, last_kb, c8, NV, T, emask, cols, BS,
-                                                         LOG_BS, HAS_TEXT, HAS_TEXT_MASK)[None, :]
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(s - m_use[:, None])
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            s = _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols, qk_scale, BS,
+                             LOG_BS, HAS_TEXT, HAS_TEXT_MASK)
+            p_op, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, rows_o, p_layout, dtype)
             mbarrier.wait(v_ready.index(t % VS), (t // VS) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(t % VS), acc, is_async=True)
         out = warpgroup_mma_wait(0, deps=[acc])
@@ -384,9 +391,7 @@ if HAVE_GLUON:
         gl.store(out_base + r_o.to(gl.int64)[:, None] * stride_om + d_o[None, :], out.to(dtype),
                  mask=(r_o < NV)[:, None])
         r_s = q_row + WG * HALF + gl.arange(0, HALF, layout=rows_s)
-        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i)))
-                       * 0.6931471805599453)
-        gl.store(lse_base + r_s, lse, mask=r_s < NV)
+        gl.store(lse_base + r_s, _lse(m_i, l_i), mask=r_s < NV)
 
     @gluon.jit
     def _pyramid_fwd_gluon_ws_kernel(
@@ -430,17 +435,7 @@ if HAVE_GLUON:
                  _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 8, smem), vt,
                  _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, NV, stride_qm, HEAD_DIM, BS, smem))
         r = pid_bh.to(gl.int64) * NB + qb
-        e1 = gl.load(Ends + r * 4)
-        e2 = gl.load(Ends + r * 4 + 1)
-        e4 = gl.load(Ends + r * 4 + 2)
-        e8 = gl.load(Ends + r * 4 + 3)
-        c1 = e1
-        c2 = c1 + (e2 - e1 + 1) // 2
-        c4 = c2 + (e4 - e2 + 3) // 4
-        c8 = c4 + (e8 - e4 + 7) // 8
-        n_tiles = c8
-        if HAS_TEXT:
-            n_tiles = c8 + (T + BS - 1) // BS
+        e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
         row = (Idx + r * NB, c1, c2, c4, c8, e1, e2, e4, e8, n_tiles, qb * BS)
         bufs = (gl.allocate_shared_memory(dtype, [BS, HEAD_DIM], smem),
                 gl.allocate_shared_memory(dtype, [KS, BS, HEAD_DIM], smem),
