@@ -301,7 +301,7 @@ def pyramid_fwd(
     if T:
         tensors.update({"text k": ek, "text v": ev})
     if gluon_fwd_problem(q, tensors, block) is None and _launch_gluon_or_warn(
-            q, kv, vv, kp, vp, ek, ev, emask, out, lse, idx, ends, r4, r8, block, scale):
+            (q, kv, vv, kp, vp, ek, ev, emask, out, lse, idx, ends, r4, r8, block, scale), GLUON_WS and block == 128):
         return out, lse
     knobs = fwd_knobs(block, head_dim_pad(D), fwd_uses_tma(kv, vv, kp, vp),
                       max(kp.shape[1] * kp.stride(1), vp.shape[1] * vp.stride(1)) < 2**31)
@@ -309,14 +309,15 @@ def pyramid_fwd(
     return out, lse
 
 
-def _launch_gluon_or_warn(*args) -> bool:
-    """Run the Gluon forward (`pyramid_gluon`); False, with a warning, when this Triton cannot build it (Gluon
-    is experimental: a release that changes its API must cost speed, not the call)."""
+def _launch_gluon_or_warn(args: tuple, ws: bool) -> bool:
+    """Run the Gluon forward (`pyramid_gluon.launch_fwd_gluon` with ``args``); False, with a warning, when this
+    Triton cannot build it (Gluon is experimental: a release that changes its API must cost speed, not the
+    call)."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     try:
-        launch_fwd_gluon(*args, ws=GLUON_WS and args[-2] == 128)
+        launch_fwd_gluon(*args, ws=ws)
         return True
     except (CompilationError, OutOfResources, AttributeError, TypeError) as err:
         warnings.warn(f"accel: the Gluon pyramid forward did not build with triton {triton.__version__} "

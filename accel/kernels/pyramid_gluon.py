@@ -195,6 +195,21 @@ if HAVE_GLUON:
         return tma.make_tensor_descriptor(base, [rows, HEAD_DIM], [stride_row, 1], [BLOCK, HEAD_DIM], layout)
 
     @gluon.jit
+    def _side_descs(X, XP, EX, sx, sxp, sex, off_b, off_h, NV, RP, T, HEAD_DIM: gl.constexpr, BS: gl.constexpr,
+                    HAS_TEXT: gl.constexpr, layout: gl.constexpr):
+        """The descriptors of one side (K or V) of one (batch, head): video rows (b-row boxes), the pooled buffer
+        (b/2, b/4 and b/8-row boxes) and the text rows (the video one stands in without text). ``sx``, ``sxp``,
+        ``sex``: (batch, row, head) strides."""
+        d1 = _rows_desc(X + off_b * sx[0] + off_h * sx[2], NV, sx[1], HEAD_DIM, BS, layout)
+        xp = XP + off_b * sxp[0] + off_h * sxp[2]
+        dt = d1
+        if HAS_TEXT:
+            dt = _rows_desc(EX + off_b * sex[0] + off_h * sex[2], T, sex[1], HEAD_DIM, BS, layout)
+        return (d1, _rows_desc(xp, RP, sxp[1], HEAD_DIM, BS // 2, layout),
+                _rows_desc(xp, RP, sxp[1], HEAD_DIM, BS // 4, layout),
+                _rows_desc(xp, RP, sxp[1], HEAD_DIM, BS // 8, layout), dt)
+
+    @gluon.jit
     def _pyramid_fwd_gluon_kernel(
         Q, K, V, KP, VP, EK, EV, EMask, Out, Lse, Idx, Ends,
         stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -223,24 +238,14 @@ if HAVE_GLUON:
 
         q_desc = _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, NV, stride_qm, HEAD_DIM, BS, smem)
         o_desc = _rows_desc(Out + off_b * stride_ob + off_h * stride_oh, NV, stride_om, HEAD_DIM, BS, smem)
-        kb1 = K + off_b * stride_kb + off_h * stride_kh
-        vb1 = V + off_b * stride_vb + off_h * stride_vh
-        kbp = KP + off_b * stride_pkb + off_h * stride_pkh
-        vbp = VP + off_b * stride_pvb + off_h * stride_pvh
-        k1 = _rows_desc(kb1, NV, stride_kn, HEAD_DIM, BS, smem)
-        v1 = _rows_desc(vb1, NV, stride_vn, HEAD_DIM, BS, smem)
-        k2 = _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 2, smem)
-        v2 = _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 2, smem)
-        k4 = _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 4, smem)
-        v4 = _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 4, smem)
-        k8 = _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 8, smem)
-        v8 = _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 8, smem)
-        if HAS_TEXT:
-            kt = _rows_desc(EK + off_b * stride_ekb + off_h * stride_ekh, T, stride_ekn, HEAD_DIM, BS, smem)
-            vt = _rows_desc(EV + off_b * stride_evb + off_h * stride_evh, T, stride_evn, HEAD_DIM, BS, smem)
-        else:
-            kt = k1
-            vt = v1
+        sk = (stride_kb, stride_kn, stride_kh)
+        sv = (stride_vb, stride_vn, stride_vh)
+        k1, k2, k4, k8, kt = _side_descs(K, KP, EK, sk, (stride_pkb, stride_pkn, stride_pkh),
+                                         (stride_ekb, stride_ekn, stride_ekh), off_b, off_h, NV, RP, T, HEAD_DIM, BS,
+                                         HAS_TEXT, smem)
+        v1, v2, v4, v8, vt = _side_descs(V, VP, EV, sv, (stride_pvb, stride_pvn, stride_pvh),
+                                         (stride_evb, stride_evn, stride_evh), off_b, off_h, NV, RP, T, HEAD_DIM, BS,
+                                         HAS_TEXT, smem)
         emask = EMask + off_b * stride_emb
 
         row = pid_bh.to(gl.int64) * NB + qb
@@ -415,24 +420,11 @@ if HAVE_GLUON:
         off_h = (pid_bh % H).to(gl.int64)
         smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
                                                   rank=2)
-        kb1 = K + off_b * stride_kb + off_h * stride_kh
-        vb1 = V + off_b * stride_vb + off_h * stride_vh
-        kbp = KP + off_b * stride_pkb + off_h * stride_pkh
-        vbp = VP + off_b * stride_pvb + off_h * stride_pvh
-        k1 = _rows_desc(kb1, NV, stride_kn, HEAD_DIM, BS, smem)
-        if HAS_TEXT:
-            kt = _rows_desc(EK + off_b * stride_ekb + off_h * stride_ekh, T, stride_ekn, HEAD_DIM, BS, smem)
-            vt = _rows_desc(EV + off_b * stride_evb + off_h * stride_evh, T, stride_evn, HEAD_DIM, BS, smem)
-        else:
-            kt = k1
-            vt = k1
-        descs = (k1, _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 2, smem),
-                 _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 4, smem),
-                 _rows_desc(kbp, RP, stride_pkn, HEAD_DIM, BS // 8, smem), kt,
-                 _rows_desc(vb1, NV, stride_vn, HEAD_DIM, BS, smem),
-                 _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 2, smem),
-                 _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 4, smem),
-                 _rows_desc(vbp, RP, stride_pvn, HEAD_DIM, BS // 8, smem), vt,
+        ks = _side_descs(K, KP, EK, (stride_kb, stride_kn, stride_kh), (stride_pkb, stride_pkn, stride_pkh),
+                         (stride_ekb, stride_ekn, stride_ekh), off_b, off_h, NV, RP, T, HEAD_DIM, BS, HAS_TEXT, smem)
+        vs = _side_descs(V, VP, EV, (stride_vb, stride_vn, stride_vh), (stride_pvb, stride_pvn, stride_pvh),
+                         (stride_evb, stride_evn, stride_evh), off_b, off_h, NV, RP, T, HEAD_DIM, BS, HAS_TEXT, smem)
+        descs = (ks[0], ks[1], ks[2], ks[3], ks[4], vs[0], vs[1], vs[2], vs[3], vs[4],
                  _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, NV, stride_qm, HEAD_DIM, BS, smem))
         r = pid_bh.to(gl.int64) * NB + qb
         e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
