@@ -122,13 +122,15 @@ def test_pyramid_kernel_on_the_gpu(block: int, dtype, D: int) -> None:
         assert _rel(g, e) < 2 * TOL[dtype], name
 
 
-GLUON_CASES = [(b, t, d) for b in (64, 128) for t in (torch.bfloat16, torch.float16) for d in (64, 128)]
+GLUON_CASES = [(b, t, d, ws) for b in (64, 128) for t in (torch.bfloat16, torch.float16) for d in (64, 128)
+               for ws in ((False, True) if b == 128 else (False,))]
 
 
-@pytest.mark.parametrize("block,dtype,D", GLUON_CASES, ids=[f"b{b}-{str(t)[6:]}-d{d}" for b, t, d in GLUON_CASES])
-def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int) -> None:
-    """The Gluon forward (sm_90) directly: out and LSE vs the reference, with a partial last block, batch 2,
-    per-head maps and masked text keys after the video keys."""
+@pytest.mark.parametrize("block,dtype,D,ws", GLUON_CASES,
+                         ids=[f"b{b}-{str(t)[6:]}-d{d}{'-ws' if ws else ''}" for b, t, d, ws in GLUON_CASES])
+def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int, ws: bool) -> None:
+    """The Gluon forward (sm_90) directly, single-partition and warp-specialised: out and LSE vs the reference,
+    with a partial last block, batch 2, per-head maps and masked text keys after the video keys."""
     import math
 
     from accel.kernels._common import text_visibility
@@ -153,7 +155,7 @@ def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int) -> None:
     if reason is not None:
         pytest.skip(reason)
     launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, text_visibility(T, None, mask, torch.int8), out, lse,
-                     *level_lists(levels), r4, r8, block, 1 / math.sqrt(D))
+                     *level_lists(levels), r4, r8, block, 1 / math.sqrt(D), ws)
     expect, expect_lse = reference_pyramid_attention(q.float(), k.float(), v.float(), levels, block,
                                                      video_keys=(0, V), text_keys=(V, T), text_mask=mask,
                                                      return_lse=True)
