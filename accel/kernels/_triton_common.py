@@ -204,17 +204,18 @@ def ensure_allocator() -> None:
     triton.set_allocator(_torch_alloc)
 
 
-def ws_compile_failed(err: Exception) -> bool:
-    """Whether ``err`` is Triton failing to build a warp-specialised kernel (then the pipelined one runs).
+def ws_compile_failed(err: Exception, kernel: str = "the warp-specialised kernel",
+                      instead: str = "the pipelined kernel") -> bool:
+    """Whether ``err`` is Triton failing to build ``kernel`` (then ``instead`` runs, with a warning).
 
     Tested with triton 3.6 on the H100 and compiled for sm_90 with 3.9; a future Triton whose
-    specialisation pass rejects these loops must cost speed, not the call.
+    specialisation pass (or Gluon API) rejects these kernels must cost speed, not the call.
     """
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
     if isinstance(err, (CompilationError, OutOfResources)) or "PassManager" in str(err):
-        warnings.warn(f"accel: the warp-specialised kernel did not build with triton {triton.__version__} "
-                      f"({type(err).__name__}: {str(err)[:200]}); using the pipelined kernel", RuntimeWarning,
+        warnings.warn(f"accel: {kernel} did not build with triton {triton.__version__} "
+                      f"({type(err).__name__}: {str(err)[:200]}); using {instead}", RuntimeWarning,
                       stacklevel=3)
         return True
     return False

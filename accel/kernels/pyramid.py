@@ -25,7 +25,6 @@ node each.
 
 # No `from __future__ import annotations`: torch.library reads the schema from real annotation objects.
 import math
-import warnings
 
 import torch
 import triton
@@ -33,7 +32,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import resolve_key_parts, text_visibility, triton_input_reason
-from ._triton_common import LOG2E, _rows_desc, _softmax_update_masked, dot_precision, ensure_allocator, head_dim_pad
+from ._triton_common import (
+    LOG2E,
+    _rows_desc,
+    _softmax_update_masked,
+    dot_precision,
+    ensure_allocator,
+    head_dim_pad,
+    ws_compile_failed,
+)
 from .pyramid_gluon import gluon_fwd_problem, launch_fwd_gluon
 from .pyramid_levels import level_lists as fused_level_lists
 from .pyramid_pool import pool_kv_levels
@@ -312,17 +319,13 @@ def pyramid_fwd(
 def _launch_gluon_or_warn(args: tuple, ws: bool) -> bool:
     """Run the Gluon forward (`pyramid_gluon.launch_fwd_gluon` with ``args``); False, with a warning, when this
     Triton cannot build it (Gluon is experimental: a release that changes its API must cost speed, not the
-    call)."""
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
-
+    call). Any other error is raised."""
     try:
         launch_fwd_gluon(*args, ws=ws)
         return True
-    except (CompilationError, OutOfResources, AttributeError, TypeError) as err:
-        warnings.warn(f"accel: the Gluon pyramid forward did not build with triton {triton.__version__} "
-                      f"({type(err).__name__}: {str(err)[:200]}); using the Triton kernel", RuntimeWarning,
-                      stacklevel=3)
+    except Exception as err:
+        if not ws_compile_failed(err, "the Gluon pyramid forward", "the Triton kernel"):
+            raise
         return False
 
 
