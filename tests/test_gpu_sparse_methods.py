@@ -122,15 +122,18 @@ def test_pyramid_kernel_on_the_gpu(block: int, dtype, D: int) -> None:
         assert _rel(g, e) < 2 * TOL[dtype], name
 
 
-GLUON_CASES = [(b, t, d, ws) for b in (64, 128) for t in (torch.bfloat16, torch.float16) for d in (64, 128)
-               for ws in ((False, True) if b == 128 else (False,))]
+# (block, dtype, head dim, form): "sp" single-partition; "ws" warp-specialised, one program per SM; "ws3" with 3
+# programs, so each walks ~20 items and the rings and Q's barrier run across items
+GLUON_CASES = [(b, t, d, f) for b in (64, 128) for t in (torch.bfloat16, torch.float16) for d in (64, 128)
+               for f in (("sp", "ws", "ws3") if b == 128 else ("sp",))]
 
 
-@pytest.mark.parametrize("block,dtype,D,ws", GLUON_CASES,
-                         ids=[f"b{b}-{str(t)[6:]}-d{d}{'-ws' if ws else ''}" for b, t, d, ws in GLUON_CASES])
-def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int, ws: bool) -> None:
+@pytest.mark.parametrize("block,dtype,D,form", GLUON_CASES,
+                         ids=[f"b{b}-{str(t)[6:]}-d{d}-{f}" for b, t, d, f in GLUON_CASES])
+def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int, form: str) -> None:
     """The Gluon forward (sm_90) directly, single-partition and warp-specialised: out and LSE vs the reference,
-    with a partial last block, batch 2, per-head maps and masked text keys after the video keys."""
+    with a partial last block, batch 2, per-head maps and masked text keys after the video keys; every output
+    element written (the buffers start as NaN)."""
     import math
 
     from accel.kernels._common import text_visibility
@@ -148,19 +151,31 @@ def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int, ws: bool) -
     mask = torch.rand(B, T, device=dev) > 0.3
     kv, vv, ek, ev = k[:, :V], v[:, :V], k[:, V:], v[:, V:]
     kp, vp, r4, r8 = pool_kv_levels(kv, vv, block)
-    out = torch.empty_like(q)
-    lse = torch.empty(B, H, V, device=dev, dtype=torch.float32)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((B, H, V), float("nan"), device=dev)
     tensors = {"q": q, "out": out, "k": kv, "v": vv, "kp": kp, "vp": vp, "ek": ek, "ev": ev}
     reason = gluon_fwd_problem(q, tensors, block)
     if reason is not None:
         pytest.skip(reason)
     launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, text_visibility(T, None, mask, torch.int8), out, lse,
-                     *level_lists(levels), r4, r8, block, 1 / math.sqrt(D), ws)
+                     *level_lists(levels), r4, r8, block, 1 / math.sqrt(D), form != "sp",
+                     3 if form == "ws3" else None)
     expect, expect_lse = reference_pyramid_attention(q.float(), k.float(), v.float(), levels, block,
                                                      video_keys=(0, V), text_keys=(V, T), text_mask=mask,
                                                      return_lse=True)
     assert _rel(out, expect) < TOL[dtype]
     assert float((lse - expect_lse).abs().max()) < 0.05
+    if form == "ws3":  # without text, rows with no tile at all (the consumers release Q without a QK^T)
+        levels[0, 0, :3] = 0
+        out.fill_(float("nan"))
+        launch_fwd_gluon(q, kv, vv, kp, vp, None, None, None, out, lse, *level_lists(levels), r4, r8, block,
+                         1 / math.sqrt(D), True, 3)
+        expect, expect_lse = reference_pyramid_attention(q.float(), kv.float(), vv.float(), levels, block,
+                                                         return_lse=True)
+        assert _rel(out, expect) < TOL[dtype]
+        assert torch.equal(torch.isinf(lse), torch.isinf(expect_lse))
+        finite = torch.isfinite(expect_lse)
+        assert float((lse - expect_lse)[finite].abs().max()) < 0.05
 
 
 def test_pyramid_method_on_the_gpu_reports_its_density() -> None:

@@ -58,14 +58,24 @@ def measure(block: int, hdp: int) -> dict[str, int]:
     from accel.kernels import pyramid_gluon as pg
 
     if pg.HAVE_GLUON and hdp in (64, 128):  # the Gluon forward serves head dims 64 and 128
-        result["forward_gluon"] = shared(pg._pyramid_fwd_gluon_kernel, dict(
-            HEAD_DIM=hdp, BS=block, LOG_BS=block.bit_length() - 1, KS=pg.K_SLOTS, VS=pg.V_SLOTS, HAS_TEXT=True,
-            HAS_TEXT_MASK=True, num_warps=block // 16), ptrs, block // 16, 1)
+        from triton.experimental.gluon import language as gl
+
+        from accel.kernels.sm90_compile import desc_type
+
+        def layout(rank: int):
+            return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=rank)
+
+        descs = {n: desc_type("bf16", [1, block, hdp], layout(3)) for n in ("q_desc", "o_desc", "k1", "kt", "v1", "vt")}
+        descs.update({f"{s}{p}": desc_type("bf16", [block // p, hdp], layout(2)) for s in "kv" for p in (2, 4, 8)})
+        g_ptrs = dict(Out=bf, EMask="*i8", Lse="*fp32", Idx="*i32", Ends="*i32", Order="*i32")
+        consts = dict(HEAD_DIM=hdp, BS=block, LOG_BS=block.bit_length() - 1, KS=pg.K_SLOTS, VS=pg.V_SLOTS,
+                      HAS_TEXT=True, HAS_TEXT_MASK=True)
+        result["forward_gluon"] = compile_sm90(pg._pyramid_fwd_gluon_kernel, dict(consts, num_warps=block // 16),
+                                               g_ptrs, ("qk_scale",), descs, num_warps=block // 16).metadata.shared
         if block == 128:
             result["forward_gluon_ws"] = compile_sm90(pg._pyramid_fwd_gluon_ws_kernel, dict(
-                HEAD_DIM=hdp, BS=block, LOG_BS=7, KS=pg.K_SLOTS, VS=pg.V_SLOTS, HAS_TEXT=True, HAS_TEXT_MASK=True,
-                CONSUMER_REGS=pg.WS_CONSUMER_REGS, PRODUCER_REGS=pg.WS_PRODUCER_REGS, num_warps=4), ptrs,
-                ("qk_scale",), num_warps=4, maxnreg=168).metadata.shared
+                consts, CONSUMER_REGS=pg.WS_CONSUMER_REGS, PRODUCER_REGS=pg.WS_PRODUCER_REGS, num_warps=4), g_ptrs,
+                ("qk_scale",), descs, num_warps=4, maxnreg=168).metadata.shared
     return result
 
 

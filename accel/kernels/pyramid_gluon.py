@@ -13,15 +13,22 @@ inputs, level lists and results:
   waits on a global load inside the loop; K runs two tiles ahead in three slots, V one tile ahead in three
   (224 KB with Q). A slot is refilled once both warpgroups are past it (one CTA barrier per tile).
 - ``ws=True`` (block 128): the same work warp-specialised, FA3's split: one load warp and two consumer
-  warpgroups of 64 query rows, synchronised through mbarriers only (`_pyramid_fwd_gluon_ws_kernel`).
+  warpgroups of 64 query rows, synchronised through mbarriers only, and persistent: one program per SM walks
+  its share of the (query block, batch x head) items, the load warp running into the next item while the
+  consumers finish one (`_pyramid_fwd_gluon_ws_kernel`). The items go costliest first (`work_order`), dealt out
+  in a snake (`_ws_pos`), so the programs' loads even out.
+- Descriptors are built on the host, once per call: (batch, row, head x dim column) views of the inputs, a head
+  addressed by its column offset, so no program builds its own (a launch without tiles cost 0.29 ms with 11
+  device-side descriptors per program). Rows past a batch's last token read as zeros; the pooled buffers share
+  one row axis (`_flat_rows_desc`).
 
 Tried and removed: issuing the next tile's QK^T before this tile's softmax (FA3's intra-warpgroup overlap):
 ptxas serialises the wgmmas anyway (C7514) and the second accumulator spills at block 128: 3.36 vs 2.67 ms.
 
-Only for sm_90, 16-bit inputs, head dims 64/128 and blocks 64/128 with descriptor-friendly strides
-(`gluon_fwd_problem`); everything else, and any build failure, runs the Triton kernel. Gluon does not run
-under TRITON_INTERPRET, so its tests are on the GPU (tests/test_gpu_sparse_methods.py) and, offline, an sm_90
-compile in CI (tests/test_pyramid_sm90_fit.py).
+Only for sm_90, 16-bit inputs, head dims 64/128 and blocks 64/128 with descriptor-friendly strides, heads side by
+side inside a row (`gluon_fwd_problem`); everything else, and any build failure, runs the Triton kernel. Gluon
+does not run under TRITON_INTERPRET, so its tests are on the GPU (tests/test_gpu_sparse_methods.py) and,
+offline, an sm_90 compile in CI (tests/test_pyramid_sm90_fit.py).
 """
 
 # No `from __future__ import annotations`: Gluon reads constexpr annotations as objects.
@@ -39,6 +46,7 @@ try:  # Gluon is experimental: a Triton without it (or with another API) runs th
         warpgroup_mma_init,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     # names that moved between releases (3.6: the first of each pair; later: the second)
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -55,7 +63,6 @@ WS_PRODUCER_REGS = 24  # of the load warp's warpgroup
 V_SLOTS = 3  # V tiles: tile t+1 loads while t computes and P.V(t-1) may still read its slot
 
 if HAVE_GLUON:
-
     @gluon.jit
     def _pick(kbs, j):
         """Lane ``j`` of a tile's block indices (every thread holds all lanes: an in-thread select)."""
@@ -63,29 +70,32 @@ if HAVE_GLUON:
         return gl.sum(gl.where(lanes == j, kbs, 0), axis=0)
 
     @gluon.jit
-    def _issue_pooled(kbs, desc, row0, dst, bar, P: gl.constexpr, BS: gl.constexpr):
+    def _issue_pooled(kbs, desc, row0, col, dst, bar, P: gl.constexpr, BS: gl.constexpr):
         """TMA loads of a level-P tile's P pooled blocks (b/P rows each) into row slices of ``dst``."""
         PER: gl.constexpr = BS // P
         for j in gl.static_range(P):
-            _tma_load(desc, [row0 + _pick(kbs, j) * PER, 0], bar, dst.slice(j * PER, PER))
+            _tma_load(desc, [row0 + _pick(kbs, j) * PER, col], bar, dst.slice(j * PER, PER))
 
     @gluon.jit
-    def _issue_tile(t, kbs, c1, c2, c4, c8, d1, d2, d4, d8, dt, r4, r8, dst, bar, BS: gl.constexpr,
+    def _issue_tile(t, kbs, c1, c2, c4, c8, side, at, R4, R8, dst, bar, BS: gl.constexpr, HEAD_DIM: gl.constexpr,
                     HAS_TEXT: gl.constexpr):
-        """Start the loads of the row's tile ``t`` (of K or of V: the descriptors say which) into ``dst``;
-        ``kbs``: the tile's block indices (`_tile_entries`)."""
+        """Start the loads of the row's tile ``t`` (of K or of V: ``side``'s descriptors say which) into ``dst``.
+        ``kbs``: the tile's block indices (`_tile_entries`); ``side``: (video, levels 2/4/8, text) descriptors;
+        ``at``: (batch, the batch's first pooled row, column of the head in the video, pooled, text rows)."""
+        d1, d2, d4, d8, dt = side
+        b, prow, col1, colp, colt = at
         mbarrier.expect(bar, d1.block_type.nbytes)  # every tile is BS rows, whatever its level
         if t < c1:
-            _tma_load(d1, [_pick(kbs, 0) * BS, 0], bar, dst)
+            _tma_load(d1, [b, _pick(kbs, 0) * BS, col1], bar, dst.reshape([1, BS, HEAD_DIM]))
         elif t < c2:
-            _issue_pooled(kbs, d2, 0, dst, bar, 2, BS)
+            _issue_pooled(kbs, d2, prow, colp, dst, bar, 2, BS)
         elif t < c4:
-            _issue_pooled(kbs, d4, r4, dst, bar, 4, BS)
+            _issue_pooled(kbs, d4, prow + R4, colp, dst, bar, 4, BS)
         elif t < c8:
-            _issue_pooled(kbs, d8, r8, dst, bar, 8, BS)
+            _issue_pooled(kbs, d8, prow + R8, colp, dst, bar, 8, BS)
         else:
             if HAS_TEXT:
-                _tma_load(dt, [(t - c8) * BS, 0], bar, dst)
+                _tma_load(dt, [b, (t - c8) * BS, colt], bar, dst.reshape([1, BS, HEAD_DIM]))
 
     @gluon.jit
     def _tile_level(t, c1, c2, c4, c8, e1, e2, e4, e8):
@@ -191,40 +201,25 @@ if HAVE_GLUON:
                              use_acc=False, is_async=True)
 
     @gluon.jit
-    def _rows_desc(base, rows, stride_row, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, layout: gl.constexpr):
-        return tma.make_tensor_descriptor(base, [rows, HEAD_DIM], [stride_row, 1], [BLOCK, HEAD_DIM], layout)
-
-    @gluon.jit
-    def _side_descs(X, XP, EX, sx, sxp, sex, off_b, off_h, NV, RP, T, HEAD_DIM: gl.constexpr, BS: gl.constexpr,
-                    HAS_TEXT: gl.constexpr, layout: gl.constexpr):
-        """The descriptors of one side (K or V) of one (batch, head): video rows (b-row boxes), the pooled buffer
-        (b/2, b/4 and b/8-row boxes) and the text rows (the video one stands in without text). ``sx``, ``sxp``,
-        ``sex``: (batch, row, head) strides."""
-        d1 = _rows_desc(X + off_b * sx[0] + off_h * sx[2], NV, sx[1], HEAD_DIM, BS, layout)
-        xp = XP + off_b * sxp[0] + off_h * sxp[2]
-        dt = d1
-        if HAS_TEXT:
-            dt = _rows_desc(EX + off_b * sex[0] + off_h * sex[2], T, sex[1], HEAD_DIM, BS, layout)
-        return (d1, _rows_desc(xp, RP, sxp[1], HEAD_DIM, BS // 2, layout),
-                _rows_desc(xp, RP, sxp[1], HEAD_DIM, BS // 4, layout),
-                _rows_desc(xp, RP, sxp[1], HEAD_DIM, BS // 8, layout), dt)
+    def _side_at(b, h, geo):
+        """`_issue_tile`'s ``at`` for batch ``b``, head ``h`` from a side's ``geo``: (pooled rows per batch, head
+        column stride in the video, pooled and text rows)."""
+        return b, b * geo[0], h * geo[1], h * geo[2], h * geo[3]
 
     @gluon.jit
     def _pyramid_fwd_gluon_kernel(
-        Q, K, V, KP, VP, EK, EV, EMask, Out, Lse, Idx, Ends,
-        stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-        stride_pkb, stride_pkn, stride_pkh, stride_pvb, stride_pvn, stride_pvh,
-        stride_ekb, stride_ekn, stride_ekh, stride_evb, stride_evn, stride_evh, stride_emb,
-        stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-        H, NV, NB, T, R4, R8, RP, qk_scale,
+        q_desc, o_desc, k1, k2, k4, k8, kt, v1, v2, v4, v8, vt, EMask, Lse, Idx, Ends,
+        stride_emb, stride_lb, stride_lh, k_prow, k_col, kp_col, kt_col, v_prow, v_col, vp_col, vt_col, q_col, o_col,
+        H, NV, NB, T, R4, R8, qk_scale,
         HEAD_DIM: gl.constexpr, BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
         HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, num_warps: gl.constexpr,
     ):
-        dtype: gl.constexpr = Q.dtype.element_ty
+        """One program per (query block, batch x head), every warp on every tile (blocks 64 and 128)."""
+        dtype: gl.constexpr = q_desc.dtype
         qb = gl.program_id(0)
         pid_bh = gl.program_id(1)
-        off_b = (pid_bh // H).to(gl.int64)
-        off_h = (pid_bh % H).to(gl.int64)
+        b = pid_bh // H
+        h = pid_bh % H
         smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
                                                   rank=2)
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -236,17 +231,11 @@ if HAVE_GLUON:
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-        q_desc = _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, NV, stride_qm, HEAD_DIM, BS, smem)
-        o_desc = _rows_desc(Out + off_b * stride_ob + off_h * stride_oh, NV, stride_om, HEAD_DIM, BS, smem)
-        sk = (stride_kb, stride_kn, stride_kh)
-        sv = (stride_vb, stride_vn, stride_vh)
-        k1, k2, k4, k8, kt = _side_descs(K, KP, EK, sk, (stride_pkb, stride_pkn, stride_pkh),
-                                         (stride_ekb, stride_ekn, stride_ekh), off_b, off_h, NV, RP, T, HEAD_DIM, BS,
-                                         HAS_TEXT, smem)
-        v1, v2, v4, v8, vt = _side_descs(V, VP, EV, sv, (stride_pvb, stride_pvn, stride_pvh),
-                                         (stride_evb, stride_evn, stride_evh), off_b, off_h, NV, RP, T, HEAD_DIM, BS,
-                                         HAS_TEXT, smem)
-        emask = EMask + off_b * stride_emb
+        k_side = (k1, k2, k4, k8, kt)
+        v_side = (v1, v2, v4, v8, vt)
+        k_at = _side_at(b, h, (k_prow, k_col, kp_col, kt_col))
+        v_at = _side_at(b, h, (v_prow, v_col, vp_col, vt_col))
+        emask = EMask + b.to(gl.int64) * stride_emb
 
         row = pid_bh.to(gl.int64) * NB + qb
         idx = Idx + row * NB
@@ -266,7 +255,7 @@ if HAVE_GLUON:
         fence_async_shared()
 
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [qb * BS, 0], q_bar, q_smem)
+        _tma_load(q_desc, [b, qb * BS, h * q_col], q_bar, q_smem.reshape([1, BS, HEAD_DIM]))
         ent: gl.constexpr = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[num_warps],
                                              order=[0])
         # K runs two tiles ahead (slots t+1, t+2 loading while t computes), V one (its slot t-1 may still be read
@@ -274,13 +263,13 @@ if HAVE_GLUON:
         kbs = _tile_entries(0, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
         kbs_v = _tile_entries(1, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
         if n_tiles > 0:
-            _issue_tile(0, kbs, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index(0), k_bar.index(0), BS,
+            _issue_tile(0, kbs, c1, c2, c4, c8, k_side, k_at, R4, R8, k_smem.index(0), k_bar.index(0), BS, HEAD_DIM,
                         HAS_TEXT)
-            _issue_tile(0, kbs, c1, c2, c4, c8, v1, v2, v4, v8, vt, R4, R8, v_smem.index(0), v_bar.index(0), BS,
+            _issue_tile(0, kbs, c1, c2, c4, c8, v_side, v_at, R4, R8, v_smem.index(0), v_bar.index(0), BS, HEAD_DIM,
                         HAS_TEXT)
         if n_tiles > 1:
-            _issue_tile(1, kbs_v, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index(1), k_bar.index(1), BS,
-                        HAS_TEXT)
+            _issue_tile(1, kbs_v, c1, c2, c4, c8, k_side, k_at, R4, R8, k_smem.index(1), k_bar.index(1), BS,
+                        HEAD_DIM, HAS_TEXT)
         kbs_k = _tile_entries(2, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
         lasts = _level_lasts(idx, e1, e2, e4, e8)
 
@@ -293,11 +282,11 @@ if HAVE_GLUON:
             # both warpgroups are past QK^T(t-1) and P.V(t-2): K(t+2) goes to K slot t-1, V(t+1) to V slot t-2
             _cta_barrier()
             if t + 2 < n_tiles:
-                _issue_tile(t + 2, kbs_k, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index((t + 2) % KS),
-                            k_bar.index((t + 2) % KS), BS, HAS_TEXT)
+                _issue_tile(t + 2, kbs_k, c1, c2, c4, c8, k_side, k_at, R4, R8, k_smem.index((t + 2) % KS),
+                            k_bar.index((t + 2) % KS), BS, HEAD_DIM, HAS_TEXT)
             if t + 1 < n_tiles:
-                _issue_tile(t + 1, kbs_v, c1, c2, c4, c8, v1, v2, v4, v8, vt, R4, R8, v_smem.index((t + 1) % VS),
-                            v_bar.index((t + 1) % VS), BS, HAS_TEXT)
+                _issue_tile(t + 1, kbs_v, c1, c2, c4, c8, v_side, v_at, R4, R8, v_smem.index((t + 1) % VS),
+                            v_bar.index((t + 1) % VS), BS, HEAD_DIM, HAS_TEXT)
             kbs_v = kbs_k
             kbs_k = _tile_entries(t + 3, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
             mbarrier.wait(k_bar.index(t % KS), (t // KS) & 1)
@@ -316,9 +305,10 @@ if HAVE_GLUON:
         q_smem.store(out.to(dtype))
         fence_async_shared()
         _cta_barrier()
-        _tma_store(o_desc, [qb * BS, 0], q_smem)
+        _tma_store(o_desc, [b, qb * BS, h * o_col], q_smem.reshape([1, BS, HEAD_DIM]))  # rows past NV are clipped
         q_rows = qb * BS + gl.arange(0, BS, layout=rows_s)
-        gl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_rows, _lse(m_i, l_i), mask=q_rows < NV)
+        gl.store(Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_rows, _lse(m_i, l_i),
+                 mask=q_rows < NV)
         tma.store_wait(0)
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(KS):
@@ -326,39 +316,69 @@ if HAVE_GLUON:
         for i in gl.static_range(VS):
             mbarrier.invalidate(v_bar.index(i))
 
+    @gluon.jit
+    def _ws_item(Order, pos, NB, H):
+        """The work item at ``pos`` of ``Order`` (rows of the level lists, costliest first): (row, batch, head,
+        query block)."""
+        r = gl.load(Order + pos)
+        bh = r // NB
+        return r.to(gl.int64), bh // H, bh % H, r % NB
 
     @gluon.jit
-    def _ws_producer(descs, row, bufs, bars, R4, R8, BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
-                     HAS_TEXT: gl.constexpr):
-        """The load warp: Q once, then per tile its K and V (p boxes each for a pooled tile) into the rings, each
-        slot once both consumer warpgroups have released it. Its waits on the block indices stall only itself."""
-        idx, c1, c2, c4, c8, e1, e2, e4, e8, n_tiles, q_row = row
-        k1, k2, k4, k8, kt, v1, v2, v4, v8, vt, q_desc = descs
+    def _ws_pos(i, pid, G):
+        """Round ``i``'s position of program ``pid`` in a snake order (rounds alternate direction), so over the
+        cost-sorted items every program's total evens out: the costliest item of one round, the cheapest of
+        the next."""
+        return i * G + pid + (i % 2) * (G - 1 - 2 * pid)
+
+    @gluon.jit
+    def _ws_producer(descs, geos, work, bufs, bars, BS: gl.constexpr, HEAD_DIM: gl.constexpr, KS: gl.constexpr,
+                     VS: gl.constexpr, HAS_TEXT: gl.constexpr):
+        """The load warp: per work item its Q (once the consumers are past the last item's last QK^T), then per tile
+        its K and V (p boxes each for a pooled tile) into the rings, each slot once both consumer warpgroups have
+        released it. It runs into the next item while the consumers finish one; its waits stall only itself."""
+        q_desc, k_side, v_side = descs
+        q_col, k_geo, v_geo = geos
+        Order, Ends, Idx, n_items, NB, H, T, R4, R8 = work
         q_smem, k_smem, v_smem = bufs
-        q_bar, k_ready, k_empty, v_ready, v_empty = bars
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
         ent: gl.constexpr = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[1],
                                              order=[0])
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row, 0], q_bar, q_smem)
-        for t in range(n_tiles):
-            kbs = _tile_entries(t, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
-            mbarrier.wait(k_empty.index(t % KS), ((t // KS) & 1) ^ 1)
-            _issue_tile(t, kbs, c1, c2, c4, c8, k1, k2, k4, k8, kt, R4, R8, k_smem.index(t % KS),
-                        k_ready.index(t % KS), BS, HAS_TEXT)
-            mbarrier.wait(v_empty.index(t % VS), ((t // VS) & 1) ^ 1)
-            _issue_tile(t, kbs, c1, c2, c4, c8, v1, v2, v4, v8, vt, R4, R8, v_smem.index(t % VS),
-                        v_ready.index(t % VS), BS, HAS_TEXT)
+        pid = gl.program_id(0)
+        G = gl.num_programs(0)
+        g = 0  # tiles issued by this program: the position in the rings
+        for i in range((n_items + G - 1) // G):
+            pos = _ws_pos(i, pid, G)
+            if pos < n_items:  # only the last round is partial: i counts this program's items
+                r, b, h, qb = _ws_item(Order, pos, NB, H)
+                e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
+                idx = Idx + r * NB
+                k_at = _side_at(b, h, k_geo)
+                v_at = _side_at(b, h, v_geo)
+                mbarrier.wait(q_empty, (i & 1) ^ 1)
+                mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+                _tma_load(q_desc, [b, qb * BS, h * q_col], q_ready, q_smem.reshape([1, BS, HEAD_DIM]))
+                for t in range(n_tiles):
+                    kbs = _tile_entries(t, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
+                    mbarrier.wait(k_empty.index(g % KS), ((g // KS) & 1) ^ 1)
+                    _issue_tile(t, kbs, c1, c2, c4, c8, k_side, k_at, R4, R8, k_smem.index(g % KS),
+                                k_ready.index(g % KS), BS, HEAD_DIM, HAS_TEXT)
+                    mbarrier.wait(v_empty.index(g % VS), ((g // VS) & 1) ^ 1)
+                    _issue_tile(t, kbs, c1, c2, c4, c8, v_side, v_at, R4, R8, v_smem.index(g % VS),
+                                v_ready.index(g % VS), BS, HEAD_DIM, HAS_TEXT)
+                    g += 1
 
     @gluon.jit
-    def _ws_consumer(row, bufs, bars, outs, NV, T, emask, qk_scale, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+    def _ws_consumer(work, bufs, bars, outs, NV, qk_scale, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
                      HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr):
-        """One consumer warpgroup: query rows [WG*b/2, +b/2) of the block over every tile of the row, releasing
-        each K slot after its QK^T and each V slot after its P.V, then its output rows and LSE."""
-        idx, c1, c2, c4, c8, e1, e2, e4, e8, n_tiles, q_row = row
+        """One consumer warpgroup: per work item, query rows [WG*b/2, +b/2) of its block over every tile of its
+        row, releasing each K slot after its QK^T, each V slot after its P.V and Q after the last QK^T; then its
+        output rows and LSE, straight from registers (Q's tile already holds the next item's queries)."""
+        Order, Ends, Idx, n_items, NB, H, T, R4, R8 = work
         q_smem, k_smem, v_smem = bufs
-        q_bar, k_ready, k_empty, v_ready, v_empty = bars
-        out_base, stride_om, lse_base = outs
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+        Out, stride_ob, stride_om, stride_oh, Lse, stride_lb, stride_lh, EMask, stride_emb = outs
         HALF: gl.constexpr = BS // 2
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -369,92 +389,114 @@ if HAVE_GLUON:
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         cols = gl.arange(0, BS, layout=gl.SliceLayout(0, s_layout))
-        lasts = _level_lasts(idx, e1, e2, e4, e8)
         q_half = q_smem.slice(WG * HALF, HALF)
-        m_i = gl.full([HALF], float("-inf"), gl.float32, layout=rows_s)
-        l_i = gl.zeros([HALF], gl.float32, layout=rows_s)
-        acc = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout))
-        mbarrier.wait(q_bar, 0)
-        for t in range(n_tiles):
-            mbarrier.wait(k_ready.index(t % KS), (t // KS) & 1)
-            s_tok = warpgroup_mma(q_half, k_smem.index(t % KS).permute((1, 0)),
-                                  gl.zeros([HALF, BS], gl.float32, layout=s_layout), use_acc=False, is_async=True)
-            s_cur = warpgroup_mma_wait(0, deps=[s_tok])  # also retires P.V(t-1)
-            mbarrier.arrive(k_empty.index(t % KS), count=1)
-            if t > 0:
-                mbarrier.arrive(v_empty.index((t - 1) % VS), count=1)
-            s = _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols, qk_scale, BS,
-                             LOG_BS, HAS_TEXT, HAS_TEXT_MASK)
-            p_op, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, rows_o, p_layout, dtype)
-            mbarrier.wait(v_ready.index(t % VS), (t // VS) & 1)
-            acc = warpgroup_mma(p_op, v_smem.index(t % VS), acc, is_async=True)
-        out = warpgroup_mma_wait(0, deps=[acc])
-        l_o = gl.convert_layout(l_i, rows_o)
-        out = out / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-        r_o = q_row + WG * HALF + gl.arange(0, HALF, layout=rows_o)
-        d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        gl.store(out_base + r_o.to(gl.int64)[:, None] * stride_om + d_o[None, :], out.to(dtype),
-                 mask=(r_o < NV)[:, None])
-        r_s = q_row + WG * HALF + gl.arange(0, HALF, layout=rows_s)
-        gl.store(lse_base + r_s, _lse(m_i, l_i), mask=r_s < NV)
+        pid = gl.program_id(0)
+        G = gl.num_programs(0)
+        g = 0  # tiles consumed by this program: the position in the rings
+        for i in range((n_items + G - 1) // G):
+            pos = _ws_pos(i, pid, G)
+            if pos < n_items:
+                r, b, h, qb = _ws_item(Order, pos, NB, H)
+                e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
+                lasts = _level_lasts(Idx + r * NB, e1, e2, e4, e8)
+                emask = EMask + b.to(gl.int64) * stride_emb
+                m_i = gl.full([HALF], float("-inf"), gl.float32, layout=rows_s)
+                l_i = gl.zeros([HALF], gl.float32, layout=rows_s)
+                acc = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout))
+                mbarrier.wait(q_ready, i & 1)
+                for t in range(n_tiles):
+                    mbarrier.wait(k_ready.index(g % KS), (g // KS) & 1)
+                    s_tok = warpgroup_mma(q_half, k_smem.index(g % KS).permute((1, 0)),
+                                          gl.zeros([HALF, BS], gl.float32, layout=s_layout), use_acc=False,
+                                          is_async=True)
+                    s_cur = warpgroup_mma_wait(0, deps=[s_tok])  # also retires P.V(t-1)
+                    mbarrier.arrive(k_empty.index(g % KS), count=1)
+                    if t > 0:
+                        mbarrier.arrive(v_empty.index((g - 1) % VS), count=1)
+                    if t == n_tiles - 1:
+                        mbarrier.arrive(q_empty, count=1)  # the next item's Q may load now
+                    s = _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols, qk_scale,
+                                     BS, LOG_BS, HAS_TEXT, HAS_TEXT_MASK)
+                    p_op, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, rows_o, p_layout, dtype)
+                    mbarrier.wait(v_ready.index(g % VS), (g // VS) & 1)
+                    acc = warpgroup_mma(p_op, v_smem.index(g % VS), acc, is_async=True)
+                    g += 1
+                out = warpgroup_mma_wait(0, deps=[acc])
+                if n_tiles > 0:
+                    mbarrier.arrive(v_empty.index((g - 1) % VS), count=1)
+                else:
+                    mbarrier.arrive(q_empty, count=1)
+                l_o = gl.convert_layout(l_i, rows_o)
+                out = out / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+                r_o = qb * BS + WG * HALF + gl.arange(0, HALF, layout=rows_o)
+                d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+                out_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                gl.store(out_base + r_o.to(gl.int64)[:, None] * stride_om + d_o[None, :], out.to(dtype),
+                         mask=(r_o < NV)[:, None])
+                r_s = qb * BS + WG * HALF + gl.arange(0, HALF, layout=rows_s)
+                gl.store(Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + r_s, _lse(m_i, l_i),
+                         mask=r_s < NV)
 
     @gluon.jit
     def _pyramid_fwd_gluon_ws_kernel(
-        Q, K, V, KP, VP, EK, EV, EMask, Out, Lse, Idx, Ends,
-        stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-        stride_pkb, stride_pkn, stride_pkh, stride_pvb, stride_pvn, stride_pvh,
-        stride_ekb, stride_ekn, stride_ekh, stride_evb, stride_evn, stride_evh, stride_emb,
-        stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-        H, NV, NB, T, R4, R8, RP, qk_scale,
+        q_desc, k1, k2, k4, k8, kt, v1, v2, v4, v8, vt, Out, EMask, Lse, Idx, Ends, Order,
+        stride_ob, stride_om, stride_oh, stride_emb, stride_lb, stride_lh,
+        k_prow, k_col, kp_col, kt_col, v_prow, v_col, vp_col, vt_col, q_col,
+        H, NV, NB, T, R4, R8, n_items, qk_scale,
         HEAD_DIM: gl.constexpr, BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
         HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, CONSUMER_REGS: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """The same forward warp-specialised (FA3's split): one load warp and two consumer warpgroups of b/2
-        query rows, synchronised only through mbarriers, so one warpgroup's softmax overlaps the other's
-        matmuls and no CTA barrier precedes a TMA copy (the single-partition kernel pays one per copy)."""
-        dtype: gl.constexpr = Q.dtype.element_ty
-        qb = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        off_b = (pid_bh // H).to(gl.int64)
-        off_h = (pid_bh % H).to(gl.int64)
+        """The forward warp-specialised (FA3's split) and persistent: one load warp and two consumer warpgroups of
+        b/2 query rows, synchronised only through mbarriers, so one warpgroup's softmax overlaps the other's
+        matmuls, no CTA barrier precedes a TMA copy, and the load warp starts an item's loads while the
+        consumers finish the one before. Each program walks its items of ``Order`` (`_ws_pos`)."""
+        dtype: gl.constexpr = q_desc.dtype
         smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=dtype.primitive_bitwidth,
                                                   rank=2)
-        ks = _side_descs(K, KP, EK, (stride_kb, stride_kn, stride_kh), (stride_pkb, stride_pkn, stride_pkh),
-                         (stride_ekb, stride_ekn, stride_ekh), off_b, off_h, NV, RP, T, HEAD_DIM, BS, HAS_TEXT, smem)
-        vs = _side_descs(V, VP, EV, (stride_vb, stride_vn, stride_vh), (stride_pvb, stride_pvn, stride_pvh),
-                         (stride_evb, stride_evn, stride_evh), off_b, off_h, NV, RP, T, HEAD_DIM, BS, HAS_TEXT, smem)
-        descs = (ks[0], ks[1], ks[2], ks[3], ks[4], vs[0], vs[1], vs[2], vs[3], vs[4],
-                 _rows_desc(Q + off_b * stride_qb + off_h * stride_qh, NV, stride_qm, HEAD_DIM, BS, smem))
-        r = pid_bh.to(gl.int64) * NB + qb
-        e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
-        row = (Idx + r * NB, c1, c2, c4, c8, e1, e2, e4, e8, n_tiles, qb * BS)
         bufs = (gl.allocate_shared_memory(dtype, [BS, HEAD_DIM], smem),
                 gl.allocate_shared_memory(dtype, [KS, BS, HEAD_DIM], smem),
                 gl.allocate_shared_memory(dtype, [VS, BS, HEAD_DIM], smem))
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [KS, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [KS, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [VS, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [VS, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(q_empty, count=2)  # one arrival per consumer warpgroup
         for i in gl.static_range(KS):
             mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(k_empty.index(i), count=2)
         for i in gl.static_range(VS):
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         fence_async_shared()
-        bars = (q_bar, k_ready, k_empty, v_ready, v_empty)
-        outs = (Out + off_b * stride_ob + off_h * stride_oh, stride_om, Lse + off_b * stride_lb + off_h * stride_lh)
-        emask = EMask + off_b * stride_emb
+        bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
+        work = (Order, Ends, Idx, n_items, NB, H, T, R4, R8)
+        outs = (Out, stride_ob, stride_om, stride_oh, Lse, stride_lb, stride_lh, EMask, stride_emb)
+        descs = (q_desc, (k1, k2, k4, k8, kt), (v1, v2, v4, v8, vt))
+        geos = (q_col, (k_prow, k_col, kp_col, kt_col), (v_prow, v_col, vp_col, vt_col))
         gl.warp_specialize([
-            (_ws_consumer, (row, bufs, bars, outs, NV, T, emask, qk_scale, 0, HEAD_DIM, BS, LOG_BS, KS, VS,
-                            HAS_TEXT, HAS_TEXT_MASK)),
-            (_ws_consumer, (row, bufs, bars, outs, NV, T, emask, qk_scale, 1, HEAD_DIM, BS, LOG_BS, KS, VS,
-                            HAS_TEXT, HAS_TEXT_MASK)),
-            (_ws_producer, (descs, row, bufs, bars, R4, R8, BS, KS, VS, HAS_TEXT)),
+            (_ws_consumer, (work, bufs, bars, outs, NV, qk_scale, 0, HEAD_DIM, BS, LOG_BS, KS, VS, HAS_TEXT,
+                            HAS_TEXT_MASK)),
+            (_ws_consumer, (work, bufs, bars, outs, NV, qk_scale, 1, HEAD_DIM, BS, LOG_BS, KS, VS, HAS_TEXT,
+                            HAS_TEXT_MASK)),
+            (_ws_producer, (descs, geos, work, bufs, bars, BS, HEAD_DIM, KS, VS, HAS_TEXT)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def _rows_problem(x: Tensor, name: str) -> str | None:
+    """Why ``x`` (B, N, H, D) cannot be read as (batch, row, head x dim column) boxes (None: it can): the
+    descriptors address a head by its column offset, so every head must lie inside a row and rows of one
+    batch must not run into the next."""
+    B, N, H, D = x.shape
+    sb, sn, sh, _ = x.stride()
+    if H > 1 and sh < D or (H - 1) * sh + D > sn:
+        return f"{name}: heads do not lie side by side inside a row (strides {tuple(x.stride())})"
+    if B > 1 and sb < N * sn:
+        return f"{name}: one batch's rows overlap the next (strides {tuple(x.stride())})"
+    return None
 
 
 def gluon_fwd_problem(q: Tensor, tensors: dict[str, Tensor], block: int) -> str | None:
@@ -471,40 +513,84 @@ def gluon_fwd_problem(q: Tensor, tensors: dict[str, Tensor], block: int) -> str 
     if q.shape[-1] not in (64, 128):
         return f"head dim {q.shape[-1]} (Gluon forward: 64 or 128)"
     for name, t in tensors.items():
-        reason = tma_problem(t, name)
+        reason = tma_problem(t, name) or _rows_problem(t, name)
         if reason is not None:
             return reason
     return None
 
 
+def _batch_rows_desc(x: Tensor, rows: int) -> "TensorDescriptor":
+    """Descriptor of ``x`` (B, N, H, D) as (batch, row, column) with (1, rows, D) boxes at column head * stride(2):
+    rows past N of a batch read as zeros and are not written."""
+    B, N, H, D = x.shape
+    sb, sn, sh, _ = x.stride()
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    return TensorDescriptor(x, [B, N, (H - 1) * sh + D], [sb if B > 1 else N * sn, sn, 1], [1, rows, D], layout)
+
+
+def _flat_rows_desc(x: Tensor, rows: int) -> "TensorDescriptor":
+    """Descriptor of the pooled buffer ``x`` (B, R, H, D), contiguous, as (batch x row, column) with (rows, D)
+    boxes: a pooled box always lies inside its batch's R rows (`pyramid_pool.pool_kv_levels` pads every level
+    to whole blocks), so the batches may share one row axis, addressed at batch * R."""
+    B, R, H, D = x.shape
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    return TensorDescriptor(x, [B * R, H * D], [H * D, 1], [rows, D], layout)
+
+
+def _side(x: Tensor, xp: Tensor, ex: Tensor | None, block: int) -> tuple[list, list[int]]:
+    """One side's (K or V) descriptors (video, levels 2/4/8, text; the video one stands in without text) and
+    its geometry for `_side_at` (pooled rows per batch, head column strides of the video, pooled, text rows)."""
+    d1 = _batch_rows_desc(x, block)
+    pooled = [_flat_rows_desc(xp, block // p) for p in (2, 4, 8)]
+    dt = _batch_rows_desc(ex, block) if ex is not None else d1
+    return [d1, *pooled, dt], [xp.shape[1], x.stride(2), xp.stride(2), ex.stride(2) if ex is not None else 0]
+
+
+def work_order(ends: Tensor) -> Tensor:
+    """Rows of the level lists (B x H x n, from their ends) by decreasing cost, int32: a level-p tile holds p
+    entries, so a row costs e1 + (e2 - e1)/2 + (e4 - e2)/4 + (e8 - e4)/8 tiles, times 8: 4 e1 + 2 e2 + e4 + e8.
+    The persistent kernel deals them out in this order (`_ws_pos`), so no program is left with the long rows."""
+    e = ends.view(-1, 4)
+    cost = e.sum(1) + e[:, 0] * 3 + e[:, 1]
+    return cost.argsort(descending=True).to(torch.int32)
+
+
 def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None,
                      ev: Tensor | None, emask: Tensor | None, out: Tensor, lse: Tensor, idx: Tensor, ends: Tensor,
-                     r4: int, r8: int, block: int, scale: float, ws: bool = False) -> None:
-    """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`). ``ws``: the
-    warp-specialised form (block 128 only: each consumer warpgroup needs 64 query rows)."""
-    from ._triton_common import LOG2E, ensure_allocator
+                     r4: int, r8: int, block: int, scale: float, ws: bool = False, programs: int | None = None,
+                     sort: bool = True) -> None:
+    """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`; layouts as
+    `gluon_fwd_problem` accepts). ``ws``: the warp-specialised persistent form (block 128 only: each consumer
+    warpgroup needs 64 query rows) with ``programs`` programs (default: one per SM) over the rows in
+    `work_order` (``sort=False``: in index order; the probes A/B both)."""
+    from ._triton_common import LOG2E
 
     B, NV, H, D = q.shape
     nb = -(-NV // block)
     T = ek.shape[1] if ek is not None else 0
-    ensure_allocator()
-
-    def st(t: Tensor | None) -> tuple[int, int, int]:  # (batch, row, head) strides
-        return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
-
-    kernel, extra = _pyramid_fwd_gluon_kernel, {"num_warps": block // 16}
-    if ws:
-        if block != 128:
-            raise ValueError(f"the warp-specialised Gluon forward needs block 128, got {block}")
-        # maxnreg: the launch's per-thread share (3 warpgroups in 64K registers), so the default partition
-        # (consumer 0) gets 240 like consumer 1, not more than the register file holds
-        kernel, extra = _pyramid_fwd_gluon_ws_kernel, {"num_warps": 4, "CONSUMER_REGS": WS_CONSUMER_REGS,
-                                                        "PRODUCER_REGS": WS_PRODUCER_REGS, "maxnreg": 168}
-    kernel[(nb, B * H)](
-        q, kv, vv, kp, vp, ek if T else kp, ev if T else vp, emask if emask is not None else idx, out, lse, idx,
-        ends, *st(q), *st(kv), *st(vv), *st(kp), *st(vp), *st(ek), *st(ev),
-        emask.stride(0) if emask is not None else 0, *st(out), lse.stride(0), lse.stride(1),
-        H, NV, nb, T, r4, r8, kp.shape[1], scale * LOG2E,
-        HEAD_DIM=D, BS=block, LOG_BS=block.bit_length() - 1, KS=K_SLOTS, VS=V_SLOTS,
-        HAS_TEXT=T > 0, HAS_TEXT_MASK=emask is not None, **extra,
-    )
+    k_descs, k_geo = _side(kv, kp, ek, block)
+    v_descs, v_geo = _side(vv, vp, ev, block)
+    q_desc = _batch_rows_desc(q, block)
+    em = emask if emask is not None else idx
+    common = dict(HEAD_DIM=D, BS=block, LOG_BS=block.bit_length() - 1, KS=K_SLOTS, VS=V_SLOTS, HAS_TEXT=T > 0,
+                  HAS_TEXT_MASK=emask is not None)
+    em_stride = emask.stride(0) if emask is not None else 0
+    if not ws:
+        _pyramid_fwd_gluon_kernel[(nb, B * H)](
+            q_desc, _batch_rows_desc(out, block), *k_descs, *v_descs, em, lse, idx, ends, em_stride,
+            lse.stride(0), lse.stride(1), *k_geo, *v_geo, q.stride(2), out.stride(2), H, NV, nb, T, r4, r8,
+            scale * LOG2E, num_warps=block // 16, **common)
+        return
+    if block != 128:
+        raise ValueError(f"the warp-specialised Gluon forward needs block 128, got {block}")
+    n_items = B * H * nb
+    order = work_order(ends) if sort else torch.arange(n_items, dtype=torch.int32, device=q.device)
+    if programs is None:
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count
+    # maxnreg: the launch's per-thread share (3 warpgroups in 64K registers), so the default partition
+    # (consumer 0) gets 240 like consumer 1, not more than the register file holds
+    _pyramid_fwd_gluon_ws_kernel[(min(programs, n_items),)](
+        q_desc, *k_descs, *v_descs, out, em, lse, idx, ends, order, out.stride(0), out.stride(1), out.stride(2),
+        em_stride, lse.stride(0), lse.stride(1), *k_geo, *v_geo, q.stride(2), H, NV, nb, T, r4, r8, n_items,
+        scale * LOG2E, CONSUMER_REGS=WS_CONSUMER_REGS, PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4, maxnreg=168,
+        **common)

@@ -5,7 +5,9 @@
 Errors: both kernels against `reference_pyramid_attention` (fp32) on random level maps at small shapes (token
 counts not a multiple of the block, batch 2, per-head maps, text keys with a mask, blocks 64/128, head dims
 64/128, fp16/bf16). Times: the kernel alone at Wan2.1-1.3B 480p 81f (12 heads, D=128, bf16) for rank quotas at
-15% and the default thresholds, blocks 128 and 64, each level alone, and a launch without tiles.
+15% and the default thresholds, blocks 128 and 64, each level alone, and a launch without tiles; the
+warp-specialised form also with one program per item instead of one per SM (``_grid``) and with the items in
+index order instead of by cost (``_unsorted``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from accel.geometry import TokenLayout
     from accel.kernels import pyramid as pk
     from accel.kernels._common import text_visibility
-    from accel.kernels.pyramid_gluon import launch_fwd_gluon
+    from accel.kernels.pyramid_gluon import launch_fwd_gluon, work_order
     from accel.kernels.pyramid_levels import level_lists
     from accel.kernels.pyramid_pool import pool_kv_levels
     from accel.kernels.pyramid_reference import (
@@ -56,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         idx, ends = level_lists(levels)
         return kv, vv, kp, vp, ek, ev, emask, idx, ends, r4, r8
 
+    # the warp-specialised form's scheduling variants: (programs, sort); None programs = one per SM
+    ws_kinds = {"gluon_ws": (None, True), "gluon_ws_unsorted": (None, False), "gluon_ws_grid": (2**31, True),
+                "gluon_ws_grid_unsorted": (2**31, False)}
+
     def run(kind, q, k, v, levels, block, T=0, emask=None):
-        ws = kind == "gluon_ws"
+        ws = kind in ws_kinds
         B, NV, H, D = q.shape
         kv, vv, kp, vp, ek, ev, em, idx, ends, r4, r8 = prepared(q, k, v, levels, block, T, emask)
         out = torch.empty_like(q)
@@ -68,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             fn = lambda: pk.launch_fwd(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
                                        scale, knobs)
         else:
+            programs, sort = ws_kinds.get(kind, (None, True))
             fn = lambda: launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
-                                          scale, ws)
+                                          scale, ws, programs, sort)
         return fn, out, lse
 
     res: dict = {"device": torch.cuda.get_device_name(), "errors": [], "times": {}}
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 q, k, v, levels, block, video_keys=(0, NV), text_keys=(NV, T) if T else None,
                 text_lengths=lengths, text_mask=mask, return_lse=True)
             row = {"case": [B, NV, H, D, T, masked, block, str(dtype)]}
-            for name in ("triton", "gluon") + (("gluon_ws",) if block == 128 else ()):
+            for name in ("triton", "gluon") + (("gluon_ws", "gluon_ws_grid") if block == 128 else ()):
                 try:
                     fn, out, lse = run(name, q, k, v, levels, block, T, emask)
                     fn()
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             t: dict = {"density": float(level_density(levels))}
             fn_t, out_t, _ = run("triton", q, k, v, levels, block)
             t["triton_ms"] = bench(fn_t)
-            for kind in ("gluon", "gluon_ws") if block == 128 else ("gluon",):
+            for kind in ("gluon", *ws_kinds) if block == 128 else ("gluon",):
                 try:
                     fn_g, out_g, _ = run(kind, q, k, v, levels, block)
                     t[kind + "_ms"] = bench(fn_g)
@@ -157,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 t["no_tiles_triton_ms"] = bench(run("triton", q, k, v, none, block)[0])
                 t["no_tiles_gluon_ms"] = bench(run("gluon", q, k, v, none, block)[0])
                 if block == 128:
-                    t["no_tiles_gluon_ws_ms"] = bench(run("gluon_ws", q, k, v, none, block)[0])
+                    for kind in ("gluon_ws", "gluon_ws_grid"):
+                        t[f"no_tiles_{kind}_ms"] = bench(run(kind, q, k, v, none, block)[0])
+                    ends = level_lists(levels)[1]
+                    t["work_order_ms"] = bench(lambda e=ends: work_order(e))
             print(key, t, flush=True)
             res["times"][key] = t
     out_dir = Path(args.out)
