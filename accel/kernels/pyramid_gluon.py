@@ -70,29 +70,38 @@ if HAVE_GLUON:
         return gl.sum(gl.where(lanes == j, kbs, 0), axis=0)
 
     @gluon.jit
-    def _issue_pooled(kbs, desc, row0, col, dst, bar, P: gl.constexpr, BS: gl.constexpr):
-        """TMA loads of a level-P tile's P pooled blocks (b/P rows each) into row slices of ``dst``."""
+    def _issue_pooled(kbs, desc, dfull, row0, col, dst, bar, P: gl.constexpr, BS: gl.constexpr):
+        """TMA loads of a level-P tile's P pooled blocks (b/P rows each) into row slices of ``dst``: one b-row box
+        (``dfull``) when lane j holds block first + j for every j < P, as the pooled rows of consecutive blocks
+        are consecutive, else P boxes (the lanes of a level's short last tile repeat its last block: never a
+        run)."""
         PER: gl.constexpr = BS // P
-        for j in gl.static_range(P):
-            _tma_load(desc, [row0 + _pick(kbs, j) * PER, col], bar, dst.slice(j * PER, PER))
+        first = _pick(kbs, 0)
+        lanes = gl.arange(0, 8, layout=kbs.type.layout)
+        if gl.sum(gl.where((lanes < P) & (kbs != first + lanes), 1, 0), axis=0) == 0:
+            _tma_load(dfull, [row0 + first * PER, col], bar, dst)
+        else:
+            for j in gl.static_range(P):
+                _tma_load(desc, [row0 + _pick(kbs, j) * PER, col], bar, dst.slice(j * PER, PER))
 
     @gluon.jit
     def _issue_tile(t, kbs, c1, c2, c4, c8, side, at, R4, R8, dst, bar, BS: gl.constexpr, HEAD_DIM: gl.constexpr,
                     HAS_TEXT: gl.constexpr):
         """Start the loads of the row's tile ``t`` (of K or of V: ``side``'s descriptors say which) into ``dst``.
-        ``kbs``: the tile's block indices (`_tile_entries`); ``side``: (video, levels 2/4/8, text) descriptors;
+        ``kbs``: the tile's block indices (`_tile_entries`); ``side``: (video, levels 2/4/8 and b-row boxes of the
+        pooled buffer, text) descriptors;
         ``at``: (batch, the batch's first pooled row, column of the head in the video, pooled, text rows)."""
-        d1, d2, d4, d8, dt = side
+        d1, d2, d4, d8, dpf, dt = side
         b, prow, col1, colp, colt = at
         mbarrier.expect(bar, d1.block_type.nbytes)  # every tile is BS rows, whatever its level
         if t < c1:
             _tma_load(d1, [b, _pick(kbs, 0) * BS, col1], bar, dst.reshape([1, BS, HEAD_DIM]))
         elif t < c2:
-            _issue_pooled(kbs, d2, prow, colp, dst, bar, 2, BS)
+            _issue_pooled(kbs, d2, dpf, prow, colp, dst, bar, 2, BS)
         elif t < c4:
-            _issue_pooled(kbs, d4, prow + R4, colp, dst, bar, 4, BS)
+            _issue_pooled(kbs, d4, dpf, prow + R4, colp, dst, bar, 4, BS)
         elif t < c8:
-            _issue_pooled(kbs, d8, prow + R8, colp, dst, bar, 8, BS)
+            _issue_pooled(kbs, d8, dpf, prow + R8, colp, dst, bar, 8, BS)
         else:
             if HAS_TEXT:
                 _tma_load(dt, [b, (t - c8) * BS, colt], bar, dst.reshape([1, BS, HEAD_DIM]))
@@ -208,7 +217,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _pyramid_fwd_gluon_kernel(
-        q_desc, o_desc, k1, k2, k4, k8, kt, v1, v2, v4, v8, vt, EMask, Lse, Idx, Ends,
+        q_desc, o_desc, k1, k2, k4, k8, kpf, kt, v1, v2, v4, v8, vpf, vt, EMask, Lse, Idx, Ends,
         stride_emb, stride_lb, stride_lh, k_prow, k_col, kp_col, kt_col, v_prow, v_col, vp_col, vt_col, q_col, o_col,
         H, NV, NB, T, R4, R8, qk_scale,
         HEAD_DIM: gl.constexpr, BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
@@ -231,8 +240,8 @@ if HAVE_GLUON:
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-        k_side = (k1, k2, k4, k8, kt)
-        v_side = (v1, v2, v4, v8, vt)
+        k_side = (k1, k2, k4, k8, kpf, kt)
+        v_side = (v1, v2, v4, v8, vpf, vt)
         k_at = _side_at(b, h, (k_prow, k_col, kp_col, kt_col))
         v_at = _side_at(b, h, (v_prow, v_col, vp_col, vt_col))
         emask = EMask + b.to(gl.int64) * stride_emb
@@ -320,7 +329,7 @@ if HAVE_GLUON:
     def _ws_item(Order, pos, NB, H):
         """The work item at ``pos`` of ``Order`` (rows of the level lists, costliest first): (row, batch, head,
         query block)."""
-        r = gl.load(Order + pos)
+        r = gl.load(Order + pos).to(gl.int32)  # int64 from argsort; < 2**31 items
         bh = r // NB
         return r.to(gl.int64), bh // H, bh % H, r % NB
 
@@ -439,7 +448,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _pyramid_fwd_gluon_ws_kernel(
-        q_desc, k1, k2, k4, k8, kt, v1, v2, v4, v8, vt, Out, EMask, Lse, Idx, Ends, Order,
+        q_desc, k1, k2, k4, k8, kpf, kt, v1, v2, v4, v8, vpf, vt, Out, EMask, Lse, Idx, Ends, Order,
         stride_ob, stride_om, stride_oh, stride_emb, stride_lb, stride_lh,
         k_prow, k_col, kp_col, kt_col, v_prow, v_col, vp_col, vt_col, q_col,
         H, NV, NB, T, R4, R8, n_items, qk_scale,
@@ -475,7 +484,7 @@ if HAVE_GLUON:
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
         work = (Order, Ends, Idx, n_items, NB, H, T, R4, R8)
         outs = (Out, stride_ob, stride_om, stride_oh, Lse, stride_lb, stride_lh, EMask, stride_emb)
-        descs = (q_desc, (k1, k2, k4, k8, kt), (v1, v2, v4, v8, vt))
+        descs = (q_desc, (k1, k2, k4, k8, kpf, kt), (v1, v2, v4, v8, vpf, vt))
         geos = (q_col, (k_prow, k_col, kp_col, kt_col), (v_prow, v_col, vp_col, vt_col))
         gl.warp_specialize([
             (_ws_consumer, (work, bufs, bars, outs, NV, qk_scale, 0, HEAD_DIM, BS, LOG_BS, KS, VS, HAS_TEXT,
@@ -538,31 +547,34 @@ def _flat_rows_desc(x: Tensor, rows: int) -> "TensorDescriptor":
 
 
 def _side(x: Tensor, xp: Tensor, ex: Tensor | None, block: int) -> tuple[list, list[int]]:
-    """One side's (K or V) descriptors (video, levels 2/4/8, text; the video one stands in without text) and
+    """One side's (K or V) descriptors (video, levels 2/4/8, b-row boxes of the pooled buffer, text; the video one
+    stands in without text) and
     its geometry for `_side_at` (pooled rows per batch, head column strides of the video, pooled, text rows)."""
     d1 = _batch_rows_desc(x, block)
-    pooled = [_flat_rows_desc(xp, block // p) for p in (2, 4, 8)]
+    pooled = [_flat_rows_desc(xp, block // p) for p in (2, 4, 8, 1)]
     dt = _batch_rows_desc(ex, block) if ex is not None else d1
     return [d1, *pooled, dt], [xp.shape[1], x.stride(2), xp.stride(2), ex.stride(2) if ex is not None else 0]
 
 
-def work_order(ends: Tensor) -> Tensor:
-    """Rows of the level lists (B x H x n, from their ends) by decreasing cost, int32: a level-p tile holds p
-    entries, so a row costs e1 + (e2 - e1)/2 + (e4 - e2)/4 + (e8 - e4)/8 tiles, times 8: 4 e1 + 2 e2 + e4 + e8.
-    The persistent kernel deals them out in this order (`_ws_pos`), so no program is left with the long rows."""
-    e = ends.view(-1, 4)
-    cost = e.sum(1) + e[:, 0] * 3 + e[:, 1]
-    return cost.argsort(descending=True).to(torch.int32)
+def work_order(ends: Tensor, cost: Tensor | None = None) -> Tensor:
+    """Rows of the level lists (B x H x n) by decreasing cost (int64): ``cost`` as `pyramid_levels.level_lists`
+    gives it, else from the ends (a level-p tile holds p entries, so a row costs e1 + (e2 - e1)/2 + (e4 - e2)/4
+    + (e8 - e4)/8 tiles, times 8: 4 e1 + 2 e2 + e4 + e8). The persistent kernel deals them out in this order
+    (`_ws_pos`), so no program is left with the long rows at the end."""
+    if cost is None:
+        e = ends.view(-1, 4)
+        cost = e.sum(1) + e[:, 0] * 3 + e[:, 1]
+    return cost.view(-1).argsort(descending=True)
 
 
 def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None,
                      ev: Tensor | None, emask: Tensor | None, out: Tensor, lse: Tensor, idx: Tensor, ends: Tensor,
                      r4: int, r8: int, block: int, scale: float, ws: bool = False, programs: int | None = None,
-                     sort: bool = True) -> None:
+                     order: Tensor | None = None) -> None:
     """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`; layouts as
     `gluon_fwd_problem` accepts). ``ws``: the warp-specialised persistent form (block 128 only: each consumer
-    warpgroup needs 64 query rows) with ``programs`` programs (default: one per SM) over the rows in
-    `work_order` (``sort=False``: in index order; the probes A/B both)."""
+    warpgroup needs 64 query rows) with ``programs`` programs (default: one per SM) over the rows in ``order``
+    (int64, default `work_order`)."""
     from ._triton_common import LOG2E
 
     B, NV, H, D = q.shape
@@ -584,7 +596,8 @@ def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, 
     if block != 128:
         raise ValueError(f"the warp-specialised Gluon forward needs block 128, got {block}")
     n_items = B * H * nb
-    order = work_order(ends) if sort else torch.arange(n_items, dtype=torch.int32, device=q.device)
+    if order is None:
+        order = work_order(ends)
     if programs is None:
         programs = torch.cuda.get_device_properties(q.device).multi_processor_count
     # maxnreg: the launch's per-thread share (3 warpgroups in 64K registers), so the default partition
