@@ -73,3 +73,15 @@ def test_work_order_puts_the_costliest_rows_first() -> None:
              for i in range(7)]
     assert fused_cost.view(-1).tolist() == [round(8 * t) for t in tiles]
     assert [tiles[i] for i in work_order(ends, fused_cost).tolist()] == sorted(tiles, reverse=True)
+
+
+def test_work_order_inside_groups_keeps_the_groups_in_order() -> None:
+    import torch
+
+    from accel.kernels.pyramid_gluon import work_order
+
+    ends = torch.tensor([[[[0, 0, 0, 8], [3, 3, 3, 3], [1, 1, 1, 1]], [[2, 2, 2, 2], [0, 0, 0, 0], [3, 3, 3, 3]]]],
+                        dtype=torch.int32)  # (1, 2, 3, 4): costs x 8 = 8, 24, 8 | 16, 0, 24
+    assert work_order(ends, group=3).tolist()[:1] == [1] and work_order(ends, group=3).tolist()[3:] == [5, 3, 4]
+    assert sorted(work_order(ends, group=3).tolist()[:3]) == [0, 1, 2]
+    assert work_order(ends).tolist()[:2] in ([1, 5], [5, 1])

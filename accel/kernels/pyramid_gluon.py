@@ -556,15 +556,21 @@ def _side(x: Tensor, xp: Tensor, ex: Tensor | None, block: int) -> tuple[list, l
     return [d1, *pooled, dt], [xp.shape[1], x.stride(2), xp.stride(2), ex.stride(2) if ex is not None else 0]
 
 
-def work_order(ends: Tensor, cost: Tensor | None = None) -> Tensor:
+def work_order(ends: Tensor, cost: Tensor | None = None, group: int = 0) -> Tensor:
     """Rows of the level lists (B x H x n) by decreasing cost (int64): ``cost`` as `pyramid_levels.level_lists`
     gives it, else from the ends (a level-p tile holds p entries, so a row costs e1 + (e2 - e1)/2 + (e4 - e2)/4
-    + (e8 - e4)/8 tiles, times 8: 4 e1 + 2 e2 + e4 + e8). The persistent kernel deals them out in this order
-    (`_ws_pos`), so no program is left with the long rows at the end."""
+    + (e8 - e4)/8 tiles, times 8: 4 e1 + 2 e2 + e4 + e8). ``group`` > 0: sorted only inside consecutive groups of
+    that many rows (n: one batch x head, whose K/V then stay in L2 while its rows run), groups kept in order.
+    The persistent kernel deals the rows out in this order (`_ws_pos`)."""
     if cost is None:
         e = ends.view(-1, 4)
         cost = e.sum(1) + e[:, 0] * 3 + e[:, 1]
-    return cost.view(-1).argsort(descending=True)
+    cost = cost.view(-1).long()
+    if group <= 0:
+        return cost.argsort(descending=True)
+    top = int(ends.shape[-2]) * 8 + 1  # cost < 8n + 1: a group's rank dominates its cost
+    rows = torch.arange(cost.numel(), device=cost.device)
+    return ((rows // group) * top + (top - 1 - cost)).argsort()
 
 
 def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None,

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--tag", default="")
     parser.add_argument("--skip-errors", action="store_true")
+    parser.add_argument("--shape", choices=("wan1.3b-480p", "wan14b-720p"), default="wan1.3b-480p")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -58,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         idx, ends, cost = level_lists(levels, with_cost=True)
         return kv, vv, kp, vp, ek, ev, emask, idx, ends, cost, r4, r8
 
-    # the warp-specialised form's scheduling variants: (programs, sort); None programs = one per SM
-    ws_kinds = {"gluon_ws": (None, True), "gluon_ws_unsorted": (None, False), "gluon_ws_grid": (2**31, True),
-                "gluon_ws_grid_unsorted": (2**31, False)}
+    # the warp-specialised form's scheduling variants: (programs, order); None programs = one per SM; orders:
+    # "cost" by decreasing cost, "head" by cost inside each batch x head, "index" the rows' own order
+    ws_kinds = {"gluon_ws": (None, "cost"), "gluon_ws_head": (None, "head"), "gluon_ws_index": (None, "index"),
+                "gluon_ws_grid": (2**31, "cost"), "gluon_ws_grid_index": (2**31, "index")}
 
     def run(kind, q, k, v, levels, block, T=0, emask=None):
         ws = kind in ws_kinds
@@ -74,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             fn = lambda: pk.launch_fwd(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
                                        scale, knobs)
         else:
-            programs, sort = ws_kinds.get(kind, (None, True))
-            unsorted = torch.arange(ends.numel() // 4, device=q.device)
+            programs, order = ws_kinds.get(kind, (None, "cost"))
+            index = torch.arange(ends.numel() // 4, device=q.device)
+            group = {"cost": 0, "head": ends.shape[-2]}.get(order)
 
             def fn():  # the order as the pyramid forward makes it (from the level lists' costs), timed with it
                 launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block, scale, ws,
-                                 programs, work_order(ends, cost) if sort else unsorted)
+                                 programs, index if group is None else work_order(ends, cost, group))
         return fn, out, lse
 
     res: dict = {"device": torch.cuda.get_device_name(), "errors": [], "times": {}}
@@ -126,15 +129,16 @@ def main(argv: list[str] | None = None) -> int:
             print(row, flush=True)
             res["errors"].append(row)
 
-    layout = TokenLayout(1, 21, 30, 52)
-    H, D = 12, 128
+    layout, H, D = (TokenLayout(1, 21, 30, 52), 12, 128) if args.shape == "wan1.3b-480p" else (
+        TokenLayout(1, 21, 45, 80), 40, 128)
+    res["shape"] = args.shape
     q, k, v = local_qkv(layout, H, D, torch.bfloat16, gen)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         res["dense_cudnn_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             *(t.transpose(1, 2) for t in (q, k, v))))
-    for block in (128, 64):
+    for block in (128, 64) if args.shape == "wan1.3b-480p" else (128,):
         imp = estimate_block_importance(q, k, block)
         n = imp.shape[-1]
         eye = torch.eye(n, dtype=torch.bool, device="cuda")
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     t[kind + "_max_abs_diff_vs_triton"] = float((out_g.float() - out_t.float()).abs().max())
                 except Exception as err:
                     t[kind + "_ms"] = repr(err)[:300]
-            if name == "topk15":
+            if name == "topk15" and args.shape == "wan1.3b-480p":
                 for p in (1, 2, 4, 8):
                     only = torch.where(levels == p, p, 0).to(torch.int32)
                     t[f"p{p}_blocks"] = int((levels == p).sum())
