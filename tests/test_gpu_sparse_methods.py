@@ -122,8 +122,8 @@ def test_pyramid_kernel_on_the_gpu(block: int, dtype, D: int) -> None:
         assert _rel(g, e) < 2 * TOL[dtype], name
 
 
-# (block, dtype, head dim, form): "sp" single-partition; "ws" warp-specialised, one program per SM; "ws3" with 3
-# programs, so each walks ~20 items and the rings and Q's barrier run across items
+# (block, dtype, head dim, form): "sp" single-partition; "ws" warp-specialised, one program per item; "ws3"
+# persistent with 3 programs over the items by cost, so each walks ~20 and the rings and Q's barrier run across items
 GLUON_CASES = [(b, t, d, f) for b in (64, 128) for t in (torch.bfloat16, torch.float16) for d in (64, 128)
                for f in (("sp", "ws", "ws3") if b == 128 else ("sp",))]
 
@@ -137,7 +137,7 @@ def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int, form: str) 
     import math
 
     from accel.kernels._common import text_visibility
-    from accel.kernels.pyramid_gluon import gluon_fwd_problem, launch_fwd_gluon
+    from accel.kernels.pyramid_gluon import gluon_fwd_problem, launch_fwd_gluon, work_order
     from accel.kernels.pyramid_levels import level_lists
     from accel.kernels.pyramid_pool import pool_kv_levels
 
@@ -157,9 +157,9 @@ def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int, form: str) 
     reason = gluon_fwd_problem(q, tensors, block)
     if reason is not None:
         pytest.skip(reason)
-    launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, text_visibility(T, None, mask, torch.int8), out, lse,
-                     *level_lists(levels), r4, r8, block, 1 / math.sqrt(D), form != "sp",
-                     3 if form == "ws3" else None)
+    idx, ends = level_lists(levels)
+    launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, text_visibility(T, None, mask, torch.int8), out, lse, idx, ends, r4,
+                     r8, block, 1 / math.sqrt(D), form != "sp", *((3, work_order(ends)) if form == "ws3" else ()))
     expect, expect_lse = reference_pyramid_attention(q.float(), k.float(), v.float(), levels, block,
                                                      video_keys=(0, V), text_keys=(V, T), text_mask=mask,
                                                      return_lse=True)
@@ -168,8 +168,9 @@ def test_pyramid_gluon_forward_on_the_gpu(block: int, dtype, D: int, form: str) 
     if form == "ws3":  # without text, rows with no tile at all (the consumers release Q without a QK^T)
         levels[0, 0, :3] = 0
         out.fill_(float("nan"))
-        launch_fwd_gluon(q, kv, vv, kp, vp, None, None, None, out, lse, *level_lists(levels), r4, r8, block,
-                         1 / math.sqrt(D), True, 3)
+        idx, ends = level_lists(levels)
+        launch_fwd_gluon(q, kv, vv, kp, vp, None, None, None, out, lse, idx, ends, r4, r8, block, 1 / math.sqrt(D),
+                         True, 3, work_order(ends))
         expect, expect_lse = reference_pyramid_attention(q.float(), kv.float(), vv.float(), levels, block,
                                                          return_lse=True)
         assert _rel(out, expect) < TOL[dtype]

@@ -10,7 +10,7 @@ from accel.kernels import pyramid as pk
 def test_a_failed_gluon_build_warns_and_falls_back(monkeypatch) -> None:
     from triton.runtime.errors import OutOfResources
 
-    def fail(*args, ws, order):
+    def fail(*args, ws):
         raise OutOfResources(300000, 232448, "shared memory")
 
     monkeypatch.setattr(pk, "launch_fwd_gluon", fail)
@@ -19,7 +19,7 @@ def test_a_failed_gluon_build_warns_and_falls_back(monkeypatch) -> None:
 
 
 def test_other_gluon_errors_are_raised(monkeypatch) -> None:
-    def broken(*args, ws, order):
+    def broken(*args, ws):
         raise ValueError("a real bug")
 
     monkeypatch.setattr(pk, "launch_fwd_gluon", broken)
@@ -29,7 +29,7 @@ def test_other_gluon_errors_are_raised(monkeypatch) -> None:
 
 def test_the_gluon_launch_is_used_when_it_builds(monkeypatch) -> None:
     seen = {}
-    monkeypatch.setattr(pk, "launch_fwd_gluon", lambda *args, ws, order: seen.setdefault("ws", ws))
+    monkeypatch.setattr(pk, "launch_fwd_gluon", lambda *args, ws: seen.setdefault("ws", ws))
     assert pk._launch_gluon_or_warn((), ws=True) is True
     assert seen == {"ws": True}
 
@@ -52,27 +52,16 @@ def test_descriptor_layouts_the_gluon_forward_accepts() -> None:
 
 
 def test_work_order_puts_the_costliest_rows_first() -> None:
-    """A row costs e1 + (e2-e1)/2 + (e4-e2)/4 + (e8-e4)/8 tiles (a level-p tile holds p entries); the level-list
-    kernel's cost (eighths of a tile) orders the rows the same way."""
+    """A row costs e1 + (e2-e1)/2 + (e4-e2)/4 + (e8-e4)/8 tiles (a level-p tile holds p entries)."""
     import torch
 
-    from accel.kernels.pyramid import level_lists
     from accel.kernels.pyramid_gluon import work_order
-    from accel.kernels.pyramid_levels import level_lists as fused_level_lists
 
     ends = torch.tensor([[[[1, 1, 1, 9], [4, 4, 4, 4], [0, 8, 8, 8], [2, 2, 6, 6]]]], dtype=torch.int32)
     cost = [1 + 8 / 8, 4, 8 / 2, 2 + 4 / 4]  # 2, 4, 4, 3
     order = work_order(ends).tolist()
     assert [cost[i] for i in order] == sorted(cost, reverse=True)
     assert sorted(order) == [0, 1, 2, 3]
-    gen = torch.Generator().manual_seed(0)
-    levels = torch.tensor([0, 1, 2, 4, 8])[torch.randint(0, 5, (2, 3, 7, 7), generator=gen)]
-    idx, ends, fused_cost = fused_level_lists(levels, with_cost=True)
-    assert torch.equal(idx, level_lists(levels)[0]) and torch.equal(ends, level_lists(levels)[1])
-    tiles = [sum((levels[b, h, i] == p).sum().item() / p for p in (1, 2, 4, 8)) for b in range(2) for h in range(3)
-             for i in range(7)]
-    assert fused_cost.view(-1).tolist() == [round(8 * t) for t in tiles]
-    assert [tiles[i] for i in work_order(ends, fused_cost).tolist()] == sorted(tiles, reverse=True)
 
 
 def test_work_order_inside_groups_keeps_the_groups_in_order() -> None:

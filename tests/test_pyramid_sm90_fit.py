@@ -75,8 +75,8 @@ def measure(block: int, hdp: int) -> dict[str, int]:
                                                g_ptrs, ("qk_scale",), descs, num_warps=block // 16).metadata.shared
         if block == 128:
             result["forward_gluon_ws"] = compile_sm90(pg._pyramid_fwd_gluon_ws_kernel, dict(
-                consts, CONSUMER_REGS=pg.WS_CONSUMER_REGS, PRODUCER_REGS=pg.WS_PRODUCER_REGS, num_warps=4), g_ptrs,
-                ("qk_scale",), descs, num_warps=4, maxnreg=168).metadata.shared
+                consts, HAS_ORDER=False, CONSUMER_REGS=pg.WS_CONSUMER_REGS, PRODUCER_REGS=pg.WS_PRODUCER_REGS,
+                num_warps=4), g_ptrs, ("qk_scale",), descs, num_warps=4, maxnreg=168).metadata.shared
     return result
 
 

@@ -41,7 +41,7 @@ from ._triton_common import (
     head_dim_pad,
     ws_compile_failed,
 )
-from .pyramid_gluon import gluon_fwd_problem, launch_fwd_gluon, work_order
+from .pyramid_gluon import gluon_fwd_problem, launch_fwd_gluon
 from .pyramid_levels import level_lists as fused_level_lists
 from .pyramid_pool import pool_kv_levels
 from .pyramid_reference import LEVELS, pool_levels
@@ -301,20 +301,14 @@ def pyramid_fwd(
     kv, ek = _parts(k, parts)
     vv, ev = _parts(v, parts)
     kp, vp, r4, r8 = pool_kv_levels(kv, vv, block)
+    idx, ends = fused_level_lists(levels)
     T = ek.shape[1] if ek is not None else 0
     emask = text_vis if (T and text_vis is not None) else None
     tensors = {"q": q, "out": out, "video k": kv, "video v": vv, "pooled k": kp, "pooled v": vp}
     if T:
         tensors.update({"text k": ek, "text v": ev})
-    gluon = gluon_fwd_problem(q, tensors, block) is None
-    ws = gluon and GLUON_WS and block == 128
-    if ws:  # the persistent kernel takes its rows costliest first
-        idx, ends, cost = fused_level_lists(levels, with_cost=True)
-        order = work_order(ends, cost)
-    else:
-        (idx, ends), order = fused_level_lists(levels), None
-    if gluon and _launch_gluon_or_warn((q, kv, vv, kp, vp, ek, ev, emask, out, lse, idx, ends, r4, r8, block, scale),
-                                       ws, order):
+    if gluon_fwd_problem(q, tensors, block) is None and _launch_gluon_or_warn(
+            (q, kv, vv, kp, vp, ek, ev, emask, out, lse, idx, ends, r4, r8, block, scale), GLUON_WS and block == 128):
         return out, lse
     knobs = fwd_knobs(block, head_dim_pad(D), fwd_uses_tma(kv, vv, kp, vp),
                       max(kp.shape[1] * kp.stride(1), vp.shape[1] * vp.stride(1)) < 2**31)
@@ -322,12 +316,12 @@ def pyramid_fwd(
     return out, lse
 
 
-def _launch_gluon_or_warn(args: tuple, ws: bool, order: Tensor | None = None) -> bool:
-    """Run the Gluon forward (`pyramid_gluon.launch_fwd_gluon` with ``args``, ``ws`` and the persistent form's
-    ``order``); False, with a warning, when this Triton cannot build it (Gluon is experimental: a release that
-    changes its API must cost speed, not the call). Any other error is raised."""
+def _launch_gluon_or_warn(args: tuple, ws: bool) -> bool:
+    """Run the Gluon forward (`pyramid_gluon.launch_fwd_gluon` with ``args``); False, with a warning, when this
+    Triton cannot build it (Gluon is experimental: a release that changes its API must cost speed, not the
+    call). Any other error is raised."""
     try:
-        launch_fwd_gluon(*args, ws=ws, order=order)
+        launch_fwd_gluon(*args, ws=ws)
         return True
     except Exception as err:
         if not ws_compile_failed(err, "the Gluon pyramid forward", "the Triton kernel"):

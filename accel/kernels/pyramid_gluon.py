@@ -326,10 +326,12 @@ if HAVE_GLUON:
             mbarrier.invalidate(v_bar.index(i))
 
     @gluon.jit
-    def _ws_item(Order, pos, NB, H):
-        """The work item at ``pos`` of ``Order`` (rows of the level lists, costliest first): (row, batch, head,
-        query block)."""
-        r = gl.load(Order + pos).to(gl.int32)  # int64 from argsort; < 2**31 items
+    def _ws_item(Order, pos, NB, H, HAS_ORDER: gl.constexpr):
+        """The work item at ``pos``: row ``Order[pos]`` of the level lists, or row ``pos`` without an order;
+        (row, batch, head, query block)."""
+        r = pos
+        if HAS_ORDER:
+            r = gl.load(Order + pos).to(gl.int32)  # int64 from argsort; < 2**31 items
         bh = r // NB
         return r.to(gl.int64), bh // H, bh % H, r % NB
 
@@ -342,7 +344,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_producer(descs, geos, work, bufs, bars, BS: gl.constexpr, HEAD_DIM: gl.constexpr, KS: gl.constexpr,
-                     VS: gl.constexpr, HAS_TEXT: gl.constexpr):
+                     VS: gl.constexpr, HAS_TEXT: gl.constexpr, HAS_ORDER: gl.constexpr):
         """The load warp: per work item its Q (once the consumers are past the last item's last QK^T), then per tile
         its K and V (p boxes each for a pooled tile) into the rings, each slot once both consumer warpgroups have
         released it. It runs into the next item while the consumers finish one; its waits stall only itself."""
@@ -359,7 +361,7 @@ if HAVE_GLUON:
         for i in range((n_items + G - 1) // G):
             pos = _ws_pos(i, pid, G)
             if pos < n_items:  # only the last round is partial: i counts this program's items
-                r, b, h, qb = _ws_item(Order, pos, NB, H)
+                r, b, h, qb = _ws_item(Order, pos, NB, H, HAS_ORDER)
                 e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
                 idx = Idx + r * NB
                 k_at = _side_at(b, h, k_geo)
@@ -380,7 +382,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_consumer(work, bufs, bars, outs, NV, qk_scale, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
-                     HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr):
+                     HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, HAS_ORDER: gl.constexpr):
         """One consumer warpgroup: per work item, query rows [WG*b/2, +b/2) of its block over every tile of its
         row, releasing each K slot after its QK^T, each V slot after its P.V and Q after the last QK^T; then its
         output rows and LSE, straight from registers (Q's tile already holds the next item's queries)."""
@@ -405,7 +407,7 @@ if HAVE_GLUON:
         for i in range((n_items + G - 1) // G):
             pos = _ws_pos(i, pid, G)
             if pos < n_items:
-                r, b, h, qb = _ws_item(Order, pos, NB, H)
+                r, b, h, qb = _ws_item(Order, pos, NB, H, HAS_ORDER)
                 e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
                 lasts = _level_lasts(Idx + r * NB, e1, e2, e4, e8)
                 emask = EMask + b.to(gl.int64) * stride_emb
@@ -453,7 +455,7 @@ if HAVE_GLUON:
         k_prow, k_col, kp_col, kt_col, v_prow, v_col, vp_col, vt_col, q_col,
         H, NV, NB, T, R4, R8, n_items, qk_scale,
         HEAD_DIM: gl.constexpr, BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
-        HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, HAS_ORDER: gl.constexpr, CONSUMER_REGS: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """The forward warp-specialised (FA3's split) and persistent: one load warp and two consumer warpgroups of
@@ -488,10 +490,10 @@ if HAVE_GLUON:
         geos = (q_col, (k_prow, k_col, kp_col, kt_col), (v_prow, v_col, vp_col, vt_col))
         gl.warp_specialize([
             (_ws_consumer, (work, bufs, bars, outs, NV, qk_scale, 0, HEAD_DIM, BS, LOG_BS, KS, VS, HAS_TEXT,
-                            HAS_TEXT_MASK)),
+                            HAS_TEXT_MASK, HAS_ORDER)),
             (_ws_consumer, (work, bufs, bars, outs, NV, qk_scale, 1, HEAD_DIM, BS, LOG_BS, KS, VS, HAS_TEXT,
-                            HAS_TEXT_MASK)),
-            (_ws_producer, (descs, geos, work, bufs, bars, BS, HEAD_DIM, KS, VS, HAS_TEXT)),
+                            HAS_TEXT_MASK, HAS_ORDER)),
+            (_ws_producer, (descs, geos, work, bufs, bars, BS, HEAD_DIM, KS, VS, HAS_TEXT, HAS_ORDER)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -578,9 +580,11 @@ def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, 
                      r4: int, r8: int, block: int, scale: float, ws: bool = False, programs: int | None = None,
                      order: Tensor | None = None) -> None:
     """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`; layouts as
-    `gluon_fwd_problem` accepts). ``ws``: the warp-specialised persistent form (block 128 only: each consumer
-    warpgroup needs 64 query rows) with ``programs`` programs (default: one per SM) over the rows in ``order``
-    (int64, default `work_order`)."""
+    `gluon_fwd_problem` accepts). ``ws``: the warp-specialised form (block 128 only: each consumer warpgroup
+    needs 64 query rows): by default one program per (query block, batch x head) item in index order;
+    ``programs`` (e.g. one per SM) makes it persistent over the items, and ``order`` (int64, e.g. `work_order`)
+    deals them out in that order. The default measured best (benchmarks/NOTES.md, pyramid item 28): the
+    hardware's dynamic scheduling balances the rows, and index order keeps a head's K/V in L2."""
     from ._triton_common import LOG2E
 
     B, NV, H, D = q.shape
@@ -602,14 +606,11 @@ def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, 
     if block != 128:
         raise ValueError(f"the warp-specialised Gluon forward needs block 128, got {block}")
     n_items = B * H * nb
-    if order is None:
-        order = work_order(ends)
-    if programs is None:
-        programs = torch.cuda.get_device_properties(q.device).multi_processor_count
+    grid = n_items if programs is None else min(programs, n_items)
     # maxnreg: the launch's per-thread share (3 warpgroups in 64K registers), so the default partition
     # (consumer 0) gets 240 like consumer 1, not more than the register file holds
-    _pyramid_fwd_gluon_ws_kernel[(min(programs, n_items),)](
-        q_desc, *k_descs, *v_descs, out, em, lse, idx, ends, order, out.stride(0), out.stride(1), out.stride(2),
-        em_stride, lse.stride(0), lse.stride(1), *k_geo, *v_geo, q.stride(2), H, NV, nb, T, r4, r8, n_items,
-        scale * LOG2E, CONSUMER_REGS=WS_CONSUMER_REGS, PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4, maxnreg=168,
-        **common)
+    _pyramid_fwd_gluon_ws_kernel[(grid,)](
+        q_desc, *k_descs, *v_descs, out, em, lse, idx, ends, order if order is not None else idx, out.stride(0),
+        out.stride(1), out.stride(2), em_stride, lse.stride(0), lse.stride(1), *k_geo, *v_geo, q.stride(2), H, NV,
+        nb, T, r4, r8, n_items, scale * LOG2E, HAS_ORDER=order is not None, CONSUMER_REGS=WS_CONSUMER_REGS,
+        PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4, maxnreg=168, **common)

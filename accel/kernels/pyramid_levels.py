@@ -77,7 +77,7 @@ def _assign_kernel(Imp, Cap, Levels, n, min_full, t1, t2, t4, t8, q1, q2, q4, q8
 
 
 @triton.jit
-def _lists_kernel(Levels, Idx, Ends, Cost, n, NP: tl.constexpr, HAS_COST: tl.constexpr):
+def _lists_kernel(Levels, Idx, Ends, n, NP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, NP)
     valid = offs < n
@@ -94,8 +94,6 @@ def _lists_kernel(Levels, Idx, Ends, Cost, n, NP: tl.constexpr, HAS_COST: tl.con
     tl.store(Ends + row * 4 + 1, c2)
     tl.store(Ends + row * 4 + 2, c4)
     tl.store(Ends + row * 4 + 3, c8)
-    if HAS_COST:  # tiles x 8 at p entries per level-p tile: c1 + (c2-c1)/2 + (c4-c2)/4 + (c8-c4)/8
-        tl.store(Cost + row, 4 * c1 + 2 * c2 + c4 + c8)
 
 
 def _rows(x: Tensor, name: str) -> tuple[Tensor, int, int]:
@@ -130,14 +128,10 @@ def assign_levels(importance: Tensor, mode: str, thresholds: tuple[float, float,
     return levels
 
 
-def level_lists(levels: Tensor, with_cost: bool = False) -> tuple[Tensor, ...]:
-    """`accel.kernels.pyramid.level_lists` in one launch: ``(indices (B, H, n, n) int32, ends (B, H, n, 4))``;
-    ``with_cost``: also each row's cost (B, H, n) int32 in eighths of a tile (a level-p tile holds p entries:
-    4 e1 + 2 e2 + e4 + e8), which the persistent forward sorts its work by."""
+def level_lists(levels: Tensor) -> tuple[Tensor, Tensor]:
+    """`accel.kernels.pyramid.level_lists` in one launch: ``(indices (B, H, n, n) int32, ends (B, H, n, 4))``."""
     lv, n, npad = _rows(levels.to(torch.int32), "levels")
     idx = torch.empty(lv.shape, dtype=torch.int32, device=lv.device)
     ends = torch.empty(*lv.shape[:3], 4, dtype=torch.int32, device=lv.device)
-    cost = torch.empty(lv.shape[:3], dtype=torch.int32, device=lv.device) if with_cost else ends
-    _lists_kernel[(lv.shape[0] * lv.shape[1] * n,)](lv, idx, ends, cost, n, NP=npad, HAS_COST=with_cost,
-                                                    num_warps=4 if npad >= 512 else 1)
-    return (idx, ends, cost) if with_cost else (idx, ends)
+    _lists_kernel[(lv.shape[0] * lv.shape[1] * n,)](lv, idx, ends, n, NP=npad, num_warps=4 if npad >= 512 else 1)
+    return idx, ends

@@ -6,8 +6,8 @@ Errors: both kernels against `reference_pyramid_attention` (fp32) on random leve
 counts not a multiple of the block, batch 2, per-head maps, text keys with a mask, blocks 64/128, head dims
 64/128, fp16/bf16). Times: the kernel alone at Wan2.1-1.3B 480p 81f (12 heads, D=128, bf16) for rank quotas at
 15% and the default thresholds, blocks 128 and 64, each level alone, and a launch without tiles; the
-warp-specialised form also with one program per item instead of one per SM (``_grid``) and with the items in
-index order instead of by cost (``_unsorted``).
+warp-specialised form also persistent (one program per SM instead of one per item) and with the items by
+decreasing cost (``_cost``) or by cost inside each batch x head (``_head``) instead of in index order.
 """
 
 from __future__ import annotations
@@ -56,18 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         kv, vv = k[:, :NV], v[:, :NV]
         ek, ev = (k[:, NV:], v[:, NV:]) if T else (None, None)
         kp, vp, r4, r8 = pool_kv_levels(kv, vv, block)
-        idx, ends, cost = level_lists(levels, with_cost=True)
-        return kv, vv, kp, vp, ek, ev, emask, idx, ends, cost, r4, r8
+        idx, ends = level_lists(levels)
+        return kv, vv, kp, vp, ek, ev, emask, idx, ends, r4, r8
 
-    # the warp-specialised form's scheduling variants: (programs, order); None programs = one per SM; orders:
-    # "cost" by decreasing cost, "head" by cost inside each batch x head, "index" the rows' own order
-    ws_kinds = {"gluon_ws": (None, "cost"), "gluon_ws_head": (None, "head"), "gluon_ws_index": (None, "index"),
-                "gluon_ws_grid": (2**31, "cost"), "gluon_ws_grid_index": (2**31, "index")}
+    # the warp-specialised form's scheduling variants: (persistent, order); persistent = one program per SM, else
+    # one per item; orders: None the rows' own, "cost" by decreasing cost, "head" by cost inside each batch x head
+    ws_kinds = {"gluon_ws": (False, None), "gluon_ws_cost": (False, "cost"), "gluon_ws_persistent": (True, None),
+                "gluon_ws_persistent_cost": (True, "cost"), "gluon_ws_persistent_head": (True, "head")}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def run(kind, q, k, v, levels, block, T=0, emask=None):
         ws = kind in ws_kinds
         B, NV, H, D = q.shape
-        kv, vv, kp, vp, ek, ev, em, idx, ends, cost, r4, r8 = prepared(q, k, v, levels, block, T, emask)
+        kv, vv, kp, vp, ek, ev, em, idx, ends, r4, r8 = prepared(q, k, v, levels, block, T, emask)
         out = torch.empty_like(q)
         lse = torch.empty(B, H, NV, device=q.device, dtype=torch.float32)
         scale = 1 / math.sqrt(D)
@@ -76,13 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             fn = lambda: pk.launch_fwd(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
                                        scale, knobs)
         else:
-            programs, order = ws_kinds.get(kind, (None, "cost"))
-            index = torch.arange(ends.numel() // 4, device=q.device)
+            persistent, order = ws_kinds.get(kind, (False, None))
             group = {"cost": 0, "head": ends.shape[-2]}.get(order)
 
-            def fn():  # the order as the pyramid forward makes it (from the level lists' costs), timed with it
+            def fn():  # an order is made per call, as a caller would, so its cost is timed with the kernel
                 launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block, scale, ws,
-                                 programs, index if group is None else work_order(ends, cost, group))
+                                 sms if persistent else None, None if group is None else work_order(ends, group=group))
         return fn, out, lse
 
     res: dict = {"device": torch.cuda.get_device_name(), "errors": [], "times": {}}
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 q, k, v, levels, block, video_keys=(0, NV), text_keys=(NV, T) if T else None,
                 text_lengths=lengths, text_mask=mask, return_lse=True)
             row = {"case": [B, NV, H, D, T, masked, block, str(dtype)]}
-            for name in ("triton", "gluon") + (("gluon_ws", "gluon_ws_grid") if block == 128 else ()):
+            for name in ("triton", "gluon") + (("gluon_ws", "gluon_ws_persistent_cost") if block == 128 else ()):
                 try:
                     fn, out, lse = run(name, q, k, v, levels, block, T, emask)
                     fn()
@@ -171,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                 t["no_tiles_triton_ms"] = bench(run("triton", q, k, v, none, block)[0])
                 t["no_tiles_gluon_ms"] = bench(run("gluon", q, k, v, none, block)[0])
                 if block == 128:
-                    for kind in ("gluon_ws", "gluon_ws_grid"):
+                    for kind in ("gluon_ws", "gluon_ws_persistent"):
                         t[f"no_tiles_{kind}_ms"] = bench(run(kind, q, k, v, none, block)[0])
-                    _, ends, cost = level_lists(levels, with_cost=True)
-                    t["work_order_ms"] = bench(lambda e=ends, c=cost: work_order(e, c))
+                    ends = level_lists(levels)[1]
+                    t["work_order_ms"] = bench(lambda e=ends: work_order(e))
             print(key, t, flush=True)
             res["times"][key] = t
     out_dir = Path(args.out)
