@@ -13,10 +13,12 @@ inputs, level lists and results:
   waits on a global load inside the loop; K runs two tiles ahead in three slots, V one tile ahead in three
   (224 KB with Q). A slot is refilled once both warpgroups are past it (one CTA barrier per tile).
 - ``ws=True`` (block 128): the same work warp-specialised, FA3's split: one load warp and two consumer
-  warpgroups of 64 query rows, synchronised through mbarriers only, and persistent: one program per SM walks
-  its share of the (query block, batch x head) items, the load warp running into the next item while the
-  consumers finish one (`_pyramid_fwd_gluon_ws_kernel`). The items go costliest first (`work_order`), dealt out
-  in a snake (`_ws_pos`), so the programs' loads even out.
+  warpgroups of 64 query rows, synchronised through mbarriers only (`_pyramid_fwd_gluon_ws_kernel`). One
+  program per (query block, batch x head) item in index order by default; it can also run persistent (a
+  program per SM walking its items, the load warp running into the next item while the consumers finish one)
+  over the items in a given order (`work_order`, dealt out in a snake: `_ws_pos`). On the H200 the default won
+  (benchmarks/NOTES.md, pyramid item 28): the hardware balances rows of unequal length better than a static
+  deal, and a head's query blocks running together keep its K/V in L2.
 - Descriptors are built on the host, once per call: (batch, row, head x dim column) views of the inputs, a head
   addressed by its column offset, so no program builds its own (a launch without tiles cost 0.29 ms with 11
   device-side descriptors per program). Rows past a batch's last token read as zeros; the pooled buffers share
