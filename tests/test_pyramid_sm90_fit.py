@@ -68,15 +68,16 @@ def measure(block: int, hdp: int) -> dict[str, int]:
         descs = {n: desc_type("bf16", [1, block, hdp], layout(3)) for n in ("q_desc", "o_desc", "k1", "kt", "v1", "vt")}
         descs.update({f"{s}{p}": desc_type("bf16", [block // p, hdp], layout(2)) for s in "kv" for p in (2, 4, 8)})
         descs.update({f"{s}pf": desc_type("bf16", [block, hdp], layout(2)) for s in "kv"})
-        g_ptrs = dict(Out=bf, EMask="*i8", Lse="*fp32", Idx="*i32", Ends="*i32", Order="*i64")
+        g_ptrs = dict(Out=bf, EMask="*i8", Lse="*fp32", Idx="*i32", Ends="*i32", Order="*i64", Counter="*i32")
         consts = dict(HEAD_DIM=hdp, BS=block, LOG_BS=block.bit_length() - 1, KS=pg.K_SLOTS, VS=pg.V_SLOTS,
                       HAS_TEXT=True, HAS_TEXT_MASK=True)
         result["forward_gluon"] = compile_sm90(pg._pyramid_fwd_gluon_kernel, dict(consts, num_warps=block // 16),
                                                g_ptrs, ("qk_scale",), descs, num_warps=block // 16).metadata.shared
         if block == 128:
             result["forward_gluon_ws"] = compile_sm90(pg._pyramid_fwd_gluon_ws_kernel, dict(
-                consts, HAS_ORDER=False, CONSUMER_REGS=pg.WS_CONSUMER_REGS, PRODUCER_REGS=pg.WS_PRODUCER_REGS,
-                num_warps=4), g_ptrs, ("qk_scale",), descs, num_warps=4, maxnreg=168).metadata.shared
+                consts, HAS_ORDER=False, DYNAMIC=False, CONSUMER_REGS=pg.WS_CONSUMER_REGS,
+                PRODUCER_REGS=pg.WS_PRODUCER_REGS, num_warps=4), g_ptrs, ("qk_scale",), descs, num_warps=4,
+                maxnreg=168).metadata.shared
     return result
 
 

@@ -345,52 +345,89 @@ if HAVE_GLUON:
         return i * G + pid + (i % 2) * (G - 1 - 2 * pid)
 
     @gluon.jit
+    def _ws_next(Counter, i, pid, G, DYNAMIC: gl.constexpr):
+        """The load warp's next item: the next free one from the launch's counter (``DYNAMIC``: programs take
+        items as they finish, like the hardware's scheduling of a grid) or round ``i``'s of the snake."""
+        if DYNAMIC:
+            pos = gl.atomic_add(Counter, 1)
+        else:
+            pos = _ws_pos(i, pid, G)
+        return pos
+
+    @gluon.jit
+    def _ws_publish(sched, sched_ready, sched_empty, i, pos):
+        """Hand item ``pos`` (the load warp's ``i``-th) to the consumers through slot i % 2 of ``sched``."""
+        one: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[1],
+                                             order=[0])
+        mbarrier.wait(sched_empty.index(i % 2), ((i // 2) & 1) ^ 1)
+        sched.index(i % 2).store(gl.full([1], pos, gl.int32, layout=one))
+        mbarrier.arrive(sched_ready.index(i % 2), count=1)
+
+    @gluon.jit
+    def _ws_take(sched, sched_ready, sched_empty, i, pos, DYNAMIC: gl.constexpr):
+        """A consumer's ``i``-th item: the one the load warp handed over (``DYNAMIC``), else ``pos``."""
+        if DYNAMIC:
+            one: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[4],
+                                                 order=[0])
+            mbarrier.wait(sched_ready.index(i % 2), (i // 2) & 1)
+            pos = gl.sum(sched.index(i % 2).load(one), axis=0)
+            mbarrier.arrive(sched_empty.index(i % 2), count=1)
+        return pos
+
+    @gluon.jit
     def _ws_producer(descs, geos, work, bufs, bars, BS: gl.constexpr, HEAD_DIM: gl.constexpr, KS: gl.constexpr,
-                     VS: gl.constexpr, HAS_TEXT: gl.constexpr, HAS_ORDER: gl.constexpr):
+                     VS: gl.constexpr, HAS_TEXT: gl.constexpr, HAS_ORDER: gl.constexpr, DYNAMIC: gl.constexpr):
         """The load warp: per work item its Q (once the consumers are past the last item's last QK^T), then per tile
         its K and V (p boxes each for a pooled tile) into the rings, each slot once both consumer warpgroups have
         released it. It runs into the next item while the consumers finish one; its waits stall only itself."""
         q_desc, k_side, v_side = descs
         q_col, k_geo, v_geo = geos
-        Order, Ends, Idx, n_items, NB, H, T, R4, R8 = work
+        Order, Ends, Idx, n_items, NB, H, T, R4, R8, Counter = work
         q_smem, k_smem, v_smem = bufs
-        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, sched, sched_ready, sched_empty = bars
         ent: gl.constexpr = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[1],
                                              order=[0])
         pid = gl.program_id(0)
         G = gl.num_programs(0)
         g = 0  # tiles issued by this program: the position in the rings
-        for i in range((n_items + G - 1) // G):
-            pos = _ws_pos(i, pid, G)
-            if pos < n_items:  # only the last round is partial: i counts this program's items
-                r, b, h, qb = _ws_item(Order, pos, NB, H, HAS_ORDER)
-                e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
-                idx = Idx + r * NB
-                k_at = _side_at(b, h, k_geo)
-                v_at = _side_at(b, h, v_geo)
-                mbarrier.wait(q_empty, (i & 1) ^ 1)
-                mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-                _tma_load(q_desc, [b, qb * BS, h * q_col], q_ready, q_smem.reshape([1, BS, HEAD_DIM]))
-                for t in range(n_tiles):
-                    kbs = _tile_entries(t, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
-                    mbarrier.wait(k_empty.index(g % KS), ((g // KS) & 1) ^ 1)
-                    _issue_tile(t, kbs, c1, c2, c4, c8, k_side, k_at, R4, R8, k_smem.index(g % KS),
-                                k_ready.index(g % KS), BS, HEAD_DIM, HAS_TEXT)
-                    mbarrier.wait(v_empty.index(g % VS), ((g // VS) & 1) ^ 1)
-                    _issue_tile(t, kbs, c1, c2, c4, c8, v_side, v_at, R4, R8, v_smem.index(g % VS),
-                                v_ready.index(g % VS), BS, HEAD_DIM, HAS_TEXT)
-                    g += 1
+        i = 0  # items of this program so far
+        pos = _ws_next(Counter, 0, pid, G, DYNAMIC)
+        while pos < n_items:
+            if DYNAMIC:  # tell the consumers (its slot free once both have read it)
+                _ws_publish(sched, sched_ready, sched_empty, i, pos)
+            r, b, h, qb = _ws_item(Order, pos, NB, H, HAS_ORDER)
+            e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
+            idx = Idx + r * NB
+            k_at = _side_at(b, h, k_geo)
+            v_at = _side_at(b, h, v_geo)
+            mbarrier.wait(q_empty, (i & 1) ^ 1)
+            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b, qb * BS, h * q_col], q_ready, q_smem.reshape([1, BS, HEAD_DIM]))
+            for t in range(n_tiles):
+                kbs = _tile_entries(t, n_tiles, c1, c2, c4, c8, e1, e2, e4, e8, idx, ent)
+                mbarrier.wait(k_empty.index(g % KS), ((g // KS) & 1) ^ 1)
+                _issue_tile(t, kbs, c1, c2, c4, c8, k_side, k_at, R4, R8, k_smem.index(g % KS),
+                            k_ready.index(g % KS), BS, HEAD_DIM, HAS_TEXT)
+                mbarrier.wait(v_empty.index(g % VS), ((g // VS) & 1) ^ 1)
+                _issue_tile(t, kbs, c1, c2, c4, c8, v_side, v_at, R4, R8, v_smem.index(g % VS),
+                            v_ready.index(g % VS), BS, HEAD_DIM, HAS_TEXT)
+                g += 1
+            i += 1
+            pos = _ws_next(Counter, i, pid, G, DYNAMIC)
+        if DYNAMIC:
+            _ws_publish(sched, sched_ready, sched_empty, i, n_items)  # no more items
 
     @gluon.jit
     def _ws_consumer(work, bufs, bars, outs, NV, qk_scale, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
-                     HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, HAS_ORDER: gl.constexpr):
+                     HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, HAS_ORDER: gl.constexpr,
+                     DYNAMIC: gl.constexpr):
         """One consumer warpgroup: per work item, query rows [WG*b/2, +b/2) of its block over every tile of its
         row, releasing each K slot after its QK^T, each V slot after its P.V and Q after the last QK^T; then its
         output rows and LSE, straight from registers (Q's tile already holds the next item's queries)."""
-        Order, Ends, Idx, n_items, NB, H, T, R4, R8 = work
+        Order, Ends, Idx, n_items, NB, H, T, R4, R8, Counter = work
         q_smem, k_smem, v_smem = bufs
-        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, sched, sched_ready, sched_empty = bars
         Out, stride_ob, stride_om, stride_oh, Lse, stride_lb, stride_lh, EMask, stride_emb = outs
         HALF: gl.constexpr = BS // 2
         dtype: gl.constexpr = q_smem.dtype
@@ -406,59 +443,61 @@ if HAVE_GLUON:
         pid = gl.program_id(0)
         G = gl.num_programs(0)
         g = 0  # tiles consumed by this program: the position in the rings
-        for i in range((n_items + G - 1) // G):
-            pos = _ws_pos(i, pid, G)
-            if pos < n_items:
-                r, b, h, qb = _ws_item(Order, pos, NB, H, HAS_ORDER)
-                e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
-                lasts = _level_lasts(Idx + r * NB, e1, e2, e4, e8)
-                emask = EMask + b.to(gl.int64) * stride_emb
-                m_i = gl.full([HALF], float("-inf"), gl.float32, layout=rows_s)
-                l_i = gl.zeros([HALF], gl.float32, layout=rows_s)
-                acc = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout))
-                mbarrier.wait(q_ready, i & 1)
-                for t in range(n_tiles):
-                    mbarrier.wait(k_ready.index(g % KS), (g // KS) & 1)
-                    s_tok = warpgroup_mma(q_half, k_smem.index(g % KS).permute((1, 0)),
-                                          gl.zeros([HALF, BS], gl.float32, layout=s_layout), use_acc=False,
-                                          is_async=True)
-                    s_cur = warpgroup_mma_wait(0, deps=[s_tok])  # also retires P.V(t-1)
-                    mbarrier.arrive(k_empty.index(g % KS), count=1)
-                    if t > 0:
-                        mbarrier.arrive(v_empty.index((g - 1) % VS), count=1)
-                    if t == n_tiles - 1:
-                        mbarrier.arrive(q_empty, count=1)  # the next item's Q may load now
-                    s = _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols, qk_scale,
-                                     BS, LOG_BS, HAS_TEXT, HAS_TEXT_MASK)
-                    p_op, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, rows_o, p_layout, dtype)
-                    mbarrier.wait(v_ready.index(g % VS), (g // VS) & 1)
-                    acc = warpgroup_mma(p_op, v_smem.index(g % VS), acc, is_async=True)
-                    g += 1
-                out = warpgroup_mma_wait(0, deps=[acc])
-                if n_tiles > 0:
+        i = 0  # items of this program so far
+        pos = _ws_take(sched, sched_ready, sched_empty, 0, pid, DYNAMIC)
+        while pos < n_items:
+            r, b, h, qb = _ws_item(Order, pos, NB, H, HAS_ORDER)
+            e1, e2, e4, e8, c1, c2, c4, c8, n_tiles = _row_tiles(Ends, r, T, BS, HAS_TEXT)
+            lasts = _level_lasts(Idx + r * NB, e1, e2, e4, e8)
+            emask = EMask + b.to(gl.int64) * stride_emb
+            m_i = gl.full([HALF], float("-inf"), gl.float32, layout=rows_s)
+            l_i = gl.zeros([HALF], gl.float32, layout=rows_s)
+            acc = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout))
+            mbarrier.wait(q_ready, i & 1)
+            for t in range(n_tiles):
+                mbarrier.wait(k_ready.index(g % KS), (g // KS) & 1)
+                s_tok = warpgroup_mma(q_half, k_smem.index(g % KS).permute((1, 0)),
+                                      gl.zeros([HALF, BS], gl.float32, layout=s_layout), use_acc=False,
+                                      is_async=True)
+                s_cur = warpgroup_mma_wait(0, deps=[s_tok])  # also retires P.V(t-1)
+                mbarrier.arrive(k_empty.index(g % KS), count=1)
+                if t > 0:
                     mbarrier.arrive(v_empty.index((g - 1) % VS), count=1)
-                else:
-                    mbarrier.arrive(q_empty, count=1)
-                l_o = gl.convert_layout(l_i, rows_o)
-                out = out / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-                r_o = qb * BS + WG * HALF + gl.arange(0, HALF, layout=rows_o)
-                d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-                out_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-                gl.store(out_base + r_o.to(gl.int64)[:, None] * stride_om + d_o[None, :], out.to(dtype),
-                         mask=(r_o < NV)[:, None])
-                r_s = qb * BS + WG * HALF + gl.arange(0, HALF, layout=rows_s)
-                gl.store(Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + r_s, _lse(m_i, l_i),
-                         mask=r_s < NV)
+                if t == n_tiles - 1:
+                    mbarrier.arrive(q_empty, count=1)  # the next item's Q may load now
+                s = _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols, qk_scale,
+                                 BS, LOG_BS, HAS_TEXT, HAS_TEXT_MASK)
+                p_op, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, rows_o, p_layout, dtype)
+                mbarrier.wait(v_ready.index(g % VS), (g // VS) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(g % VS), acc, is_async=True)
+                g += 1
+            out = warpgroup_mma_wait(0, deps=[acc])
+            if n_tiles > 0:
+                mbarrier.arrive(v_empty.index((g - 1) % VS), count=1)
+            else:
+                mbarrier.arrive(q_empty, count=1)
+            l_o = gl.convert_layout(l_i, rows_o)
+            out = out / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+            r_o = qb * BS + WG * HALF + gl.arange(0, HALF, layout=rows_o)
+            d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            out_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+            gl.store(out_base + r_o.to(gl.int64)[:, None] * stride_om + d_o[None, :], out.to(dtype),
+                     mask=(r_o < NV)[:, None])
+            r_s = qb * BS + WG * HALF + gl.arange(0, HALF, layout=rows_s)
+            gl.store(Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + r_s, _lse(m_i, l_i),
+                     mask=r_s < NV)
+            i += 1
+            pos = _ws_take(sched, sched_ready, sched_empty, i, _ws_pos(i, pid, G), DYNAMIC)
 
     @gluon.jit
     def _pyramid_fwd_gluon_ws_kernel(
-        q_desc, k1, k2, k4, k8, kpf, kt, v1, v2, v4, v8, vpf, vt, Out, EMask, Lse, Idx, Ends, Order,
+        q_desc, k1, k2, k4, k8, kpf, kt, v1, v2, v4, v8, vpf, vt, Out, EMask, Lse, Idx, Ends, Order, Counter,
         stride_ob, stride_om, stride_oh, stride_emb, stride_lb, stride_lh,
         k_prow, k_col, kp_col, kt_col, v_prow, v_col, vp_col, vt_col, q_col,
         H, NV, NB, T, R4, R8, n_items, qk_scale,
         HEAD_DIM: gl.constexpr, BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
-        HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, HAS_ORDER: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, HAS_ORDER: gl.constexpr, DYNAMIC: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """The forward warp-specialised (FA3's split) and persistent: one load warp and two consumer warpgroups of
         b/2 query rows, synchronised only through mbarriers, so one warpgroup's softmax overlaps the other's
@@ -484,18 +523,24 @@ if HAVE_GLUON:
         for i in gl.static_range(VS):
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
+        sched = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        sched_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        sched_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(sched_ready.index(i), count=1)
+            mbarrier.init(sched_empty.index(i), count=2)
         fence_async_shared()
-        bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
-        work = (Order, Ends, Idx, n_items, NB, H, T, R4, R8)
+        bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, sched, sched_ready, sched_empty)
+        work = (Order, Ends, Idx, n_items, NB, H, T, R4, R8, Counter)
         outs = (Out, stride_ob, stride_om, stride_oh, Lse, stride_lb, stride_lh, EMask, stride_emb)
         descs = (q_desc, (k1, k2, k4, k8, kpf, kt), (v1, v2, v4, v8, vpf, vt))
         geos = (q_col, (k_prow, k_col, kp_col, kt_col), (v_prow, v_col, vp_col, vt_col))
         gl.warp_specialize([
             (_ws_consumer, (work, bufs, bars, outs, NV, qk_scale, 0, HEAD_DIM, BS, LOG_BS, KS, VS, HAS_TEXT,
-                            HAS_TEXT_MASK, HAS_ORDER)),
+                            HAS_TEXT_MASK, HAS_ORDER, DYNAMIC)),
             (_ws_consumer, (work, bufs, bars, outs, NV, qk_scale, 1, HEAD_DIM, BS, LOG_BS, KS, VS, HAS_TEXT,
-                            HAS_TEXT_MASK, HAS_ORDER)),
-            (_ws_producer, (descs, geos, work, bufs, bars, BS, HEAD_DIM, KS, VS, HAS_TEXT, HAS_ORDER)),
+                            HAS_TEXT_MASK, HAS_ORDER, DYNAMIC)),
+            (_ws_producer, (descs, geos, work, bufs, bars, BS, HEAD_DIM, KS, VS, HAS_TEXT, HAS_ORDER, DYNAMIC)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -580,12 +625,13 @@ def work_order(ends: Tensor, cost: Tensor | None = None, group: int = 0) -> Tens
 def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None,
                      ev: Tensor | None, emask: Tensor | None, out: Tensor, lse: Tensor, idx: Tensor, ends: Tensor,
                      r4: int, r8: int, block: int, scale: float, ws: bool = False, programs: int | None = None,
-                     order: Tensor | None = None) -> None:
+                     order: Tensor | None = None, dynamic: bool = False) -> None:
     """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`; layouts as
     `gluon_fwd_problem` accepts). ``ws``: the warp-specialised form (block 128 only: each consumer warpgroup
     needs 64 query rows): by default one program per (query block, batch x head) item in index order;
     ``programs`` (e.g. one per SM) makes it persistent over the items, and ``order`` (int64, e.g. `work_order`)
-    deals them out in that order. The default measured best (benchmarks/NOTES.md, pyramid item 28): the
+    deals them out in that order, statically in a snake or, ``dynamic``, to whichever program is free next
+    (an atomic counter). The default measured best (benchmarks/NOTES.md, pyramid item 28): the
     hardware's dynamic scheduling balances the rows, and index order keeps a head's K/V in L2."""
     from ._triton_common import LOG2E
 
@@ -609,10 +655,11 @@ def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, 
         raise ValueError(f"the warp-specialised Gluon forward needs block 128, got {block}")
     n_items = B * H * nb
     grid = n_items if programs is None else min(programs, n_items)
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else idx
     # maxnreg: the launch's per-thread share (3 warpgroups in 64K registers), so the default partition
     # (consumer 0) gets 240 like consumer 1, not more than the register file holds
     _pyramid_fwd_gluon_ws_kernel[(grid,)](
-        q_desc, *k_descs, *v_descs, out, em, lse, idx, ends, order if order is not None else idx, out.stride(0),
-        out.stride(1), out.stride(2), em_stride, lse.stride(0), lse.stride(1), *k_geo, *v_geo, q.stride(2), H, NV,
-        nb, T, r4, r8, n_items, scale * LOG2E, HAS_ORDER=order is not None, CONSUMER_REGS=WS_CONSUMER_REGS,
-        PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4, maxnreg=168, **common)
+        q_desc, *k_descs, *v_descs, out, em, lse, idx, ends, order if order is not None else idx, counter,
+        out.stride(0), out.stride(1), out.stride(2), em_stride, lse.stride(0), lse.stride(1), *k_geo, *v_geo,
+        q.stride(2), H, NV, nb, T, r4, r8, n_items, scale * LOG2E, HAS_ORDER=order is not None, DYNAMIC=dynamic,
+        CONSUMER_REGS=WS_CONSUMER_REGS, PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4, maxnreg=168, **common)
