@@ -122,9 +122,9 @@ def test_pyramid_kernel_on_the_gpu(block: int, dtype, D: int) -> None:
         assert _rel(g, e) < 2 * TOL[dtype], name
 
 
-# (block, dtype, head dim, form): "sp" single-partition; "ws" warp-specialised, one program per item; "ws3"
-# persistent with 3 programs over the items by cost, so each walks ~20 and the rings and Q's barrier run across items;
-# "ws3d" the same with the items taken from an atomic counter
+# (block, dtype, head dim, form): "sp" single-partition; "ws" warp-specialised (its default: one program per SM
+# taking items from an atomic counter); "ws3d" with 3 programs over the items by cost, so each walks ~20 and the
+# rings and Q's barrier run across items; "ws3" the same dealt out statically
 GLUON_CASES = [(b, t, d, f) for b in (64, 128) for t in (torch.bfloat16, torch.float16) for d in (64, 128)
                for f in (("sp", "ws", "ws3", "ws3d") if b == 128 else ("sp",))]
 

@@ -13,12 +13,12 @@ inputs, level lists and results:
   waits on a global load inside the loop; K runs two tiles ahead in three slots, V one tile ahead in three
   (224 KB with Q). A slot is refilled once both warpgroups are past it (one CTA barrier per tile).
 - ``ws=True`` (block 128): the same work warp-specialised, FA3's split: one load warp and two consumer
-  warpgroups of 64 query rows, synchronised through mbarriers only (`_pyramid_fwd_gluon_ws_kernel`). One
-  program per (query block, batch x head) item in index order by default; it can also run persistent (a
-  program per SM walking its items, the load warp running into the next item while the consumers finish one)
-  over the items in a given order (`work_order`, dealt out in a snake: `_ws_pos`). On the H200 the default won
-  (benchmarks/NOTES.md, pyramid item 28): the hardware balances rows of unequal length better than a static
-  deal, and a head's query blocks running together keep its K/V in L2.
+  warpgroups of 64 query rows, synchronised through mbarriers only (`_pyramid_fwd_gluon_ws_kernel`), and
+  persistent: one program per SM; its load warp takes the next (query block, batch x head) item from an atomic
+  counter, hands it to the consumers through shared memory and starts its loads while they finish the item
+  before. Items in index order, so a head's query blocks run together and its K/V stay in L2. Measured against
+  a grid of one program per item, a static deal (`_ws_pos`) and cost-sorted orders (`work_order`), which stay
+  launch options for the probes (benchmarks/NOTES.md, pyramid items 27-29).
 - Descriptors are built on the host, once per call: (batch, row, head x dim column) views of the inputs, a head
   addressed by its column offset, so no program builds its own (a launch without tiles cost 0.29 ms with 11
   device-side descriptors per program). Rows past a batch's last token read as zeros; the pooled buffers share
@@ -625,14 +625,16 @@ def work_order(ends: Tensor, cost: Tensor | None = None, group: int = 0) -> Tens
 def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None,
                      ev: Tensor | None, emask: Tensor | None, out: Tensor, lse: Tensor, idx: Tensor, ends: Tensor,
                      r4: int, r8: int, block: int, scale: float, ws: bool = False, programs: int | None = None,
-                     order: Tensor | None = None, dynamic: bool = False) -> None:
+                     order: Tensor | None = None, dynamic: bool = True) -> None:
     """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`; layouts as
     `gluon_fwd_problem` accepts). ``ws``: the warp-specialised form (block 128 only: each consumer warpgroup
-    needs 64 query rows): by default one program per (query block, batch x head) item in index order;
-    ``programs`` (e.g. one per SM) makes it persistent over the items, and ``order`` (int64, e.g. `work_order`)
-    deals them out in that order, statically in a snake or, ``dynamic``, to whichever program is free next
-    (an atomic counter). The default measured best (benchmarks/NOTES.md, pyramid item 28): the
-    hardware's dynamic scheduling balances the rows, and index order keeps a head's K/V in L2."""
+    needs 64 query rows), persistent over the (query block, batch x head) items with ``programs`` programs
+    (default one per SM) taking them in ``order`` (int64, e.g. `work_order`; default index order), each the next
+    free one from an atomic counter (``dynamic``) or dealt out in a snake. The default measured best
+    (benchmarks/NOTES.md, pyramid item 29): taking the next free item balances rows of unequal length as the
+    hardware does for a grid, index order keeps a head's K/V in L2, and persistence lets the load warp start an
+    item while the consumers finish the one before. ``programs`` >= the items with ``dynamic=False``: one
+    program per item (a plain grid)."""
     from ._triton_common import LOG2E
 
     B, NV, H, D = q.shape
@@ -654,7 +656,9 @@ def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, 
     if block != 128:
         raise ValueError(f"the warp-specialised Gluon forward needs block 128, got {block}")
     n_items = B * H * nb
-    grid = n_items if programs is None else min(programs, n_items)
+    if programs is None:
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count
+    grid = min(programs, n_items)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else idx
     # maxnreg: the launch's per-thread share (3 warpgroups in 64K registers), so the default partition
     # (consumer 0) gets 240 like consumer 1, not more than the register file holds

@@ -6,9 +6,10 @@ Errors: both kernels against `reference_pyramid_attention` (fp32) on random leve
 counts not a multiple of the block, batch 2, per-head maps, text keys with a mask, blocks 64/128, head dims
 64/128, fp16/bf16). Times: the kernel alone at Wan2.1-1.3B 480p 81f (12 heads, D=128, bf16) for rank quotas at
 15% and the default thresholds, blocks 128 and 64, each level alone, and a launch without tiles; the
-warp-specialised form also persistent (one program per SM instead of one per item) and with the items by
-decreasing cost (``_cost``) or by cost inside each batch x head (``_head``) instead of in index order, and
-persistent with the items taken from an atomic counter (``_dynamic``) instead of dealt out in a snake.
+warp-specialised form also with one program per item (``_grid``) instead of its default (persistent, one
+program per SM taking the next item from an atomic counter), with the items dealt out statically in a snake
+(``_static``), and by decreasing cost (``_cost``) or by cost inside each batch x head (``_head``) instead of in
+index order.
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         idx, ends = level_lists(levels)
         return kv, vv, kp, vp, ek, ev, emask, idx, ends, r4, r8
 
-    # the warp-specialised form's scheduling variants: (persistent, order, dynamic); persistent = one program per
-    # SM, else one per item; orders: None the rows' own, "cost" by decreasing cost, "head" by cost inside each
-    # batch x head; dynamic: persistent programs take the next item from an atomic counter, else a static snake
-    ws_kinds = {"gluon_ws": (False, None, False), "gluon_ws_persistent": (True, None, False),
-                "gluon_ws_persistent_cost": (True, "cost", False), "gluon_ws_dynamic": (True, None, True),
-                "gluon_ws_dynamic_cost": (True, "cost", True), "gluon_ws_dynamic_head": (True, "head", True)}
+    # the warp-specialised form's scheduling variants: (programs, order, dynamic); programs "sm" = one per SM (the
+    # default), "item" = one per item; orders: None the rows' own, "cost" by decreasing cost, "head" by cost inside
+    # each batch x head; dynamic: programs take the next item from an atomic counter, else a static snake
+    ws_kinds = {"gluon_ws": ("sm", None, True), "gluon_ws_grid": ("item", None, False),
+                "gluon_ws_static": ("sm", None, False), "gluon_ws_static_cost": ("sm", "cost", False),
+                "gluon_ws_cost": ("sm", "cost", True), "gluon_ws_head": ("sm", "head", True)}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def run(kind, q, k, v, levels, block, T=0, emask=None):
@@ -80,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             fn = lambda: pk.launch_fwd(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
                                        scale, knobs)
         else:
-            persistent, order, dynamic = ws_kinds.get(kind, (False, None, False))
+            programs, order, dynamic = ws_kinds.get(kind, ("sm", None, True))
             group = {"cost": 0, "head": ends.shape[-2]}.get(order)
 
             def fn():  # an order is made per call, as a caller would, so its cost is timed with the kernel
                 launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block, scale, ws,
-                                 sms if persistent else None, None if group is None else work_order(ends, group=group),
-                                 dynamic)
+                                 sms if programs == "sm" else 2**31,
+                                 None if group is None else work_order(ends, group=group), dynamic)
         return fn, out, lse
 
     res: dict = {"device": torch.cuda.get_device_name(), "errors": [], "times": {}}
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 q, k, v, levels, block, video_keys=(0, NV), text_keys=(NV, T) if T else None,
                 text_lengths=lengths, text_mask=mask, return_lse=True)
             row = {"case": [B, NV, H, D, T, masked, block, str(dtype)]}
-            for name in ("triton", "gluon") + (("gluon_ws", "gluon_ws_persistent_cost", "gluon_ws_dynamic_cost")
+            for name in ("triton", "gluon") + (("gluon_ws", "gluon_ws_grid", "gluon_ws_static_cost")
                                                if block == 128 else ()):
                 try:
                     fn, out, lse = run(name, q, k, v, levels, block, T, emask)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 t["no_tiles_triton_ms"] = bench(run("triton", q, k, v, none, block)[0])
                 t["no_tiles_gluon_ms"] = bench(run("gluon", q, k, v, none, block)[0])
                 if block == 128:
-                    for kind in ("gluon_ws", "gluon_ws_persistent", "gluon_ws_dynamic"):
+                    for kind in ("gluon_ws", "gluon_ws_grid", "gluon_ws_static"):
                         t[f"no_tiles_{kind}_ms"] = bench(run(kind, q, k, v, none, block)[0])
                     ends = level_lists(levels)[1]
                     t["work_order_ms"] = bench(lambda e=ends: work_order(e))
