@@ -1,4 +1,5 @@
-"""The pyramid forward's Gluon launch falls back to the Triton kernel only when Triton cannot build it."""
+"""The pyramid forward's Gluon launch on the host, without a GPU: it falls back to the Triton kernel only when
+Triton cannot build it; the input layouts its descriptors accept; the work orders of its persistent form."""
 
 from __future__ import annotations
 
