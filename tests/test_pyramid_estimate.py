@@ -50,6 +50,18 @@ def test_blocks_per_dot_does_not_change_the_estimate(blocks_per_dot: int) -> Non
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("rows,programs_per_sm", [(None, None), (16, 1), (32, 4)])
+def test_strided_inputs_and_programs_that_take_several_items(rows, programs_per_sm) -> None:
+    """q and k read in place from a joint (B, S, H, D) buffer's video rows; 3 programs (the interpreter's grid)
+    over 6-30 items, so every slot is reused; a partial last block (300 = 18 x 16 + 12)."""
+    g = torch.Generator().manual_seed(6)
+    joint_q, joint_k = (torch.randn(2, 307, 3, 16, generator=g) for _ in range(2))
+    q, k = joint_q[:, 7:], joint_k[:, 7:]
+    want = estimate_block_importance(q.contiguous(), k.contiguous(), 16, seed=3)
+    got = estimate_block_importance_triton(q, k, 16, seed=3, rows=rows, programs_per_sm=programs_per_sm)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_half_inputs_and_an_explicit_scale() -> None:
     q, k = _qk(1, 48, 2, 16, torch.float16, seed=1)
     want = estimate_block_importance(q, k, 16, seed=2, scale=0.5)

@@ -78,3 +78,15 @@ def test_bad_input_is_named() -> None:
         assign_levels(imp[0], "topk", QUOTAS)
     with pytest.raises(ValueError, match=r"cap must be \(B, H, n\)"):
         assign_levels(imp, "topk", QUOTAS, cap=torch.ones(1, 1, 7, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("rows,num_warps", [(4, 1), (8, 4)])
+def test_several_rows_per_program_give_the_same_levels_and_lists(rows, num_warps) -> None:
+    """Multi-row launches (a last program with fewer rows than it holds: 2 x 3 x 13 = 78 rows) match."""
+    imp = _importance(2, 3, 13, seed=7, ties=True)
+    for mode, thresholds in (("threshold", THRESHOLDS), ("topk", QUOTAS)):
+        got = assign_levels(imp, mode, thresholds, rows=rows, num_warps=num_warps)
+        assert torch.equal(got, _want(imp, mode, thresholds))
+        idx, ends = level_lists(got, rows=rows, num_warps=num_warps)
+        want_idx, want_ends = torch_level_lists(got)
+        assert torch.equal(idx, want_idx.to(torch.int32)) and torch.equal(ends, want_ends.to(torch.int32))

@@ -2,19 +2,23 @@
 
 `accel.kernels.pyramid_reference.estimate_block_importance` materialises every sampled logit: (n * sq) x (n * sk)
 per head, about 1.6 GB at Wan2.1-1.3B 480p with blocks of 128, written by a matmul and read back by the block
-max (1.9 ms of a 5.8 ms pyramid call on the H200, `pyramid_stages_b128.json`). Here one program owns the sampled
-queries of ``BI`` consecutive query blocks (``BI * SQP`` = 128 rows, so the dots are full tensor-core tiles and
-each sampled key is read once per 128 query rows) and walks the KV blocks once, ``KB`` = 4 blocks per dot. Each
-block's max over its sampled keys (from a reshape of the dot's columns) is that block's max logit per sampled
-query: it goes to a scratch of n floats per sampled query (1/sk of the logits; heads beyond 512 MB of scratch
-run as further launches) and into the row max over all keys. After a barrier the same program reads its scratch
-rows back and keeps ``max over a query block's samples of exp(block max - row max)``. The logits are computed
-once (a matmul of the sampled tokens only: 1/32 of dense attention's FLOPs at b/4 samples) and never stored.
-On the H200 at Wan2.1-1.3B 480p: 0.64 ms at block 128, 0.68 ms at block 64 (PyTorch estimate: 1.85, 2.25 ms).
+max (1.9 ms of a 5.8 ms pyramid call on the H200, `pyramid_stages_b128.json`). Here a work item is the sampled
+queries of ``BI`` consecutive query blocks of one (batch, head) (``BI * SQP`` = 128 rows, so the dots are full
+tensor-core tiles and each sampled key is read once per 128 query rows); it walks the KV blocks once, ``KB``
+blocks per dot. Each block's max over its sampled keys (from a reshape of the dot's columns) is that block's max
+logit per sampled query: it goes to the program's scratch slot (n floats per sampled query, 1/sk of the logits)
+and into the row max over all keys. After a barrier the program reads its slot back and keeps ``max over a query
+block's samples of exp(block max - row max)``. The logits are computed once (a matmul of the sampled tokens
+only: 1/32 of dense attention's FLOPs at b/4 samples) and never stored.
 
-Sampled positions come from `sample_positions`, shared with the PyTorch estimate, so both see the same tokens.
+The kernel reads the sampled rows straight from q and k ((B, V, H, D), any strides): row ``j * b + pos % r`` of
+block j (r its length) for the within-block positions of `sample_offsets`, the tokens `sample_positions` names,
+so no gathered copies are made (two gathers were 0.65 ms at Wan2.1-14B 720p). Programs are persistent, a few per
+SM, each taking the next item from an atomic counter, so the scratch is one slot per program (80 MB at 14B
+720p; a slot per item was 1.8 GB there, in four launches). Full KV tiles run without masks.
+
 The logits stay in fp32 accumulators (the PyTorch path rounds half-precision logits to the input dtype before
-the block max), so half-precision results agree to rounding, not bit for bit.
+the block max), so half-precision results agree to rounding, not bit for bit. On the H200 (`pyramid_profile_*.json`):
 """
 
 # No `from __future__ import annotations`: kept like the other kernel modules.
@@ -26,79 +30,116 @@ from torch import Tensor
 
 from ._common import triton_input_reason
 from ._triton_common import LOG2E, dot_precision
-from .pyramid_reference import estimate_setup, normalise_rows
+from .pyramid_reference import normalise_rows, sample_offsets
 
 __all__ = ["estimate_block_importance_triton"]
 
-_ROWS = 128  # sampled query rows per program (BI query blocks x SQP samples)
-_SCRATCH_BYTES = 1 << 29  # per launch; more heads run as further launches
+_ROWS = 128  # sampled query rows per item (BI query blocks x SQP samples)
 _OUT_COLUMNS = 32  # KV blocks per step of the read-back
-# KV blocks per dot: on the H200 4 was best at both block sizes (`pyramid_stages_b*.json`,
-# ``estimate_fused_blocks_per_dot_ms``): block 64 (16 samples each) 1/2/4/8 blocks 1.02/0.74/0.68/0.74 ms, block
-# 128 (32 samples) 0.90/0.91/0.64 ms (8 does not fit in shared memory).
-_BLOCKS_PER_DOT = 4
+# KV blocks per dot: 2 on the H200 (`pyramid_profile_*.json` ``estimate_configs``; with the gathered copies:
+# 14B 720p 8.18 ms against 9.05 with 4, 1.3B 480p 0.57 against 0.64; rows 256 or 512 per item, 16 warps or 4
+# stages no better)
+_BLOCKS_PER_DOT = 2
 _NUM_STAGES = 3
+_PROGRAMS_PER_SM = 2
+_INTERPRETER_PROGRAMS = 3
 
 
 @triton.jit
-def _estimate_kernel(QS, KS, Scratch, S, n, rows_per_bh, bh0, qk_scale,
-                     SQ: tl.constexpr, SK: tl.constexpr, SQP: tl.constexpr, SKP: tl.constexpr,
-                     BI: tl.constexpr, KB: tl.constexpr, BJ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    g = tl.program_id(0)
-    bh_local = tl.program_id(1).to(tl.int64)
-    bh = bh0 + bh_local
+def _sampled_rows(X, b, h, blk, pos, ok, V, stride_b, stride_n, stride_h, rd, D: tl.constexpr,
+                  BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """(rows, BD) sampled tokens: row ``blk * BLOCK + pos % r`` of block ``blk`` (r its length, the last may be
+    partial); ``FULL``: every block is whole and every row valid (no masks)."""
+    if FULL:
+        tok = blk * BLOCK + pos
+        return tl.load(X + b * stride_b + tok[:, None].to(tl.int64) * stride_n + h * stride_h + rd[None, :])
+    length = tl.maximum(tl.minimum(V - blk * BLOCK, BLOCK), 1)
+    tok = blk * BLOCK + pos % length
+    return tl.load(X + b * stride_b + tok[:, None].to(tl.int64) * stride_n + h * stride_h + rd[None, :],
+                   mask=ok[:, None] & (rd[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _estimate_kernel(Q, K, PosQ, PosK, Scratch, S, Counter, V, n, H, groups, items, qk_scale,
+                     sqb, sqn, sqh, skb, skn, skh,
+                     BLOCK: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, SQP: tl.constexpr,
+                     SKP: tl.constexpr, BI: tl.constexpr, KB: tl.constexpr, BJ: tl.constexpr, D: tl.constexpr,
+                     BD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     BM: tl.constexpr = BI * SQP
+    FULL_COLS: tl.constexpr = (SK == SKP) & (D == BD)
     r = tl.arange(0, BM)
-    qi = g * BI + r // SQP  # the query block of each row
-    q_ok = (r % SQP < SQ) & (qi < n)
     rd = tl.arange(0, BD)
-    q = tl.load(QS + bh * n * SQ * D + (qi * SQ + r % SQP)[:, None].to(tl.int64) * D + rd[None, :],
-                mask=q_ok[:, None] & (rd[None, :] < D), other=0.0)
-    # KB KV blocks per dot (KB * SKP columns: a full-width tile), each block's max taken from a reshape
     c = tl.arange(0, KB * SKP)
     cb = c // SKP
     cs = c % SKP
-    k_base = KS + bh * n * SK * D
     kk = tl.arange(0, KB)
-    # scratch row of KV block j: rows_per_bh floats, this program's BM of them at g * BM
-    scratch = Scratch + bh_local * n * rows_per_bh + g * BM + r
-    row_max = tl.full([BM], float("-inf"), tl.float32)
-    for j0 in range(0, n, KB):
-        ok = (cs < SK) & (j0 + cb < n)
-        k = tl.load(k_base + ((j0 + cb) * SK + cs)[:, None].to(tl.int64) * D + rd[None, :],
-                    mask=ok[:, None] & (rd[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        block_max = tl.max(tl.reshape(s, (BM, KB, SKP)), 2)  # (BM, KB)
-        row_max = tl.maximum(row_max, tl.max(block_max, 1))
-        tl.store(scratch[:, None] + (j0 + kk)[None, :].to(tl.int64) * rows_per_bh, block_max,
-                 mask=(j0 + kk < n)[None, :])
-    tl.debug_barrier()  # the read-back below reads rows other threads of this program wrote
     jj = tl.arange(0, BJ)
     bi = tl.arange(0, BI)
-    out_ok = g * BI + bi < n
-    for j0 in range(0, n, BJ):
-        j_ok = j0 + jj < n
-        bm = tl.load(scratch[None, :] + (j0 + jj)[:, None].to(tl.int64) * rows_per_bh, mask=j_ok[:, None],
-                     other=float("-inf"))  # (BJ, BM)
-        e = tl.exp2((bm - row_max[None, :]) * qk_scale)
-        e = tl.where(q_ok[None, :] & j_ok[:, None], e, 0.0)  # padding rows never count
-        best = tl.max(tl.reshape(e, (BJ, BI, SQP)), 2)  # (BJ, BI): max over each query block's samples
-        dst = S + (bh * n + g * BI + bi[None, :]).to(tl.int64) * n + (j0 + jj)[:, None]
-        tl.store(dst, best, mask=j_ok[:, None] & out_ok[None, :])
+    # this program's slot: KV block j's BM floats at j * BM
+    slot = Scratch + tl.program_id(0).to(tl.int64) * n * BM + r
+    whole = V // BLOCK  # blocks with BLOCK tokens
+    full_end = whole // KB * KB  # dots whose KB blocks are all whole
+    item = tl.atomic_add(Counter, 1)
+    while item < items:
+        bh = item // groups
+        g = item % groups
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        qi = g * BI + r // SQP  # the query block of each row
+        q_ok = (r % SQP < SQ) & (qi < n)
+        pos_q = tl.load(PosQ + bh * SQ + r % SQP, mask=r % SQP < SQ, other=0)
+        q = _sampled_rows(Q, b, h, qi, pos_q, q_ok, V, sqb, sqn, sqh, rd, D, BLOCK, False)
+        pos_k = tl.load(PosK + bh * SK + cs, mask=cs < SK, other=0)
+        row_max = tl.full([BM], float("-inf"), tl.float32)
+        for j0 in range(0, full_end, KB):  # whole blocks: no masks when every column is a real sample
+            k = _sampled_rows(K, b, h, j0 + cb, pos_k, cs < SK, V, skb, skn, skh, rd, D, BLOCK, FULL_COLS)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if not FULL_COLS:
+                s = tl.where((cs < SK)[None, :], s, float("-inf"))
+            block_max = tl.max(tl.reshape(s, (BM, KB, SKP)), 2)  # (BM, KB)
+            row_max = tl.maximum(row_max, tl.max(block_max, 1))
+            tl.store(slot[:, None] + (j0 + kk)[None, :].to(tl.int64) * BM, block_max)
+        for j0 in range(full_end, n, KB):  # the last dot: a partial block, or fewer than KB blocks left
+            ok = (cs < SK) & (j0 + cb < n)
+            k = _sampled_rows(K, b, h, j0 + cb, pos_k, ok, V, skb, skn, skh, rd, D, BLOCK, False)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            block_max = tl.max(tl.reshape(s, (BM, KB, SKP)), 2)
+            row_max = tl.maximum(row_max, tl.max(block_max, 1))
+            tl.store(slot[:, None] + (j0 + kk)[None, :].to(tl.int64) * BM, block_max, mask=(j0 + kk < n)[None, :])
+        tl.debug_barrier()  # the read-back below reads rows other threads of this program wrote
+        out_ok = g * BI + bi < n
+        for j0 in range(0, n, BJ):
+            j_ok = j0 + jj < n
+            bm = tl.load(slot[None, :] + (j0 + jj)[:, None].to(tl.int64) * BM, mask=j_ok[:, None],
+                         other=float("-inf"))  # (BJ, BM)
+            e = tl.exp2((bm - row_max[None, :]) * qk_scale)
+            e = tl.where(q_ok[None, :] & j_ok[:, None], e, 0.0)  # padding rows never count
+            best = tl.max(tl.reshape(e, (BJ, BI, SQP)), 2)  # (BJ, BI): max over each query block's samples
+            dst = S + (bh * n + g * BI + bi[None, :]).to(tl.int64) * n + (j0 + jj)[:, None]
+            tl.store(dst, best, mask=j_ok[:, None] & out_ok[None, :])
+        tl.debug_barrier()  # the next item overwrites the slot
+        item = tl.atomic_add(Counter, 1)
+
+
+def _programs(device: torch.device, items: int, per_sm: int) -> int:
+    if device.type != "cuda":
+        return max(1, min(items, _INTERPRETER_PROGRAMS))
+    return max(1, min(items, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
 
 
 def estimate_block_importance_triton(
     q: Tensor, k: Tensor, block_size: int, *, seed: int = 0, sample_q: int | None = None,
     sample_k: int | None = None, scale: float | None = None, blocks_per_dot: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    rows: int | None = None, programs_per_sm: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> Tensor:
     """(B, H, n, n) float32 block importance, `estimate_block_importance`'s formula in one kernel (no host sync).
 
-    ``q``, ``k``: (B, V, H, D) video rows on CUDA (or CPU under TRITON_INTERPRET=1), fp16/bf16/fp32.
-    ``blocks_per_dot`` (a power of two) overrides how many KV blocks' sampled keys share one dot, ``num_warps``
-    and ``num_stages`` the launch (probes).
+    ``q``, ``k``: (B, V, H, D) video rows on CUDA (or CPU under TRITON_INTERPRET=1), fp16/bf16/fp32, read in
+    place. ``blocks_per_dot`` (a power of two) overrides how many KV blocks' sampled keys share one dot, ``rows``
+    (a power of two) the sampled query rows per item, ``programs_per_sm`` the persistent grid, ``num_warps`` and
+    ``num_stages`` the launch (probes).
     """
     reason = triton_input_reason(q)
     if reason is not None:
@@ -106,33 +147,35 @@ def estimate_block_importance_triton(
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same (B, V, H, D) shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     B, V, H, D = q.shape
-    n, scale, idx_q, idx_k = estimate_setup(q, block_size, seed=seed, sample_q=sample_q, sample_k=sample_k,
-                                            scale=scale)
-    sq, sk = idx_q.shape[-1], idx_k.shape[-1]
-
-    def sampled(x: Tensor, idx: Tensor) -> Tensor:  # (B*H, n*samples, D), block-major
-        xh = x.detach().transpose(1, 2)
-        return torch.gather(xh, 2, idx.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).reshape(B * H, -1, D).contiguous()
-
-    qs, ks = sampled(q, idx_q), sampled(k, idx_k)
+    n = -(-V // block_size)
+    scale = 1.0 / D ** 0.5 if scale is None else float(scale)
+    pos_q, pos_k = sample_offsets(q.shape, block_size, seed=seed, sample_q=sample_q, sample_k=sample_k,
+                                  device=q.device)
+    sq, sk = pos_q.shape[-1], pos_k.shape[-1]
+    pos_q, pos_k = (p.to(torch.int32).reshape(B * H, -1).contiguous() for p in (pos_q, pos_k))
+    q, k = q.detach(), k.detach()
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        q, k = q.contiguous(), k.contiguous()
     sqp = triton.next_power_of_2(sq)
-    bi = max(1, min(_ROWS // sqp, triton.next_power_of_2(n)))
+    bi = max(1, min((rows or _ROWS) // sqp, triton.next_power_of_2(n)))
     bi = max(bi, -(-16 // sqp))  # a dot needs at least 16 rows
     groups = -(-n // bi)
-    rows_per_bh = groups * bi * sqp
     skp = triton.next_power_of_2(sk)
     kb = blocks_per_dot or min(_BLOCKS_PER_DOT, triton.next_power_of_2(n))
     if kb & (kb - 1):
         raise ValueError(f"estimate_block_importance_triton: blocks_per_dot must be a power of two, got {kb}")
     kb = max(kb, -(-16 // skp))  # a dot needs at least 16 columns
-    bh_step = max(1, min(B * H, _SCRATCH_BYTES // (4 * n * rows_per_bh)))
-    scratch = torch.empty(bh_step * n * rows_per_bh, dtype=torch.float32, device=q.device)
+    items = B * H * groups
+    programs = _programs(q.device, items, programs_per_sm or _PROGRAMS_PER_SM)
+    scratch = torch.empty(programs * n * bi * sqp, dtype=torch.float32, device=q.device)
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
     importance = torch.empty(B * H, n, n, dtype=torch.float32, device=q.device)
-    for bh0 in range(0, B * H, bh_step):
-        _estimate_kernel[(groups, min(bh_step, B * H - bh0))](
-            qs, ks, scratch, importance, n, rows_per_bh, bh0, scale * LOG2E, SQ=sq, SK=sk, SQP=sqp,
-            SKP=skp, BI=bi, KB=kb, BJ=min(_OUT_COLUMNS, triton.next_power_of_2(n)), D=D,
-            BD=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype),
-            num_warps=num_warps or (8 if bi * sqp * D >= 128 * 128 else 4), num_stages=num_stages or _NUM_STAGES,
-        )
+    _estimate_kernel[(programs,)](
+        q, k, pos_q, pos_k, scratch, importance, counter, V, n, H, groups, items, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        BLOCK=block_size, SQ=sq, SK=sk, SQP=sqp, SKP=skp, BI=bi, KB=kb,
+        BJ=min(_OUT_COLUMNS, triton.next_power_of_2(n)), D=D, BD=max(16, triton.next_power_of_2(D)),
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps or (8 if bi * sqp * D >= 128 * 128 else 4), num_stages=num_stages or _NUM_STAGES,
+    )
     return normalise_rows(importance.view(B, H, n, n))

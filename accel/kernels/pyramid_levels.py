@@ -10,7 +10,8 @@ block) row of n importance values:
   cumulative share with ``tl.cumsum``, turns the thresholds (or the rank quotas) into rank ends exactly as the
   reference rules do, applies the optional similarity cap and the forced diagonal, and scatters the levels back.
 - `level_lists`: the row's KV blocks ordered by level (1, 2, 4, 8, then skipped; block order kept inside a
-  level) as one ``tl.sort`` of ``rank * NP + index`` keys, and the cumulative ends per level.
+  level) by a scan per level (a block's slot: its level's start plus the blocks of that level before it; a sort
+  of ``rank * NP + index`` keys was 1.1 ms at Wan2.1-14B 720p's 591 blocks a row), and the cumulative ends.
 
 Integer outputs; the thresholds compare fp32 cumulative shares like the reference, so a share that lands within
 rounding of a threshold can end a level one block apart from the PyTorch rule (the scan's summation order).
@@ -36,64 +37,84 @@ def _level_of_rank(r, e1, e2, e4, e8):
 
 @triton.jit
 def _threshold_end(ratio, valid, tau, last, n):
-    """The reference's thresholdbound end for one level: the block that crosses tau is included."""
-    under = tl.sum((valid & (ratio <= tau)).to(tl.int32), 0)
+    """The reference's thresholdbound end for one level per row: the block that crosses tau is included."""
+    under = tl.sum((valid & (ratio <= tau)).to(tl.int32), 1)
     end = tl.where(under > 0, under + 1, last)
     return tl.maximum(tl.minimum(end, n), last)
 
 
 @triton.jit
-def _assign_kernel(Imp, Cap, Levels, n, min_full, t1, t2, t4, t8, q1, q2, q4, q8,
-                   NP: tl.constexpr, THRESHOLD: tl.constexpr, HAS_CAP: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # (b * H + h) * n + i
-    i = row % n
-    bh = row // n
-    offs = tl.arange(0, NP)
-    valid = offs < n
-    imp = tl.load(Imp + row * n + offs, mask=valid, other=0.0)
+def _assign_kernel(Imp, Cap, Levels, n, rows, min_full, t1, t2, t4, t8, q1, q2, q4, q8,
+                   NP: tl.constexpr, ROWS: tl.constexpr, THRESHOLD: tl.constexpr, HAS_CAP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)  # (b * H + h) * n + i
+    row_ok = row < rows
+    i = (row % n)[:, None]
+    bh = (row // n)[:, None]
+    offs = tl.arange(0, NP)[None, :]
+    valid = (offs < n) & row_ok[:, None]
+    imp = tl.load(Imp + row[:, None] * n + offs, mask=valid, other=0.0)
     bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
     key = tl.where(valid, (bits << 32) | (NP - 1 - offs).to(tl.int64), -1)
-    key = tl.sort(key, descending=True)
+    key = tl.sort(key, dim=1, descending=True)
     sidx = (NP - 1 - (key & 0xFFFFFFFF)).to(tl.int32)  # block at each rank (padding ranks: >= n)
-    svalid = offs < n
+    svalid = (offs < n) & row_ok[:, None]
     if THRESHOLD:
         sval = ((key >> 32) & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
         sval = tl.where(svalid, sval, 0.0)
-        cum = tl.cumsum(sval, 0)
-        total = tl.max(tl.where(svalid, cum, 0.0), 0)
+        cum = tl.cumsum(sval, 1)
+        total = tl.max(tl.where(svalid, cum, 0.0), 1)[:, None]
         ratio = cum / tl.maximum(total, 1.1754943508222875e-38)
         e1 = tl.maximum(_threshold_end(ratio, svalid, t1, 0, n), min_full)
         e2 = _threshold_end(ratio, svalid, t2, e1, n)
         e4 = _threshold_end(ratio, svalid, t4, e2, n)
         e8 = _threshold_end(ratio, svalid, t8, e4, n)
+        lvl = _level_of_rank(offs, e1[:, None], e2[:, None], e4[:, None], e8[:, None])
     else:
-        e1, e2, e4, e8 = q1, q2, q4, q8
-    lvl = _level_of_rank(offs, e1, e2, e4, e8)
+        lvl = _level_of_rank(offs, q1, q2, q4, q8)
     if HAS_CAP:
         cap = tl.load(Cap + bh * n + sidx, mask=svalid, other=1)
         lvl = tl.where(lvl > 0, tl.minimum(lvl, cap), lvl)
     lvl = tl.where(sidx == i, 1, lvl)
-    tl.store(Levels + row * n + sidx, lvl, mask=svalid)
+    tl.store(Levels + row[:, None] * n + sidx, lvl, mask=svalid)
 
 
 @triton.jit
-def _lists_kernel(Levels, Idx, Ends, n, NP: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, NP)
-    valid = offs < n
-    lv = tl.load(Levels + row * n + offs, mask=valid, other=0)
-    rank = tl.where(lv == 1, 0, tl.where(lv == 2, 1, tl.where(lv == 4, 2, tl.where(lv == 8, 3, 4))))
-    rank = tl.where(valid, rank, 5)
-    key = tl.sort(rank * NP + offs, descending=False)
-    tl.store(Idx + row * n + offs, key % NP, mask=valid)
-    c1 = tl.sum((rank == 0).to(tl.int32), 0)
-    c2 = c1 + tl.sum((rank == 1).to(tl.int32), 0)
-    c4 = c2 + tl.sum((rank == 2).to(tl.int32), 0)
-    c8 = c4 + tl.sum((rank == 3).to(tl.int32), 0)
-    tl.store(Ends + row * 4, c1)
-    tl.store(Ends + row * 4 + 1, c2)
-    tl.store(Ends + row * 4 + 2, c4)
-    tl.store(Ends + row * 4 + 3, c8)
+def _lists_kernel(Levels, Idx, Ends, n, rows, NP: tl.constexpr, ROWS: tl.constexpr):
+    """Each row's blocks grouped by level in block order: a block's slot is its level's start plus the number
+    of blocks of its level before it (a scan per level, no sort)."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = row < rows
+    offs = tl.arange(0, NP)[None, :]
+    valid = (offs < n) & row_ok[:, None]
+    lv = tl.load(Levels + row[:, None] * n + offs, mask=valid, other=0)
+    m1 = valid & (lv == 1)
+    m2 = valid & (lv == 2)
+    m4 = valid & (lv == 4)
+    m8 = valid & (lv == 8)
+    c1 = tl.cumsum(m1.to(tl.int32), 1)
+    c2 = tl.cumsum(m2.to(tl.int32), 1)
+    c4 = tl.cumsum(m4.to(tl.int32), 1)
+    c8 = tl.cumsum(m8.to(tl.int32), 1)
+    c0 = tl.cumsum((valid & (lv != 1) & (lv != 2) & (lv != 4) & (lv != 8)).to(tl.int32), 1)
+    e1 = tl.sum(m1.to(tl.int32), 1)[:, None]
+    e2 = e1 + tl.sum(m2.to(tl.int32), 1)[:, None]
+    e4 = e2 + tl.sum(m4.to(tl.int32), 1)[:, None]
+    e8 = e4 + tl.sum(m8.to(tl.int32), 1)[:, None]
+    slot = tl.where(m1, c1, tl.where(m2, e1 + c2, tl.where(m4, e2 + c4, tl.where(m8, e4 + c8, e8 + c0)))) - 1
+    tl.store(Idx + row[:, None] * n + slot, offs + tl.zeros_like(slot), mask=valid)
+    ends = row[:, None] * 4 + tl.arange(0, 4)[None, :]
+    k4 = tl.arange(0, 4)[None, :]
+    tl.store(Ends + ends, tl.where(k4 == 0, e1, tl.where(k4 == 1, e2, tl.where(k4 == 2, e4, e8))),
+             mask=row_ok[:, None])
+
+
+def _launch_rows(npad: int, rows: int | None, num_warps: int | None) -> tuple[int, int]:
+    """(rows per program, warps): the H200 probe's best at each row width (`pyramid_profile_*.json`)."""
+    if rows is None:
+        rows = 1 if npad >= 512 else 4
+    if num_warps is None:
+        num_warps = 4 if npad >= 512 else 1
+    return rows, num_warps
 
 
 def _rows(x: Tensor, name: str) -> tuple[Tensor, int, int]:
@@ -104,9 +125,12 @@ def _rows(x: Tensor, name: str) -> tuple[Tensor, int, int]:
 
 
 def assign_levels(importance: Tensor, mode: str, thresholds: tuple[float, float, float, float],
-                  min_full_ratio: float = 0.06, cap: Tensor | None = None) -> Tensor:
+                  min_full_ratio: float = 0.06, cap: Tensor | None = None, *, rows: int | None = None,
+                  num_warps: int | None = None) -> Tensor:
     """(B, H, n, n) int32 levels: ``threshold_levels`` (mode "threshold") or ``topk_levels`` ("topk"), then
-    ``cap_levels`` with ``cap`` (B, H, n) if given, then the diagonal forced to level 1; one launch."""
+    ``cap_levels`` with ``cap`` (B, H, n) if given, then the diagonal forced to level 1; one launch.
+
+    ``rows`` (a power of two: rows per program) and ``num_warps`` override the launch (probes)."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
     if len(thresholds) != len(LEVELS):
@@ -122,16 +146,23 @@ def assign_levels(importance: Tensor, mode: str, thresholds: tuple[float, float,
     levels = torch.empty(imp.shape, dtype=torch.int32, device=imp.device)
     capt = cap.to(torch.int32).contiguous() if cap is not None else levels
     taus = [float(t) + 1e-6 for t in thresholds]
-    _assign_kernel[(B * H * n,)](imp, capt, levels, n, min(n, int(n * min_full_ratio) + 1), *taus, *quotas,
-                                 NP=npad, THRESHOLD=mode == "threshold", HAS_CAP=cap is not None,
-                                 num_warps=4 if npad >= 512 else 1)
+    total = B * H * n
+    rows, num_warps = _launch_rows(npad, rows, num_warps)
+    _assign_kernel[(triton.cdiv(total, rows),)](
+        imp, capt, levels, n, total, min(n, int(n * min_full_ratio) + 1), *taus, *quotas, NP=npad, ROWS=rows,
+        THRESHOLD=mode == "threshold", HAS_CAP=cap is not None, num_warps=num_warps)
     return levels
 
 
-def level_lists(levels: Tensor) -> tuple[Tensor, Tensor]:
-    """`accel.kernels.pyramid.level_lists` in one launch: ``(indices (B, H, n, n) int32, ends (B, H, n, 4))``."""
+def level_lists(levels: Tensor, *, rows: int | None = None, num_warps: int | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """`accel.kernels.pyramid.level_lists` in one launch: ``(indices (B, H, n, n) int32, ends (B, H, n, 4))``.
+
+    ``rows`` (a power of two: rows per program) and ``num_warps`` override the launch (probes)."""
     lv, n, npad = _rows(levels.to(torch.int32), "levels")
     idx = torch.empty(lv.shape, dtype=torch.int32, device=lv.device)
     ends = torch.empty(*lv.shape[:3], 4, dtype=torch.int32, device=lv.device)
-    _lists_kernel[(lv.shape[0] * lv.shape[1] * n,)](lv, idx, ends, n, NP=npad, num_warps=4 if npad >= 512 else 1)
+    total = lv.shape[0] * lv.shape[1] * n
+    rows, num_warps = _launch_rows(npad, rows, num_warps)
+    _lists_kernel[(triton.cdiv(total, rows),)](lv, idx, ends, n, total, NP=npad, ROWS=rows, num_warps=num_warps)
     return idx, ends

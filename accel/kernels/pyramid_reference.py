@@ -31,6 +31,7 @@ __all__ = [
     "level_density",
     "pool_levels",
     "reference_pyramid_attention",
+    "sample_offsets",
     "sample_positions",
     "similarity_cap",
     "threshold_levels",
@@ -226,6 +227,23 @@ def torch_pyramid_attention(
 
 
 # ---------------------------------------------------------------------------------------- importance
+def sample_offsets(shape: torch.Size | tuple[int, ...], block_size: int, *, seed: int = 0,
+                   sample_q: int | None = None, sample_k: int | None = None, device: torch.device | str = "cpu",
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The within-block positions of `sample_positions`: ((B, H, sq), (B, H, sk)) int64, sorted, drawn per
+    (batch, head) from a generator seeded with ``seed`` (``sample_q``/``sample_k`` default b/4)."""
+    B, _, H, _ = shape
+    b_ = block_size
+    sq = min(b_, sample_q if sample_q is not None else max(1, b_ // 4))
+    sk = min(b_, sample_k if sample_k is not None else max(1, b_ // 4))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    noise = torch.rand(2, B, H, b_, generator=gen, device=device)
+    pos_q = noise[0].topk(sq, -1).indices.sort(-1).values  # (B, H, sq)
+    pos_k = noise[1].topk(sk, -1).indices.sort(-1).values
+    return pos_q, pos_k
+
+
 def sample_positions(shape: torch.Size | tuple[int, ...], block_size: int, *, seed: int = 0,
                      sample_q: int | None = None, sample_k: int | None = None, device: torch.device | str = "cpu",
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,13 +257,8 @@ def sample_positions(shape: torch.Size | tuple[int, ...], block_size: int, *, se
     B, V, H, _ = shape
     b_ = block_size
     n = -(-V // b_)
-    sq = min(b_, sample_q if sample_q is not None else max(1, b_ // 4))
-    sk = min(b_, sample_k if sample_k is not None else max(1, b_ // 4))
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    noise = torch.rand(2, B, H, b_, generator=gen, device=device)
-    pos_q = noise[0].topk(sq, -1).indices.sort(-1).values  # (B, H, sq)
-    pos_k = noise[1].topk(sk, -1).indices.sort(-1).values
+    pos_q, pos_k = sample_offsets(shape, block_size, seed=seed, sample_q=sample_q, sample_k=sample_k,
+                                  device=device)
     starts = torch.arange(n, device=device) * b_
     length = torch.clamp(V - starts, max=b_)[None, None, :, None]  # the last block may be partial
     idx_q = starts[None, None, :, None] + pos_q[:, :, None, :] % length  # (B, H, n, sq)
