@@ -8,7 +8,7 @@ import torch
 
 from accel.kernels.pyramid import level_lists as torch_level_lists
 from accel.kernels.pyramid_levels import assign_levels, level_lists
-from accel.kernels.pyramid_reference import LEVELS, cap_levels, threshold_levels, topk_levels
+from accel.kernels.pyramid_reference import LEVELS, cap_levels, level_density, threshold_levels, topk_levels
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
 QUOTAS = (0.09, 0.14, 0.22, 0.30)
@@ -90,3 +90,11 @@ def test_several_rows_per_program_give_the_same_levels_and_lists(rows, num_warps
         idx, ends = level_lists(got, rows=rows, num_warps=num_warps)
         want_idx, want_ends = torch_level_lists(got)
         assert torch.equal(idx, want_idx.to(torch.int32)) and torch.equal(ends, want_ends.to(torch.int32))
+
+
+def test_the_density_from_the_kernel_is_level_density() -> None:
+    imp = _importance(2, 2, 21, seed=8)
+    for mode, thresholds in (("threshold", THRESHOLDS), ("topk", QUOTAS)):
+        levels, density = assign_levels(imp, mode, thresholds, with_density=True)
+        assert torch.equal(levels, assign_levels(imp, mode, thresholds)) and density.dim() == 0
+        torch.testing.assert_close(density, level_density(levels))

@@ -18,7 +18,9 @@ SM, each taking the next item from an atomic counter, so the scratch is one slot
 720p; a slot per item was 1.8 GB there, in four launches). Full KV tiles run without masks.
 
 The logits stay in fp32 accumulators (the PyTorch path rounds half-precision logits to the input dtype before
-the block max), so half-precision results agree to rounding, not bit for bit. On the H200 (`pyramid_profile_*.json`):
+the block max), so half-precision results agree to rounding, not bit for bit. On the H200
+(`benchmarks/results/pyramid_profile_*.json`): Wan2.1-14B 720p 7.2-7.6 ms (with gathered copies, 4 KV blocks a
+dot and a slot per item: 9.0 ms plus 0.65 of gathers), Wan2.1-1.3B 480p 0.48 ms (0.63 plus 0.09).
 """
 
 # No `from __future__ import annotations`: kept like the other kernel modules.

@@ -5,10 +5,13 @@ The PyTorch rules (`pyramid_reference.threshold_levels` / `topk_levels`, `cap_le
 call at Wan2.1-1.3B 480p on the H200 (`pyramid_stages_b*.json`). Here one program owns one (batch, head, query
 block) row of n importance values:
 
-- `assign_levels`: sorts the row by descending importance (a stable argsort as one ``tl.sort`` of packed
-  ``(float bits, ~index)`` keys; importance is >= 0, so its float bits order like the values), takes the
+- `assign_levels`: sorts the row's values in descending order (one ``tl.sort`` of fp32 values), takes the
   cumulative share with ``tl.cumsum``, turns the thresholds (or the rank quotas) into rank ends exactly as the
-  reference rules do, applies the optional similarity cap and the forced diagonal, and scatters the levels back.
+  reference rules do, then marks in block order the blocks among the first e of the reference's stable order
+  (above the value at rank e - 1, or equal to it and among the first of the equal ones by block index: a scan),
+  applies the optional similarity cap and the forced diagonal, and writes each row's density (sum of 1/p).
+  No argsort: sorting packed ``(float bits, ~index)`` int64 keys was 2.4 ms at Wan2.1-14B 720p (591 blocks a
+  row, 23,640 rows) on the H200, 1.2 ms with one warp a row.
 - `level_lists`: the row's KV blocks ordered by level (1, 2, 4, 8, then skipped; block order kept inside a
   level) by a scan per level (a block's slot: its level's start plus the blocks of that level before it; a sort
   of ``rank * NP + index`` keys was 1.1 ms at Wan2.1-14B 720p's 591 blocks a row), and the cumulative ends.
@@ -44,7 +47,18 @@ def _threshold_end(ratio, valid, tau, last, n):
 
 
 @triton.jit
-def _assign_kernel(Imp, Cap, Levels, n, rows, min_full, t1, t2, t4, t8, q1, q2, q4, q8,
+def _top(v, sv, e, valid, offs):
+    """Per row, which blocks (in block order) are among the ``e`` first of the stable descending order: above
+    the value at rank e - 1, or equal to it and early enough among the equal ones (block order breaks ties)."""
+    ve = tl.sum(tl.where(offs == e[:, None] - 1, sv, 0.0), 1)[:, None]  # the value at rank e - 1
+    gt = valid & (v > ve)
+    eq = valid & (v == ve)
+    need = e[:, None] - tl.sum(gt.to(tl.int32), 1)[:, None]
+    return (gt | (eq & (tl.cumsum(eq.to(tl.int32), 1) <= need))) & (e[:, None] > 0)
+
+
+@triton.jit
+def _assign_kernel(Imp, Cap, Levels, RowDensity, n, rows, min_full, t1, t2, t4, t8, q1, q2, q4, q8,
                    NP: tl.constexpr, ROWS: tl.constexpr, THRESHOLD: tl.constexpr, HAS_CAP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)  # (b * H + h) * n + i
     row_ok = row < rows
@@ -52,30 +66,29 @@ def _assign_kernel(Imp, Cap, Levels, n, rows, min_full, t1, t2, t4, t8, q1, q2, 
     bh = (row // n)[:, None]
     offs = tl.arange(0, NP)[None, :]
     valid = (offs < n) & row_ok[:, None]
-    imp = tl.load(Imp + row[:, None] * n + offs, mask=valid, other=0.0)
-    bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(valid, (bits << 32) | (NP - 1 - offs).to(tl.int64), -1)
-    key = tl.sort(key, dim=1, descending=True)
-    sidx = (NP - 1 - (key & 0xFFFFFFFF)).to(tl.int32)  # block at each rank (padding ranks: >= n)
+    v = tl.load(Imp + row[:, None] * n + offs, mask=valid, other=-1.0)  # importance >= 0: padding sorts last
+    sv = tl.sort(v, dim=1, descending=True)
     svalid = (offs < n) & row_ok[:, None]
     if THRESHOLD:
-        sval = ((key >> 32) & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-        sval = tl.where(svalid, sval, 0.0)
-        cum = tl.cumsum(sval, 1)
+        cum = tl.cumsum(tl.where(svalid, sv, 0.0), 1)
         total = tl.max(tl.where(svalid, cum, 0.0), 1)[:, None]
         ratio = cum / tl.maximum(total, 1.1754943508222875e-38)
         e1 = tl.maximum(_threshold_end(ratio, svalid, t1, 0, n), min_full)
         e2 = _threshold_end(ratio, svalid, t2, e1, n)
         e4 = _threshold_end(ratio, svalid, t4, e2, n)
         e8 = _threshold_end(ratio, svalid, t8, e4, n)
-        lvl = _level_of_rank(offs, e1[:, None], e2[:, None], e4[:, None], e8[:, None])
     else:
-        lvl = _level_of_rank(offs, q1, q2, q4, q8)
+        zero = tl.zeros([ROWS], tl.int32)
+        e1, e2, e4, e8 = zero + q1, zero + q2, zero + q4, zero + q8
+    lvl = tl.where(_top(v, sv, e1, valid, offs), 1, tl.where(_top(v, sv, e2, valid, offs), 2, tl.where(
+        _top(v, sv, e4, valid, offs), 4, tl.where(_top(v, sv, e8, valid, offs), 8, 0))))
     if HAS_CAP:
-        cap = tl.load(Cap + bh * n + sidx, mask=svalid, other=1)
+        cap = tl.load(Cap + bh * n + offs, mask=valid, other=1)
         lvl = tl.where(lvl > 0, tl.minimum(lvl, cap), lvl)
-    lvl = tl.where(sidx == i, 1, lvl)
-    tl.store(Levels + row[:, None] * n + sidx, lvl, mask=svalid)
+    lvl = tl.where(offs == i, 1, lvl)
+    tl.store(Levels + row[:, None] * n + offs, lvl, mask=valid)
+    share = tl.where(valid & (lvl > 0), 1.0 / tl.maximum(lvl, 1).to(tl.float32), 0.0)
+    tl.store(RowDensity + row, tl.sum(share, 1), mask=row_ok)
 
 
 @triton.jit
@@ -108,13 +121,19 @@ def _lists_kernel(Levels, Idx, Ends, n, rows, NP: tl.constexpr, ROWS: tl.constex
              mask=row_ok[:, None])
 
 
-def _launch_rows(npad: int, rows: int | None, num_warps: int | None) -> tuple[int, int]:
-    """(rows per program, warps): the H200 probe's best at each row width (`pyramid_profile_*.json`)."""
-    if rows is None:
-        rows = 1 if npad >= 512 else 4
-    if num_warps is None:
-        num_warps = 4 if npad >= 512 else 1
-    return rows, num_warps
+# (row width up to which it holds, rows per program, warps), by padded row width NP: the H200 probe's best
+# (`pyramid_profile_*.json` ``level_configs``): assignment one warp a row at both widths (Wan2.1-1.3B 480p:
+# 0.019 ms, 14B 720p: 0.80; 2-8 rows or 2-8 warps up to 4.8x slower), lists one warp a row at 256 lanes (0.008
+# ms) and four at 1024 (0.23 ms; one warp 0.36)
+_ASSIGN_LAUNCH = ((1 << 30, 1, 1),)
+_LISTS_LAUNCH = ((256, 1, 1), (1 << 30, 1, 4))
+
+
+def _launch_rows(npad: int, rows: int | None, num_warps: int | None,
+                 table: tuple[tuple[int, int, int], ...]) -> tuple[int, int]:
+    """(rows per program, warps) for rows of ``npad`` lanes: the first ``table`` entry that holds them."""
+    _, default_rows, default_warps = next(entry for entry in table if npad <= entry[0])
+    return rows or default_rows, num_warps or default_warps
 
 
 def _rows(x: Tensor, name: str) -> tuple[Tensor, int, int]:
@@ -125,12 +144,14 @@ def _rows(x: Tensor, name: str) -> tuple[Tensor, int, int]:
 
 
 def assign_levels(importance: Tensor, mode: str, thresholds: tuple[float, float, float, float],
-                  min_full_ratio: float = 0.06, cap: Tensor | None = None, *, rows: int | None = None,
-                  num_warps: int | None = None) -> Tensor:
+                  min_full_ratio: float = 0.06, cap: Tensor | None = None, *, with_density: bool = False,
+                  rows: int | None = None, num_warps: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """(B, H, n, n) int32 levels: ``threshold_levels`` (mode "threshold") or ``topk_levels`` ("topk"), then
     ``cap_levels`` with ``cap`` (B, H, n) if given, then the diagonal forced to level 1; one launch.
 
-    ``rows`` (a power of two: rows per program) and ``num_warps`` override the launch (probes)."""
+    ``with_density``: also return `level_density` of the levels (0-dim float32, from per-row sums the kernel
+    writes: one pass over n floats instead of five over the n x n map). ``rows`` (a power of two: rows per
+    program) and ``num_warps`` override the launch (probes)."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
     if len(thresholds) != len(LEVELS):
@@ -147,10 +168,13 @@ def assign_levels(importance: Tensor, mode: str, thresholds: tuple[float, float,
     capt = cap.to(torch.int32).contiguous() if cap is not None else levels
     taus = [float(t) + 1e-6 for t in thresholds]
     total = B * H * n
-    rows, num_warps = _launch_rows(npad, rows, num_warps)
+    row_density = torch.empty(total, dtype=torch.float32, device=imp.device)
+    rows, num_warps = _launch_rows(npad, rows, num_warps, _ASSIGN_LAUNCH)
     _assign_kernel[(triton.cdiv(total, rows),)](
-        imp, capt, levels, n, total, min(n, int(n * min_full_ratio) + 1), *taus, *quotas, NP=npad, ROWS=rows,
-        THRESHOLD=mode == "threshold", HAS_CAP=cap is not None, num_warps=num_warps)
+        imp, capt, levels, row_density, n, total, min(n, int(n * min_full_ratio) + 1), *taus, *quotas, NP=npad,
+        ROWS=rows, THRESHOLD=mode == "threshold", HAS_CAP=cap is not None, num_warps=num_warps)
+    if with_density:
+        return levels, row_density.mean() / n
     return levels
 
 
@@ -163,6 +187,6 @@ def level_lists(levels: Tensor, *, rows: int | None = None, num_warps: int | Non
     idx = torch.empty(lv.shape, dtype=torch.int32, device=lv.device)
     ends = torch.empty(*lv.shape[:3], 4, dtype=torch.int32, device=lv.device)
     total = lv.shape[0] * lv.shape[1] * n
-    rows, num_warps = _launch_rows(npad, rows, num_warps)
+    rows, num_warps = _launch_rows(npad, rows, num_warps, _LISTS_LAUNCH)
     _lists_kernel[(triton.cdiv(total, rows),)](lv, idx, ends, n, total, NP=npad, ROWS=rows, num_warps=num_warps)
     return idx, ends

@@ -170,6 +170,11 @@ class Pyramid(AttentionMethod):
 
     def plan_call(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, call: AttentionCall) -> torch.Tensor:
         """(B, H, n, n) int32 levels of this call's video tokens (no host sync)."""
+        return self._levels_and_density(q, k, layout, call)[0]
+
+    def _levels_and_density(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, call: AttentionCall
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`plan_call`'s levels and their `level_density` (0-dim; from the level kernel's row sums on GPU)."""
         vs, _ = split_joint(layout)
         estimate = estimate_block_importance
         if ESTIMATE_KERNEL == "triton" and triton_input_reason(q) is None:
@@ -181,7 +186,7 @@ class Pyramid(AttentionMethod):
         if triton_input_reason(q) is None:  # the same rules, capped and with the diagonal, in one launch
             from accel.kernels.pyramid_levels import assign_levels
 
-            return assign_levels(importance, self.mode, self.thresholds, self.min_full_ratio, cap)
+            return assign_levels(importance, self.mode, self.thresholds, self.min_full_ratio, cap, with_density=True)
         if self.mode == "threshold":
             levels = threshold_levels(importance, self.thresholds, self.min_full_ratio)
         else:
@@ -190,7 +195,8 @@ class Pyramid(AttentionMethod):
             levels = cap_levels(levels, cap)
         n = levels.shape[-1]
         diag = torch.eye(n, dtype=torch.bool, device=levels.device)
-        return torch.where(diag, 1, levels).to(torch.int32)
+        levels = torch.where(diag, 1, levels).to(torch.int32)
+        return levels, level_density(levels)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, plan: PyramidPlan,
             call: AttentionCall) -> Attended:
@@ -203,8 +209,7 @@ class Pyramid(AttentionMethod):
         if call.key_padding_mask is not None and call.text_lengths is None and call.text_mask is None:
             raise NotImplementedError("pyramid attention cannot mask video keys (key_padding_mask hides some)")
         with torch.no_grad():
-            levels = self.plan_call(q, k, layout, call)
-            density = level_density(levels)
+            levels, density = self._levels_and_density(q, k, layout, call)
         if triton_input_reason(q) is None:
             from accel.kernels.pyramid import pyramid_attention
         else:  # e.g. CPU without the Triton interpreter: the chunked PyTorch path (same semantics)

@@ -26,7 +26,7 @@ SHAPES = {"wan1.3b-480p": ((21, 30, 52), 12), "wan14b-720p": ((21, 45, 80), 40)}
 ESTIMATE_CONFIGS = ((128, 2, 8, 3, 2), (128, 2, 8, 3, 1), (128, 2, 8, 3, 3), (128, 4, 8, 3, 2), (128, 2, 4, 3, 2),
                     (128, 2, 8, 4, 2), (256, 2, 8, 3, 1), (256, 4, 8, 3, 1), (64, 2, 4, 3, 4))
 # (rows per program, warps) of the level assignment and the level lists; None: the default
-LEVEL_CONFIGS = ((None, None), (1, 1), (1, 2), (1, 8), (2, 4), (4, 4), (8, 8))
+LEVEL_CONFIGS = ((None, None), (1, 1), (1, 2), (1, 4), (2, 1), (2, 4), (4, 4), (8, 8))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     from triton.testing import do_bench
 
-    from accel.bench.methods import local_qkv
+    from accel.bench.methods import _bench, local_qkv
     from accel.geometry import TokenLayout
     from accel.kernels.pyramid import pyramid_attention
     from accel.kernels.pyramid_estimate import estimate_block_importance_triton
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     from accel.methods.registry import parse_method_spec
 
     def bench(fn) -> float:
+        return _bench(fn, rep=50)
+
+    def bench_one_rep(fn) -> float:  # the old protocol: do_bench sizes its repetitions by time (1 at 14B)
         return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
     grid, H = SHAPES[args.shape]
@@ -75,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         res["dense_cudnn_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             *(t.transpose(1, 2) for t in (q, k, v))))
     res["call_ms"] = bench(lambda: method.run(q, k, v, layout, plan, call))
+    res["call_ms_do_bench_by_time"] = bench_one_rep(lambda: method.run(q, k, v, layout, plan, call))
     if perm is not None:
         res["permute_ms"] = bench(lambda: ((q.index_select(1, perm), k.index_select(1, perm),
                                             v.index_select(1, perm)), q.index_select(1, inverse)))
     importance = estimate_block_importance_triton(q, k, block, seed=call.seed)
     res["estimate_ms"] = bench(lambda: estimate_block_importance_triton(q, k, block, seed=call.seed))
     res["assign_levels_ms"] = bench(lambda: assign_levels(importance, method.mode, method.thresholds,
-                                                          method.min_full_ratio, None))
+                                                          method.min_full_ratio, None, with_density=True))
     levels = assign_levels(importance, method.mode, method.thresholds, method.min_full_ratio, None)
     res["density"] = float(level_density(levels))
     res["level_density_ms"] = bench(lambda: level_density(levels))
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 "equal": bool(torch.equal(got, levels) and torch.equal(idx, want_idx) and torch.equal(ends, want_ends))}
             print(name, level_configs[name], flush=True)
         flat = importance.reshape(-1, importance.shape[-1])
-        level_configs["torch_sort_stable_ms"] = bench(lambda: torch.sort(flat, -1, descending=True, stable=True))
+        level_configs["torch_sort_stable_ms"] = bench(lambda: torch.sort(flat, dim=-1, descending=True, stable=True))
         res["level_configs"] = level_configs
     for _ in range(3):
         method.run(q, k, v, layout, plan, call)
