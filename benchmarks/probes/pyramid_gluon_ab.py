@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="")
     parser.add_argument("--skip-errors", action="store_true")
     parser.add_argument("--shape", choices=("wan1.3b-480p", "wan14b-720p"), default="wan1.3b-480p")
+    parser.add_argument("--kinds", default="", help="comma-separated warp-specialised variants to run (default all)")
+    parser.add_argument("--blocks", default="128,64", help="block sizes to time at 1.3B 480p")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -64,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     # the warp-specialised form's scheduling variants: (programs, order, dynamic); programs "sm" = one per SM (the
     # default), "item" = one per item; orders: None the rows' own, "cost" by decreasing cost, "head" by cost inside
     # each batch x head; dynamic: programs take the next item from an atomic counter, else a static snake
-    ws_kinds = {"gluon_ws": ("sm", None, True), "gluon_ws_grid": ("item", None, False),
-                "gluon_ws_static": ("sm", None, False), "gluon_ws_static_cost": ("sm", "cost", False),
-                "gluon_ws_cost": ("sm", "cost", True), "gluon_ws_head": ("sm", "head", True)}
+    # pingpong: the consumer warpgroups take turns to issue their matmuls (FA3's ping-pong)
+    ws_kinds = {"gluon_ws": ("sm", None, True, False), "gluon_ws_pingpong": ("sm", None, True, True),
+                "gluon_ws_grid": ("item", None, False, False), "gluon_ws_static": ("sm", None, False, False),
+                "gluon_ws_static_cost": ("sm", "cost", False, False), "gluon_ws_cost": ("sm", "cost", True, False),
+                "gluon_ws_head": ("sm", "head", True, False)}
+    if args.kinds:
+        ws_kinds = {k: ws_kinds[k] for k in args.kinds.split(",")}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def run(kind, q, k, v, levels, block, T=0, emask=None):
@@ -81,13 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             fn = lambda: pk.launch_fwd(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
                                        scale, knobs)
         else:
-            programs, order, dynamic = ws_kinds.get(kind, ("sm", None, True))
+            programs, order, dynamic, pingpong = ws_kinds.get(kind, ("sm", None, True, False))
             group = {"cost": 0, "head": ends.shape[-2]}.get(order)
 
             def fn():  # an order is made per call, as a caller would, so its cost is timed with the kernel
                 launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block, scale, ws,
                                  sms if programs == "sm" else 2**31,
-                                 None if group is None else work_order(ends, group=group), dynamic)
+                                 None if group is None else work_order(ends, group=group), dynamic, pingpong)
         return fn, out, lse
 
     res: dict = {"device": torch.cuda.get_device_name(), "errors": [], "times": {}}
@@ -122,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 q, k, v, levels, block, video_keys=(0, NV), text_keys=(NV, T) if T else None,
                 text_lengths=lengths, text_mask=mask, return_lse=True)
             row = {"case": [B, NV, H, D, T, masked, block, str(dtype)]}
-            for name in ("triton", "gluon") + (("gluon_ws", "gluon_ws_grid", "gluon_ws_static_cost")
-                                               if block == 128 else ()):
+            for name in ("triton", "gluon") + (tuple(ws_kinds) if block == 128 else ()):
                 try:
                     fn, out, lse = run(name, q, k, v, levels, block, T, emask)
                     fn()
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         res["dense_cudnn_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             *(t.transpose(1, 2) for t in (q, k, v))))
-    for block in (128, 64) if args.shape == "wan1.3b-480p" else (128,):
+    for block in tuple(int(b) for b in args.blocks.split(",")) if args.shape == "wan1.3b-480p" else (128,):
         imp = estimate_block_importance(q, k, block)
         n = imp.shape[-1]
         eye = torch.eye(n, dtype=torch.bool, device="cuda")
@@ -168,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                     only = torch.where(levels == p, p, 0).to(torch.int32)
                     t[f"p{p}_blocks"] = int((levels == p).sum())
                     t[f"p{p}_triton_ms"] = bench(run("triton", q, k, v, only, block)[0])
-                    for kind in ("gluon", "gluon_ws") if block == 128 else ("gluon",):
+                    for kind in ("gluon", *(k for k in ws_kinds if k in ("gluon_ws", "gluon_ws_pingpong"))
+                                 ) if block == 128 else ("gluon",):
                         try:
                             t[f"p{p}_{kind}_ms"] = bench(run(kind, q, k, v, only, block)[0])
                         except Exception as err:
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 t["no_tiles_triton_ms"] = bench(run("triton", q, k, v, none, block)[0])
                 t["no_tiles_gluon_ms"] = bench(run("gluon", q, k, v, none, block)[0])
                 if block == 128:
-                    for kind in ("gluon_ws", "gluon_ws_grid", "gluon_ws_static"):
+                    for kind in ws_kinds:
                         t[f"no_tiles_{kind}_ms"] = bench(run(kind, q, k, v, none, block)[0])
                     ends = level_lists(levels)[1]
                     t["work_order_ms"] = bench(lambda e=ends: work_order(e))
