@@ -62,7 +62,10 @@ __all__ = ["HAVE_GLUON", "gluon_fwd_problem", "launch_fwd_gluon"]
 K_SLOTS = 3  # K tiles in shared memory: tiles t+1 and t+2 load while tile t computes
 WS_CONSUMER_REGS = 240  # registers per thread of each consumer warpgroup (FA3's split of the 64K)
 WS_PRODUCER_REGS = 24  # of the load warp's warpgroup
-WS_PINGPONG = False  # the consumer warpgroups take turns to issue their matmuls (FA3's ping-pong)
+# the consumer warpgroups take turns to issue their matmuls (FA3's ping-pong): on the H200 the kernel alone 2.13 ->
+# 1.96 ms at Wan2.1-1.3B 480p rank quotas 15% (78 -> 85% efficiency), 36.1 -> 33.7 ms at 14B 720p (81 -> 87%),
+# thresholds 1.89 -> 1.80 and 41.8 -> 38.1 ms (`benchmarks/results/pyramid_gluon_ab_pingpong*.json`)
+WS_PINGPONG = True
 V_SLOTS = 3  # V tiles: tile t+1 loads while t computes and P.V(t-1) may still read its slot
 
 if HAVE_GLUON:
