@@ -108,9 +108,9 @@ MIN_REPS = 10
 
 
 def _bench(fn, rep: int = 100) -> float:
-    """do_bench median over at least `MIN_REPS` repetitions: do_bench sizes its repetitions by ``rep`` ms, so a
-    50 ms call got one, timed from an idle GPU, and then the host's launch latency (about 1.5 ms for a pyramid
-    call at Wan2.1-14B 720p, benchmarks/NOTES.md item 33) counted as attention time; a model's host runs ahead."""
+    """do_bench median over at least `MIN_REPS` repetitions. do_bench sizes its repetitions by ``rep`` ms, which
+    gave a 50-200 ms call (Wan2.1-14B 720p, dense or sparse) one or two, so no median at all; the two protocols
+    agreed within noise where compared (benchmarks/NOTES.md, pyramid item 33)."""
     import time
 
     from triton.testing import do_bench
