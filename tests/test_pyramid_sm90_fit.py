@@ -74,11 +74,11 @@ def measure(block: int, hdp: int) -> dict[str, int]:
         result["forward_gluon"] = compile_sm90(pg._pyramid_fwd_gluon_kernel, dict(consts, num_warps=block // 16),
                                                g_ptrs, ("qk_scale",), descs, num_warps=block // 16).metadata.shared
         if block == 128:
-            for pingpong in (False, True):  # the consumers' matmuls free-running or taking turns
-                result[f"forward_gluon_ws{'_pingpong' * pingpong}"] = compile_sm90(
+            for dynamic in (False, True):  # items dealt out statically or taken from the counter
+                result[f"forward_gluon_ws{'_dynamic' * dynamic}"] = compile_sm90(
                     pg._pyramid_fwd_gluon_ws_kernel, dict(
-                        consts, HAS_ORDER=False, DYNAMIC=pingpong, PINGPONG=pingpong,
-                        CONSUMER_REGS=pg.WS_CONSUMER_REGS, PRODUCER_REGS=pg.WS_PRODUCER_REGS, num_warps=4),
+                        consts, HAS_ORDER=False, DYNAMIC=dynamic, CONSUMER_REGS=pg.WS_CONSUMER_REGS,
+                        PRODUCER_REGS=pg.WS_PRODUCER_REGS, num_warps=4),
                     g_ptrs, ("qk_scale",), descs, num_warps=4, maxnreg=168).metadata.shared
     return result
 

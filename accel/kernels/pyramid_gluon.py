@@ -62,10 +62,6 @@ __all__ = ["HAVE_GLUON", "gluon_fwd_problem", "launch_fwd_gluon"]
 K_SLOTS = 3  # K tiles in shared memory: tiles t+1 and t+2 load while tile t computes
 WS_CONSUMER_REGS = 240  # registers per thread of each consumer warpgroup (FA3's split of the 64K)
 WS_PRODUCER_REGS = 24  # of the load warp's warpgroup
-# the consumer warpgroups take turns to issue their matmuls (FA3's ping-pong): on the H200 the kernel alone 2.13 ->
-# 1.96 ms at Wan2.1-1.3B 480p rank quotas 15% (78 -> 85% efficiency), 36.1 -> 33.7 ms at 14B 720p (81 -> 87%),
-# thresholds 1.89 -> 1.80 and 41.8 -> 38.1 ms (`benchmarks/results/pyramid_gluon_ab_pingpong*.json`)
-WS_PINGPONG = True
 V_SLOTS = 3  # V tiles: tile t+1 loads while t computes and P.V(t-1) may still read its slot
 
 if HAVE_GLUON:
@@ -425,10 +421,13 @@ if HAVE_GLUON:
     def _ws_consumer(work, bufs, bars, outs, NV, qk_scale, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
                      HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, HAS_ORDER: gl.constexpr,
-                     DYNAMIC: gl.constexpr, PINGPONG: gl.constexpr):
+                     DYNAMIC: gl.constexpr):
         """One consumer warpgroup: per work item, query rows [WG*b/2, +b/2) of its block over every tile of its
         row, releasing each K slot after its QK^T, each V slot after its P.V and Q after the last QK^T; then its
-        output rows and LSE, straight from registers (Q's tile already holds the next item's queries)."""
+        output rows and LSE, straight from registers (Q's tile already holds the next item's queries). The two
+        warpgroups take turns to issue their matmuls (``turn``, FA3's ping-pong): on the H200 the kernel alone
+        was 7-9% faster than with free-running warpgroups (2.13 -> 1.96 ms at Wan2.1-1.3B 480p rank quotas 15%,
+        36.1 -> 33.7 ms at 14B 720p; `benchmarks/results/pyramid_gluon_ab_pingpong*.json`)."""
         Order, Ends, Idx, n_items, NB, H, T, R4, R8, Counter = work
         q_smem, k_smem, v_smem = bufs
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, sched, sched_ready, sched_empty, turn = bars
@@ -458,57 +457,38 @@ if HAVE_GLUON:
             l_i = gl.zeros([HALF], gl.float32, layout=rows_s)
             acc = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout))
             mbarrier.wait(q_ready, i & 1)
-            if PINGPONG:
-                # FA3's ping-pong: the warpgroups take turns to issue their matmuls (P.V(t-1), then Q.K^T(t)),
-                # so one's softmax runs while the other's matmuls hold the tensor cores
-                p_op = gl.zeros([HALF, BS], dtype, layout=p_layout)
-                for t in range(n_tiles):
-                    mbarrier.wait(k_ready.index(g % KS), (g // KS) & 1)
-                    if t > 0:
-                        mbarrier.wait(v_ready.index((g - 1) % VS), ((g - 1) // VS) & 1)
-                    if WG == 0:
-                        if g > 0:
-                            mbarrier.wait(turn.index(0), (g - 1) & 1)
-                    else:
-                        mbarrier.wait(turn.index(1), g & 1)
-                    if t > 0:
-                        acc = warpgroup_mma(p_op, v_smem.index((g - 1) % VS), acc, is_async=True)
-                    s_tok = warpgroup_mma(q_half, k_smem.index(g % KS).permute((1, 0)),
-                                          gl.zeros([HALF, BS], gl.float32, layout=s_layout), use_acc=False,
-                                          is_async=True)
-                    mbarrier.arrive(turn.index(1 - WG), count=1)
-                    s_cur, acc = warpgroup_mma_wait(0, deps=[s_tok, acc])  # also retires P.V(t-1)
-                    mbarrier.arrive(k_empty.index(g % KS), count=1)
-                    if t > 0:
-                        mbarrier.arrive(v_empty.index((g - 1) % VS), count=1)
-                    if t == n_tiles - 1:
-                        mbarrier.arrive(q_empty, count=1)  # the next item's Q may load now
-                    s = _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols,
-                                     qk_scale, BS, LOG_BS, HAS_TEXT, HAS_TEXT_MASK)
-                    p_op, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, rows_o, p_layout, dtype)
-                    acc = warpgroup_mma_init(acc)  # the loop carries an accumulator, as it starts
-                    g += 1
-                if n_tiles > 0:  # the last tile's P.V, outside the turns (both warpgroups take as many)
+            # FA3's ping-pong: the warpgroups take turns to issue their matmuls (P.V(t-1), then Q.K^T(t)),
+            # so one's softmax runs while the other's matmuls hold the tensor cores
+            p_op = gl.zeros([HALF, BS], dtype, layout=p_layout)
+            for t in range(n_tiles):
+                mbarrier.wait(k_ready.index(g % KS), (g // KS) & 1)
+                if t > 0:
                     mbarrier.wait(v_ready.index((g - 1) % VS), ((g - 1) // VS) & 1)
+                if WG == 0:
+                    if g > 0:
+                        mbarrier.wait(turn.index(0), (g - 1) & 1)
+                else:
+                    mbarrier.wait(turn.index(1), g & 1)
+                if t > 0:
                     acc = warpgroup_mma(p_op, v_smem.index((g - 1) % VS), acc, is_async=True)
-            else:
-                for t in range(n_tiles):
-                    mbarrier.wait(k_ready.index(g % KS), (g // KS) & 1)
-                    s_tok = warpgroup_mma(q_half, k_smem.index(g % KS).permute((1, 0)),
-                                          gl.zeros([HALF, BS], gl.float32, layout=s_layout), use_acc=False,
-                                          is_async=True)
-                    s_cur = warpgroup_mma_wait(0, deps=[s_tok])  # also retires P.V(t-1)
-                    mbarrier.arrive(k_empty.index(g % KS), count=1)
-                    if t > 0:
-                        mbarrier.arrive(v_empty.index((g - 1) % VS), count=1)
-                    if t == n_tiles - 1:
-                        mbarrier.arrive(q_empty, count=1)  # the next item's Q may load now
-                    s = _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols,
-                                     qk_scale, BS, LOG_BS, HAS_TEXT, HAS_TEXT_MASK)
-                    p_op, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, rows_o, p_layout, dtype)
-                    mbarrier.wait(v_ready.index(g % VS), (g // VS) & 1)
-                    acc = warpgroup_mma(p_op, v_smem.index(g % VS), acc, is_async=True)
-                    g += 1
+                s_tok = warpgroup_mma(q_half, k_smem.index(g % KS).permute((1, 0)),
+                                      gl.zeros([HALF, BS], gl.float32, layout=s_layout), use_acc=False,
+                                      is_async=True)
+                mbarrier.arrive(turn.index(1 - WG), count=1)
+                s_cur, acc = warpgroup_mma_wait(0, deps=[s_tok, acc])  # also retires P.V(t-1)
+                mbarrier.arrive(k_empty.index(g % KS), count=1)
+                if t > 0:
+                    mbarrier.arrive(v_empty.index((g - 1) % VS), count=1)
+                if t == n_tiles - 1:
+                    mbarrier.arrive(q_empty, count=1)  # the next item's Q may load now
+                s = _tile_logits(s_cur, t, c1, c2, c4, c8, e1, e2, e4, e8, lasts, NV, T, emask, cols,
+                                 qk_scale, BS, LOG_BS, HAS_TEXT, HAS_TEXT_MASK)
+                p_op, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, rows_o, p_layout, dtype)
+                acc = warpgroup_mma_init(acc)  # the loop carries an accumulator, as it starts
+                g += 1
+            if n_tiles > 0:  # the last tile's P.V, outside the turns (both warpgroups take as many)
+                mbarrier.wait(v_ready.index((g - 1) % VS), ((g - 1) // VS) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index((g - 1) % VS), acc, is_async=True)
             out = warpgroup_mma_wait(0, deps=[acc])
             if n_tiles > 0:
                 mbarrier.arrive(v_empty.index((g - 1) % VS), count=1)
@@ -535,7 +515,7 @@ if HAVE_GLUON:
         H, NV, NB, T, R4, R8, n_items, qk_scale,
         HEAD_DIM: gl.constexpr, BS: gl.constexpr, LOG_BS: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
         HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr, HAS_ORDER: gl.constexpr, DYNAMIC: gl.constexpr,
-        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """The forward warp-specialised (FA3's split) and persistent: one load warp and two consumer warpgroups of
         b/2 query rows, synchronised only through mbarriers, so one warpgroup's softmax overlaps the other's
@@ -564,7 +544,7 @@ if HAVE_GLUON:
         sched = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         sched_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         sched_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # PINGPONG: whose matmuls
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # whose turn to issue matmuls
         for i in gl.static_range(2):
             mbarrier.init(sched_ready.index(i), count=1)
             mbarrier.init(sched_empty.index(i), count=2)
@@ -577,9 +557,9 @@ if HAVE_GLUON:
         geos = (q_col, (k_prow, k_col, kp_col, kt_col), (v_prow, v_col, vp_col, vt_col))
         gl.warp_specialize([
             (_ws_consumer, (work, bufs, bars, outs, NV, qk_scale, 0, HEAD_DIM, BS, LOG_BS, KS, VS, HAS_TEXT,
-                            HAS_TEXT_MASK, HAS_ORDER, DYNAMIC, PINGPONG)),
+                            HAS_TEXT_MASK, HAS_ORDER, DYNAMIC)),
             (_ws_consumer, (work, bufs, bars, outs, NV, qk_scale, 1, HEAD_DIM, BS, LOG_BS, KS, VS, HAS_TEXT,
-                            HAS_TEXT_MASK, HAS_ORDER, DYNAMIC, PINGPONG)),
+                            HAS_TEXT_MASK, HAS_ORDER, DYNAMIC)),
             (_ws_producer, (descs, geos, work, bufs, bars, BS, HEAD_DIM, KS, VS, HAS_TEXT, HAS_ORDER, DYNAMIC)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -665,7 +645,7 @@ def work_order(ends: Tensor, cost: Tensor | None = None, group: int = 0) -> Tens
 def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, ek: Tensor | None,
                      ev: Tensor | None, emask: Tensor | None, out: Tensor, lse: Tensor, idx: Tensor, ends: Tensor,
                      r4: int, r8: int, block: int, scale: float, ws: bool = False, programs: int | None = None,
-                     order: Tensor | None = None, dynamic: bool = True, pingpong: bool | None = None) -> None:
+                     order: Tensor | None = None, dynamic: bool = True) -> None:
     """Launch the Gluon forward into ``out``/``lse`` (the arguments of `pyramid.launch_fwd`; layouts as
     `gluon_fwd_problem` accepts). ``ws``: the warp-specialised form (block 128 only: each consumer warpgroup
     needs 64 query rows), persistent over the (query block, batch x head) items with ``programs`` programs
@@ -706,5 +686,4 @@ def launch_fwd_gluon(q: Tensor, kv: Tensor, vv: Tensor, kp: Tensor, vp: Tensor, 
         q_desc, *k_descs, *v_descs, out, em, lse, idx, ends, order if order is not None else idx, counter,
         out.stride(0), out.stride(1), out.stride(2), em_stride, lse.stride(0), lse.stride(1), *k_geo, *v_geo,
         q.stride(2), H, NV, nb, T, r4, r8, n_items, scale * LOG2E, HAS_ORDER=order is not None, DYNAMIC=dynamic,
-        PINGPONG=WS_PINGPONG if pingpong is None else pingpong,
         CONSUMER_REGS=WS_CONSUMER_REGS, PRODUCER_REGS=WS_PRODUCER_REGS, num_warps=4, maxnreg=168, **common)

@@ -66,11 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     # the warp-specialised form's scheduling variants: (programs, order, dynamic); programs "sm" = one per SM (the
     # default), "item" = one per item; orders: None the rows' own, "cost" by decreasing cost, "head" by cost inside
     # each batch x head; dynamic: programs take the next item from an atomic counter, else a static snake
-    # pingpong: the consumer warpgroups take turns to issue their matmuls (FA3's ping-pong)
-    ws_kinds = {"gluon_ws": ("sm", None, True, False), "gluon_ws_pingpong": ("sm", None, True, True),
-                "gluon_ws_grid": ("item", None, False, False), "gluon_ws_static": ("sm", None, False, False),
-                "gluon_ws_static_cost": ("sm", "cost", False, False), "gluon_ws_cost": ("sm", "cost", True, False),
-                "gluon_ws_head": ("sm", "head", True, False)}
+    ws_kinds = {"gluon_ws": ("sm", None, True), "gluon_ws_grid": ("item", None, False),
+                "gluon_ws_static": ("sm", None, False), "gluon_ws_static_cost": ("sm", "cost", False),
+                "gluon_ws_cost": ("sm", "cost", True), "gluon_ws_head": ("sm", "head", True)}
     if args.kinds:
         ws_kinds = {k: ws_kinds[k] for k in args.kinds.split(",")}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -87,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             fn = lambda: pk.launch_fwd(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block,  # noqa: E731
                                        scale, knobs)
         else:
-            programs, order, dynamic, pingpong = ws_kinds.get(kind, ("sm", None, True, False))
+            programs, order, dynamic = ws_kinds.get(kind, ("sm", None, True))
             group = {"cost": 0, "head": ends.shape[-2]}.get(order)
 
             def fn():  # an order is made per call, as a caller would, so its cost is timed with the kernel
                 launch_fwd_gluon(q, kv, vv, kp, vp, ek, ev, em, out, lse, idx, ends, r4, r8, block, scale, ws,
                                  sms if programs == "sm" else 2**31,
-                                 None if group is None else work_order(ends, group=group), dynamic, pingpong)
+                                 None if group is None else work_order(ends, group=group), dynamic)
         return fn, out, lse
 
     res: dict = {"device": torch.cuda.get_device_name(), "errors": [], "times": {}}
@@ -173,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                     only = torch.where(levels == p, p, 0).to(torch.int32)
                     t[f"p{p}_blocks"] = int((levels == p).sum())
                     t[f"p{p}_triton_ms"] = bench(run("triton", q, k, v, only, block)[0])
-                    for kind in ("gluon", *(k for k in ws_kinds if k in ("gluon_ws", "gluon_ws_pingpong"))
-                                 ) if block == 128 else ("gluon",):
+                    for kind in ("gluon", *(k for k in ws_kinds if k == "gluon_ws")) if block == 128 else ("gluon",):
                         try:
                             t[f"p{p}_{kind}_ms"] = bench(run(kind, q, k, v, only, block)[0])
                         except Exception as err:
