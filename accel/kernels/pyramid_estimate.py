@@ -13,13 +13,14 @@ only: 1/32 of dense attention's FLOPs at b/4 samples) and never stored.
 
 The kernel reads the sampled rows straight from q and k ((B, V, H, D), any strides): row ``j * b + pos % r`` of
 block j (r its length) for the within-block positions of `sample_offsets`, the tokens `sample_positions` names,
-so no gathered copies are made (two gathers were 0.65 ms at Wan2.1-14B 720p). Programs are persistent, a few per
-SM, each taking the next item from an atomic counter, so the scratch is one slot per program (80 MB at 14B
-720p; a slot per item was 1.8 GB there, in four launches). Full KV tiles run without masks.
+so no gathered copies are made (two gathers were 0.65 ms at Wan2.1-14B 720p). Programs are persistent, two per
+SM (one: 8.9 ms at 14B 720p, three: as two), each taking the next item from an atomic counter, so the scratch is
+one slot per program (80 MB at 14B 720p; a slot per item was 1.8 GB there, in four launches). Full KV tiles
+run without masks.
 
 The logits stay in fp32 accumulators (the PyTorch path rounds half-precision logits to the input dtype before
 the block max), so half-precision results agree to rounding, not bit for bit. On the H200
-(`benchmarks/results/pyramid_profile_*.json`): Wan2.1-14B 720p 7.2-7.6 ms (with gathered copies, 4 KV blocks a
+(`benchmarks/results/pyramid_profile_*.json`): Wan2.1-14B 720p 7.2-7.7 ms (with gathered copies, 4 KV blocks a
 dot and a slot per item: 9.0 ms plus 0.65 of gathers), Wan2.1-1.3B 480p 0.48 ms (0.63 plus 0.09).
 """
 
