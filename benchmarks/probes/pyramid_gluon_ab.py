@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                 "gluon_ws_static": ("sm", None, False), "gluon_ws_static_cost": ("sm", "cost", False),
                 "gluon_ws_cost": ("sm", "cost", True), "gluon_ws_head": ("sm", "head", True)}
     if args.kinds:
+        unknown = sorted(set(args.kinds.split(",")) - set(ws_kinds))
+        if unknown:
+            parser.error(f"--kinds: unknown {', '.join(unknown)} (known: {', '.join(ws_kinds)})")
         ws_kinds = {k: ws_kinds[k] for k in args.kinds.split(",")}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
