@@ -85,6 +85,8 @@ def test_bad_input_is_named() -> None:
         estimate_block_importance_triton(q.double(), k.double(), 16)
     with pytest.raises(ValueError, match="blocks_per_dot must be a power of two"):
         estimate_block_importance_triton(q, k, 16, blocks_per_dot=3)
+    with pytest.raises(ValueError, match="rows must be a power of two"):
+        estimate_block_importance_triton(q, k, 16, rows=48)
 
 
 def test_the_method_uses_the_fused_estimate_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,6 +78,10 @@ def test_bad_input_is_named() -> None:
         assign_levels(imp[0], "topk", QUOTAS)
     with pytest.raises(ValueError, match=r"cap must be \(B, H, n\)"):
         assign_levels(imp, "topk", QUOTAS, cap=torch.ones(1, 1, 7, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rows must be a power of two"):
+        assign_levels(imp, "topk", QUOTAS, rows=3)
+    with pytest.raises(ValueError, match="rows must be a power of two"):
+        level_lists(assign_levels(imp, "topk", QUOTAS), rows=6)
 
 
 @pytest.mark.parametrize("rows,num_warps", [(4, 1), (8, 4)])

@@ -63,6 +63,16 @@ def _sampled_rows(X, b, h, blk, pos, ok, V, stride_b, stride_n, stride_h, rd, D:
 
 
 @triton.jit
+def _block_maxes(q, k, ok, BM: tl.constexpr, KB: tl.constexpr, SKP: tl.constexpr, MASK: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """(BM, KB): each KV block's max logit per sampled query (columns not ``ok`` excluded when ``MASK``)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASK:
+        s = tl.where(ok[None, :], s, float("-inf"))
+    return tl.max(tl.reshape(s, (BM, KB, SKP)), 2)
+
+
+@triton.jit
 def _estimate_kernel(Q, K, PosQ, PosK, Scratch, S, Counter, V, n, H, groups, items, qk_scale,
                      sqb, sqn, sqh, skb, skn, skh,
                      BLOCK: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, SQP: tl.constexpr,
@@ -96,18 +106,13 @@ def _estimate_kernel(Q, K, PosQ, PosK, Scratch, S, Counter, V, n, H, groups, ite
         row_max = tl.full([BM], float("-inf"), tl.float32)
         for j0 in range(0, full_end, KB):  # whole blocks: no masks when every column is a real sample
             k = _sampled_rows(K, b, h, j0 + cb, pos_k, cs < SK, V, skb, skn, skh, rd, D, BLOCK, FULL_COLS)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            if not FULL_COLS:
-                s = tl.where((cs < SK)[None, :], s, float("-inf"))
-            block_max = tl.max(tl.reshape(s, (BM, KB, SKP)), 2)  # (BM, KB)
+            block_max = _block_maxes(q, k, cs < SK, BM, KB, SKP, not FULL_COLS, DOT_PRECISION)
             row_max = tl.maximum(row_max, tl.max(block_max, 1))
             tl.store(slot[:, None] + (j0 + kk)[None, :].to(tl.int64) * BM, block_max)
         for j0 in range(full_end, n, KB):  # the last dot: a partial block, or fewer than KB blocks left
             ok = (cs < SK) & (j0 + cb < n)
             k = _sampled_rows(K, b, h, j0 + cb, pos_k, ok, V, skb, skn, skh, rd, D, BLOCK, False)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s = tl.where(ok[None, :], s, float("-inf"))
-            block_max = tl.max(tl.reshape(s, (BM, KB, SKP)), 2)
+            block_max = _block_maxes(q, k, ok, BM, KB, SKP, True, DOT_PRECISION)
             row_max = tl.maximum(row_max, tl.max(block_max, 1))
             tl.store(slot[:, None] + (j0 + kk)[None, :].to(tl.int64) * BM, block_max, mask=(j0 + kk < n)[None, :])
         tl.debug_barrier()  # the read-back below reads rows other threads of this program wrote
@@ -167,6 +172,8 @@ def estimate_block_importance_triton(
     kb = blocks_per_dot or min(_BLOCKS_PER_DOT, triton.next_power_of_2(n))
     if kb & (kb - 1):
         raise ValueError(f"estimate_block_importance_triton: blocks_per_dot must be a power of two, got {kb}")
+    if rows is not None and (rows < 1 or rows & (rows - 1)):
+        raise ValueError(f"estimate_block_importance_triton: rows must be a power of two, got {rows}")
     kb = max(kb, -(-16 // skp))  # a dot needs at least 16 columns
     items = B * H * groups
     programs = _programs(q.device, items, programs_per_sm or _PROGRAMS_PER_SM)

@@ -67,16 +67,15 @@ def _assign_kernel(Imp, Cap, Levels, RowDensity, n, rows, min_full, t1, t2, t4, 
     offs = tl.arange(0, NP)[None, :]
     valid = (offs < n) & row_ok[:, None]
     v = tl.load(Imp + row[:, None] * n + offs, mask=valid, other=-1.0)  # importance >= 0: padding sorts last
-    sv = tl.sort(v, dim=1, descending=True)
-    svalid = (offs < n) & row_ok[:, None]
+    sv = tl.sort(v, dim=1, descending=True)  # ranks past n hold the padding
     if THRESHOLD:
-        cum = tl.cumsum(tl.where(svalid, sv, 0.0), 1)
-        total = tl.max(tl.where(svalid, cum, 0.0), 1)[:, None]
+        cum = tl.cumsum(tl.where(valid, sv, 0.0), 1)
+        total = tl.max(tl.where(valid, cum, 0.0), 1)[:, None]
         ratio = cum / tl.maximum(total, 1.1754943508222875e-38)
-        e1 = tl.maximum(_threshold_end(ratio, svalid, t1, 0, n), min_full)
-        e2 = _threshold_end(ratio, svalid, t2, e1, n)
-        e4 = _threshold_end(ratio, svalid, t4, e2, n)
-        e8 = _threshold_end(ratio, svalid, t8, e4, n)
+        e1 = tl.maximum(_threshold_end(ratio, valid, t1, 0, n), min_full)
+        e2 = _threshold_end(ratio, valid, t2, e1, n)
+        e4 = _threshold_end(ratio, valid, t4, e2, n)
+        e8 = _threshold_end(ratio, valid, t8, e4, n)
     else:
         zero = tl.zeros([ROWS], tl.int32)
         e1, e2, e4, e8 = zero + q1, zero + q2, zero + q4, zero + q8
@@ -132,6 +131,8 @@ _LISTS_LAUNCH = ((256, 1, 1), (1 << 30, 1, 4))
 def _launch_rows(npad: int, rows: int | None, num_warps: int | None,
                  table: tuple[tuple[int, int, int], ...]) -> tuple[int, int]:
     """(rows per program, warps) for rows of ``npad`` lanes: the first ``table`` entry that holds them."""
+    if rows is not None and (rows < 1 or rows & (rows - 1)):
+        raise ValueError(f"rows must be a power of two, got {rows}")
     _, default_rows, default_warps = next(entry for entry in table if npad <= entry[0])
     return rows or default_rows, num_warps or default_warps
 
