@@ -20,8 +20,9 @@ run without masks.
 
 The logits stay in fp32 accumulators (the PyTorch path rounds half-precision logits to the input dtype before
 the block max), so half-precision results agree to rounding, not bit for bit. On the H200
-(`benchmarks/results/pyramid_profile_*.json`): Wan2.1-14B 720p 7.2-7.7 ms (with gathered copies, 4 KV blocks a
-dot and a slot per item: 9.0 ms plus 0.65 of gathers), Wan2.1-1.3B 480p 0.48 ms (0.63 plus 0.09).
+(`benchmarks/results/pyramid_profile_inplace_estimate_stdout.txt`, `pyramid_profile_wan14b-720p_round5.json`):
+Wan2.1-14B 720p 7.2-7.7 ms (with gathered copies, 4 KV blocks a dot and a slot per item: 9.0 ms plus 0.65 of
+gathers), Wan2.1-1.3B 480p 0.48 ms (0.63 plus 0.09).
 """
 
 # No `from __future__ import annotations`: kept like the other kernel modules.
@@ -39,7 +40,7 @@ __all__ = ["estimate_block_importance_triton"]
 
 _ROWS = 128  # sampled query rows per item (BI query blocks x SQP samples)
 _OUT_COLUMNS = 32  # KV blocks per step of the read-back
-# KV blocks per dot: 2 on the H200 (`pyramid_profile_*.json` ``estimate_configs``; with the gathered copies:
+# KV blocks per dot: 2 on the H200 (`pyramid_profile_*_before.json` ``estimate_configs``; with the gathered copies:
 # 14B 720p 8.18 ms against 9.05 with 4, 1.3B 480p 0.57 against 0.64; rows 256 or 512 per item, 16 warps or 4
 # stages no better)
 _BLOCKS_PER_DOT = 2

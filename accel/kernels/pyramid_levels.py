@@ -11,7 +11,7 @@ block) row of n importance values:
   (above the value at rank e - 1, or equal to it and among the first of the equal ones by block index: a scan),
   applies the optional similarity cap and the forced diagonal, and writes each row's density (sum of 1/p).
   No argsort: sorting packed ``(float bits, ~index)`` int64 keys was 2.4 ms at Wan2.1-14B 720p (591 blocks a
-  row, 23,640 rows) on the H200, 1.2 ms with one warp a row.
+  row, 23,640 rows) on the H200, 1.2 ms with one warp a row (`pyramid_profile_inplace_estimate_stdout.txt`).
 - `level_lists`: the row's KV blocks ordered by level (1, 2, 4, 8, then skipped; block order kept inside a
   level) by a scan per level (a block's slot: its level's start plus the blocks of that level before it; a sort
   of ``rank * NP + index`` keys was 1.1 ms at Wan2.1-14B 720p's 591 blocks a row), and the cumulative ends.
@@ -121,7 +121,7 @@ def _lists_kernel(Levels, Idx, Ends, n, rows, NP: tl.constexpr, ROWS: tl.constex
 
 
 # (row width up to which it holds, rows per program, warps), by padded row width NP: the H200 probe's best
-# (`pyramid_profile_*.json` ``level_configs``): assignment one warp a row at both widths (Wan2.1-1.3B 480p:
+# (`pyramid_profile_*_levels.json` ``level_configs``): assignment one warp a row at both widths (Wan2.1-1.3B 480p:
 # 0.019 ms, 14B 720p: 0.80; 2-8 rows or 2-8 warps up to 4.8x slower), lists one warp a row at 256 lanes (0.008
 # ms) and four at 1024 (0.23 ms; one warp 0.36)
 _ASSIGN_LAUNCH = ((1 << 30, 1, 1),)
