@@ -32,3 +32,22 @@ def test_without_a_gpu_it_refuses_and_unknown_cases_are_named(capsys) -> None:
     if not torch.cuda.is_available():
         assert main(["--cases", "natten-hunyuan"]) == 3
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_case_setup_closures_agree_with_each_other() -> None:
+    """The timed closures compute what they claim: `total` is `kernel` with the permutation around it, and the
+    token-stream permutation restores the hidden states."""
+    from accel.bench.methods import MethodCase, prepare_case
+
+    case = MethodCase("tiny-pyramid", (2, 8, 8), 2, "pyramid:block_size=16", head_dim=16, inputs="local", layers=2)
+    gen = torch.Generator().manual_seed(0)
+    setup = prepare_case(case, torch.float32, gen)
+    assert setup.perm is not None and not torch.equal(setup.perm, torch.arange(128))
+    raster = setup.kernel().index_select(1, setup.inv_index)
+    torch.testing.assert_close(setup.total(), raster)
+    (qp, kp, vp), _ = setup.permute()
+    assert all(torch.equal(a, b) for a, b in zip((qp, kp, vp), setup.ordered, strict=True))
+    tensors = setup.stream_tensors(gen)
+    into, back = setup.stream(tensors)
+    assert torch.equal(into[0], tensors[0].index_select(1, setup.perm))
+    assert torch.equal(back, tensors[0])
