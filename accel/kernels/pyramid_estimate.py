@@ -3,8 +3,8 @@
 `accel.kernels.pyramid_reference.estimate_block_importance` materialises every sampled logit: (n * sq) x (n * sk)
 per head, about 1.6 GB at Wan2.1-1.3B 480p with blocks of 128, written by a matmul and read back by the block
 max (1.9 ms of a 5.8 ms pyramid call on the H200, `pyramid_stages_b128.json`). Here a work item is the sampled
-queries of ``BI`` consecutive query blocks of one (batch, head) (``BI * SQP`` = 128 rows, so the dots are full
-tensor-core tiles and each sampled key is read once per 128 query rows); it walks the KV blocks once, ``KB``
+queries of ``BI`` consecutive query blocks of one (batch, head) (``BI * SQP`` = 256 or 128 rows, so the dots are
+full tensor-core tiles and each sampled key is read once per item); it walks the KV blocks once, ``KB``
 blocks per dot. Each block's max over its sampled keys (from a reshape of the dot's columns) is that block's max
 logit per sampled query: it goes to the program's scratch slot (n floats per sampled query, 1/sk of the logits)
 and into the row max over all keys. After a barrier the program reads its slot back and keeps ``max over a query
@@ -13,16 +13,18 @@ only: 1/32 of dense attention's FLOPs at b/4 samples) and never stored.
 
 The kernel reads the sampled rows straight from q and k ((B, V, H, D), any strides): row ``j * b + pos % r`` of
 block j (r its length) for the within-block positions of `sample_offsets`, the tokens `sample_positions` names,
-so no gathered copies are made (two gathers were 0.65 ms at Wan2.1-14B 720p). Programs are persistent, two per
-SM (one: 8.9 ms at 14B 720p, three: as two), each taking the next item from an atomic counter, so the scratch is
-one slot per program (80 MB at 14B 720p; a slot per item was 1.8 GB there, in four launches). Full KV tiles
-run without masks.
+so no gathered copies are made (two gathers were 0.65 ms at Wan2.1-14B 720p). Programs are persistent, each
+taking the next item from an atomic counter, so the scratch is one slot per program (80 MB at 14B 720p; a slot
+per item was 1.8 GB there, in four launches): one per SM with items of 256 rows for 16-bit inputs (head dims up
+to 128), two per SM with 128 rows otherwise (at 14B 720p, 128 rows one per SM: 8.8-8.9 ms; `_LAUNCH_ROWS`). Full
+KV tiles run without masks.
 
 The logits stay in fp32 accumulators (the PyTorch path rounds half-precision logits to the input dtype before
 the block max), so half-precision results agree to rounding, not bit for bit. On the H200
-(`benchmarks/results/pyramid_profile_inplace_estimate_stdout.txt`, `pyramid_profile_wan14b-720p_round5.json`):
-Wan2.1-14B 720p 7.2-7.7 ms (with gathered copies, 4 KV blocks a dot and a slot per item: 9.0 ms plus 0.65 of
-gathers), Wan2.1-1.3B 480p 0.48 ms (0.63 plus 0.09).
+(`benchmarks/results/pyramid_profile_inplace_estimate_stdout.txt`, `pyramid_profile_wan14b-720p_round5.json`,
+`pyramid_profile_*_est_r6.json`):
+Wan2.1-14B 720p 7.1-7.2 ms (128 rows: 7.2-7.7; with gathered copies, 4 KV blocks a dot and a slot per item: 9.0 ms
+plus 0.65 of gathers), Wan2.1-1.3B 480p 0.47 ms (0.63 plus 0.09).
 """
 
 # No `from __future__ import annotations`: kept like the other kernel modules.
@@ -38,14 +40,20 @@ from .pyramid_reference import normalise_rows, sample_offsets
 
 __all__ = ["estimate_block_importance_triton"]
 
-_ROWS = 128  # sampled query rows per item (BI query blocks x SQP samples)
+# Sampled query rows per item (BI query blocks x SQP samples) -> persistent programs per SM. 256 rows with one
+# program per SM for 16-bit inputs with head dims <= 128 (on the H200, two sweeps, `pyramid_profile_*_est_r6.json`
+# and the round-5 one: 14B 720p 7.13-7.15 ms against 7.23-7.52 for 128 rows two per SM, 1.3B 480p 0.471 against
+# 0.484); 128 rows two per SM otherwise (fp32, head dims above 128: not measured with 256 rows, whose Q tile would
+# take twice the shared memory).
+_LAUNCH_ROWS = {256: 1, 128: 2}
+_ROWS_16BIT = 256
+_ROWS = 128
 _OUT_COLUMNS = 32  # KV blocks per step of the read-back
 # KV blocks per dot: 2 on the H200 (`pyramid_profile_*_before.json` ``estimate_configs``; with the gathered copies:
 # 14B 720p 8.18 ms against 9.05 with 4, 1.3B 480p 0.57 against 0.64; rows 256 or 512 per item, 16 warps or 4
 # stages no better)
 _BLOCKS_PER_DOT = 2
 _NUM_STAGES = 3
-_PROGRAMS_PER_SM = 2
 _INTERPRETER_PROGRAMS = 3
 
 
@@ -166,7 +174,8 @@ def estimate_block_importance_triton(
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         q, k = q.contiguous(), k.contiguous()
     sqp = triton.next_power_of_2(sq)
-    bi = max(1, min((rows or _ROWS) // sqp, triton.next_power_of_2(n)))
+    launch_rows = _ROWS_16BIT if q.element_size() == 2 and D <= 128 else _ROWS
+    bi = max(1, min((rows or launch_rows) // sqp, triton.next_power_of_2(n)))
     bi = max(bi, -(-16 // sqp))  # a dot needs at least 16 rows
     groups = -(-n // bi)
     skp = triton.next_power_of_2(sk)
@@ -177,7 +186,7 @@ def estimate_block_importance_triton(
         raise ValueError(f"estimate_block_importance_triton: rows must be a power of two, got {rows}")
     kb = max(kb, -(-16 // skp))  # a dot needs at least 16 columns
     items = B * H * groups
-    programs = _programs(q.device, items, programs_per_sm or _PROGRAMS_PER_SM)
+    programs = _programs(q.device, items, programs_per_sm or _LAUNCH_ROWS.get(rows or launch_rows, 2))
     scratch = torch.empty(programs * n * bi * sqp, dtype=torch.float32, device=q.device)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)
     importance = torch.empty(B * H, n, n, dtype=torch.float32, device=q.device)
