@@ -21,14 +21,19 @@ def _perm(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(7))
 
 
-def _masked(q, k, v, mask):
+def _window(q, k, v, layout, position):
+    """Attention where video tokens see video tokens within WINDOW of their ``position`` (their place in the
+    test order) and every text token, and text tokens see everything."""
+    S, vs = q.shape[1], layout.video_slice
+    mask = torch.ones(S, S, dtype=torch.bool)
+    mask[vs, vs] = (position[:, None] - position[None, :]).abs() <= WINDOW
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)
+    return Attended(out.transpose(1, 2), float(mask.float().mean()))
 
 
 @dataclass(frozen=True)
 class WindowInOrder(AttentionMethod):
-    """Test method: a 1-D window over the sequence in its own (random) token order."""
+    """Test method: a 1-D window over the video tokens in its own (random) token order."""
 
     name: ClassVar[str] = "window-in-order"
     registered: ClassVar[bool] = False
@@ -37,9 +42,7 @@ class WindowInOrder(AttentionMethod):
         return _perm(layout.video_tokens)
 
     def run(self, q, k, v, layout, plan, call):
-        i = torch.arange(q.shape[1])
-        mask = (i[:, None] - i[None, :]).abs() <= WINDOW
-        return Attended(_masked(q, k, v, mask), float(mask.float().mean()))
+        return _window(q, k, v, layout, torch.arange(layout.video_tokens))
 
 
 @dataclass(frozen=True)
@@ -50,36 +53,46 @@ class WindowRaster(AttentionMethod):
     registered: ClassVar[bool] = False
 
     def run(self, q, k, v, layout, plan, call):
-        perm = _perm(q.shape[1])
+        perm = _perm(layout.video_tokens)
         position = torch.empty_like(perm)
         position[perm] = torch.arange(perm.numel())
-        mask = (position[:, None] - position[None, :]).abs() <= WINDOW
-        return Attended(_masked(q, k, v, mask), float(mask.float().mean()))
+        return _window(q, k, v, layout, position)
 
 
-def _forward(method, monkeypatch=None, no_stream: bool = False):
-    pipe = build_tiny("tiny-wan")
+def _inputs(family: str, tr) -> dict:
+    cfg = tr.config
+    torch.manual_seed(3)
+    if family == "tiny-wan":
+        return dict(hidden_states=torch.randn(2, cfg.in_channels, 3, 8, 8), timestep=torch.tensor([500, 500]),
+                    encoder_hidden_states=torch.randn(2, 8, cfg.text_dim), return_dict=False)
+    return dict(hidden_states=torch.randn(2, cfg.in_channels, 3, 8, 8), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 6, cfg.text_embed_dim),
+                encoder_attention_mask=torch.ones(2, 6, dtype=torch.bool),
+                pooled_projections=torch.randn(2, cfg.pooled_projection_dim), guidance=torch.tensor([1000.0] * 2),
+                return_dict=False)
+
+
+def _forward(method, monkeypatch=None, no_stream: bool = False, family: str = "tiny-wan"):
+    pipe = build_tiny(family)
     tr = pipe.transformer
     if no_stream:
         monkeypatch.setattr(type(adapter_for(tr)), "token_stream", lambda self, t: None,
                             raising=False)
-    cfg = tr.config
-    torch.manual_seed(3)
-    inputs = dict(hidden_states=torch.randn(2, cfg.in_channels, 3, 8, 8), timestep=torch.tensor([500, 500]),
-                  encoder_hidden_states=torch.randn(2, 8, cfg.text_dim), return_dict=False)
+    inputs = _inputs(family, tr)
     handle = accel.patch(tr, method)
     streamed = bool(handle.stream_hooks)
     with torch.no_grad():
         out = tr(**inputs)[0]
     accel.unpatch(tr)
-    assert not any(block._forward_pre_hooks for block in tr.blocks)  # unpatch removes the stream hooks
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tr.modules())  # unpatch removes the stream
     return out, handle, streamed
 
 
+@pytest.mark.parametrize("family", ["tiny-wan", "tiny-hunyuan-video"])
 @pytest.mark.parametrize("no_stream", [False, True], ids=["once-per-forward", "per-layer"])
-def test_token_order_equals_the_raster_reference(monkeypatch, no_stream: bool) -> None:
-    ours, handle, streamed = _forward(WindowInOrder(), monkeypatch, no_stream)
-    reference, _, _ = _forward(WindowRaster())
+def test_token_order_equals_the_raster_reference(monkeypatch, no_stream: bool, family: str) -> None:
+    ours, handle, streamed = _forward(WindowInOrder(), monkeypatch, no_stream, family)
+    reference, _, _ = _forward(WindowRaster(), family=family)
     err = float((ours - reference).abs().max())
     print(f"max abs diff {err:.2e}")
     assert err < 1e-5

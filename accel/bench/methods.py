@@ -7,9 +7,10 @@ dtype, on one GPU and in one run, with `triton.testing.do_bench` medians:
   estimate and level assignment, pooling and the kernel); the token permutation in and out (gathers of q, k, v
   and the inverse on the output) timed alone; and the total of both, which is what a layer pays in a family that
   reorders around each attention call;
-- for cases with ``layers`` (Wan shapes): Wan's token stream reorders once per forward instead (its hidden states
-  and rotary tables in before the first block, the hidden states out after the last; `accel.pipelines.wan`), so
-  every attention call sees tokens already in order: ``model_ms`` = kernel + that permutation / layers;
+- for cases with ``layers`` (Wan and HunyuanVideo shapes): their token stream reorders once per forward instead
+  (the hidden states and rotary tables in before the first block, the hidden states out after the last;
+  `accel.pipelines.wan`, `accel.pipelines.hunyuan_video`), so every attention call sees tokens already in
+  order: ``model_ms`` = kernel + that permutation / layers;
 - compiled `flex_attention` with the same mask when the method can state it as a mask_mod
   (`AttentionMethod.flex_mask_mod`: neighborhood), over the same token order.
 Efficiency = density x dense time / kernel time, where density is the share of token pairs the kernel computes
@@ -48,24 +49,24 @@ class MethodCase:
     reference: str = ""  # what the research system reported on this case, if anything
     reference_speedup: float | None = None
     inputs: str = "random"  # "random": i.i.d. normal q, k, v; "local": attention concentrated on nearby tokens
-    layers: int | None = None  # transformer blocks of a Wan model of this shape (its token stream: `model_ms`)
+    layers: int | None = None  # blocks of the Wan / HunyuanVideo model of this shape (its token stream: `model_ms`)
 
 
 # rank quotas: 9% of each row full, then 5% at 2x, 8% at 4x, 8% at 8x: 0.09 + 0.025 + 0.02 + 0.01 = 0.145
 PYRAMID_15 = "pyramid:mode=topk,t1=0.09,t2=0.14,t3=0.22,t4=0.30"
 CASES: dict[str, MethodCase] = {c.name: c for c in (
     MethodCase("natten-hunyuan", (30, 48, 80), 24, "neighborhood:kernel_size=18x24x24",
-               reference="NATTEN docs, H100, fwd", reference_speedup=3.6),
+               reference="NATTEN docs, H100, fwd", reference_speedup=3.6, layers=60),
     MethodCase("natten-hunyuan-gna", (30, 48, 80), 24, "neighborhood:kernel_size=18x24x24,stride=16x8x8",
-               reference="NATTEN GNA, H100, fwd (9.7x with the permutation)", reference_speedup=12.1),
+               reference="NATTEN GNA, H100, fwd (9.7x with the permutation)", reference_speedup=12.1, layers=60),
     MethodCase("natten-flux-4k", (1, 256, 256), 24, "neighborhood:kernel_size=80x80,stride=16x16",
                reference="NATTEN GNA Flux-4K, H100, fwd", reference_speedup=12.3),
     MethodCase("sta-hunyuan", (30, 48, 80), 24, "neighborhood:kernel_size=18x24x24,stride=6x8x8,tile=2x8x8",
-               reference="tile-aligned window (STA-like): efficiency target >= 0.85"),
+               reference="tile-aligned window (STA-like): efficiency target >= 0.85", layers=60),
     MethodCase("nbhd-hunyuan-third", (30, 48, 80), 24, "neighborhood:kernel_size=10x16x26",
-               reference="a window of about a third of each axis (the e2e setting)"),
+               reference="a window of about a third of each axis (the e2e setting)", layers=60),
     MethodCase("nbhd-hunyuan-720p-129f-third", (33, 45, 80), 24, "neighborhood:kernel_size=11x15x27",
-               reference="HunyuanVideo 720p 129f, a third of each axis (partial tiles: 45 rows)"),
+               reference="HunyuanVideo 720p 129f, a third of each axis (partial tiles: 45 rows)", layers=60),
     MethodCase("nbhd-wan14b-720p-81f-third", (21, 45, 80), 40, "neighborhood:kernel_size=7x15x27",
                reference="Wan2.1-14B 720p 81f, a third of each axis (partial tiles: 45 rows)", layers=40),
     # Pyramid's levels depend on the data: i.i.d. random q/k give flat importance (nearly everything kept), so
@@ -163,7 +164,7 @@ class CaseSetup:
     inv_index: torch.Tensor | None
 
     def kernel(self) -> torch.Tensor:
-        """The method on tokens already in its order (what a layer inside Wan's token stream runs)."""
+        """The method on tokens already in its order (what a layer inside a token stream runs)."""
         a, b, c = self.ordered
         return self.method.run(a, b, c, self.layout, self.plan, self.call).out
 
@@ -180,8 +181,8 @@ class CaseSetup:
         return self.method.run(a, b, c, self.layout, self.plan, self.call).out.index_select(1, self.inv_index)
 
     def stream_tensors(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """Stand-ins for what Wan's token stream reorders once per forward: the (B, S, H*D) hidden states and
-        two (1, S, 1, D) fp32 rotary tables (`accel.pipelines.wan._permute_wan_block_inputs`)."""
+        """Stand-ins for what a token stream reorders once per forward: the (B, S, H*D) hidden states and two
+        (1, S, 1, D) fp32 rotary tables (Wan's; HunyuanVideo's are (S, D), the same bytes)."""
         B, S, H, D = self.q.shape
         dev = self.q.device
         hidden = torch.randn(B, S, H * D, device=dev, dtype=self.q.dtype, generator=generator)
@@ -254,7 +255,7 @@ def run_case(case: MethodCase, dtype: torch.dtype, bwd: bool, flex: bool, log) -
     dense = row["dense"]["cudnn_fwd"]
     row["speedup_kernel"] = dense / row["kernel_ms"]
     row["speedup_total"] = dense / row["total_ms"]
-    if case.layers and perm is not None and not text:  # Wan's token stream: one permutation per forward
+    if case.layers and perm is not None and not text:  # a token stream: one permutation per forward
         tensors = setup.stream_tensors(gen)
         row["stream_permute_ms"] = _bench(lambda: setup.stream(tensors))
         del tensors
@@ -305,7 +306,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     width = 0.16
     ax.bar([i - 2 * width for i in x], [r["speedup_kernel"] for r in rows], width, label="ours (kernel)")
     ax.bar([i - width for i in x], [r.get("speedup_model", 0) for r in rows], width,
-           label="ours + Wan's once-per-forward permutation / layers")
+           label="ours + the token stream's once-per-forward permutation / layers")
     ax.bar(list(x), [r["speedup_total"] for r in rows], width, label="ours + permutation around each call")
     ax.bar([i + width for i in x], [r["dense"]["cudnn_fwd"] / r["flex_ms"] if "flex_ms" in r else 0
                                     for r in rows], width, label="flex_attention, same mask")

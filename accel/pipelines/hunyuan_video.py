@@ -18,6 +18,7 @@ from accel.pipelines.adapter import (
     project_added_qkv,
     project_qkv,
 )
+from accel.pipelines.context import TokenStream
 from accel.pipelines.family import FamilyFacts
 
 
@@ -106,6 +107,49 @@ class HunyuanVideoAdapter(FamilyAdapter):
     def grid(self, transformer, args, kwargs):
         p = transformer.config.patch_size
         return latent_grid(args, kwargs, (transformer.config.patch_size_t, p, p))
+
+    def token_stream(self, transformer: torch.nn.Module) -> TokenStream | None:
+        """Plain HunyuanVideo transformers: the dual- and single-stream blocks carry the video tokens as
+        ``hidden_states`` (the text rides apart, as ``encoder_hidden_states``), the (S, D) rotary tables are
+        per-token inputs of every block and the attention mask hides text only, so a method's token order can be
+        applied once per forward. The token-replace (I2V) blocks treat the first frame's tokens apart: those
+        models reorder per layer instead."""
+        blocks = [*getattr(transformer, "transformer_blocks", ()),
+                  *getattr(transformer, "single_transformer_blocks", ())]
+        if (type(transformer).__name__ != "HunyuanVideoTransformer3DModel" or not blocks
+                or any(type(b).__name__ not in _PLAIN_BLOCKS for b in blocks)):
+            return None
+        return TokenStream(blocks, _permute_hunyuan_block_inputs)
+
+
+_PLAIN_BLOCKS = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock")
+_ROTARY_ARG = 4  # (hidden_states, encoder_hidden_states, temb, attention_mask, rotary tables, ...)
+_ROTARY_NAMES = ("freqs_cis", "image_rotary_emb")  # the dual- and the single-stream block's name for it
+
+
+def _permute_hunyuan_block_inputs(args: tuple, kwargs: dict, permute, first: bool) -> tuple[tuple, dict]:
+    """Reorder a HunyuanVideo block call's per-token inputs (see `accel.pipelines.context.TokenStream`): the
+    video hidden states on the first block, the rotary tables (token dim 0) on every block."""
+    args, kwargs = list(args), dict(kwargs)
+    hidden = args[0] if args else kwargs["hidden_states"]
+    seq = hidden.shape[1]
+    if first:
+        if args:
+            args[0] = permute(hidden, 1)
+        else:
+            kwargs["hidden_states"] = permute(hidden, 1)
+
+    def tables(rotary):
+        if isinstance(rotary, (tuple, list)):
+            return tuple(permute(r, 0) if r.shape[0] == seq else r for r in rotary)
+        return rotary
+
+    if len(args) > _ROTARY_ARG:
+        args[_ROTARY_ARG] = tables(args[_ROTARY_ARG])
+    for name in _ROTARY_NAMES:
+        if name in kwargs:
+            kwargs[name] = tables(kwargs[name])
+    return tuple(args), kwargs
 
 
 ADAPTER = HunyuanVideoAdapter()
