@@ -59,9 +59,17 @@ class WindowRaster(AttentionMethod):
         return _window(q, k, v, layout, position)
 
 
-def _inputs(family: str, tr) -> dict:
+def _inputs(family: str, pipe) -> dict:
+    tr = pipe.transformer
     cfg = tr.config
     torch.manual_seed(3)
+    if family == "tiny-cogvideox":  # (B, F, C, H, W); the pipeline makes the (S, D) rotary tables
+        frames, h, w = 2, 8, 8
+        s = pipe.vae_scale_factor_spatial
+        tables = pipe._prepare_rotary_positional_embeddings(h * s, w * s, frames, torch.device("cpu"))
+        return dict(hidden_states=torch.randn(2, frames, cfg.in_channels, h, w), timestep=torch.tensor([500, 500]),
+                    encoder_hidden_states=torch.randn(2, 6, cfg.text_embed_dim), image_rotary_emb=tables,
+                    return_dict=False)
     if family == "tiny-wan":
         return dict(hidden_states=torch.randn(2, cfg.in_channels, 3, 8, 8), timestep=torch.tensor([500, 500]),
                     encoder_hidden_states=torch.randn(2, 8, cfg.text_dim), return_dict=False)
@@ -78,7 +86,7 @@ def _forward(method, monkeypatch=None, no_stream: bool = False, family: str = "t
     if no_stream:
         monkeypatch.setattr(type(adapter_for(tr)), "token_stream", lambda self, t: None,
                             raising=False)
-    inputs = _inputs(family, tr)
+    inputs = _inputs(family, pipe)
     handle = accel.patch(tr, method)
     streamed = bool(handle.stream_hooks)
     with torch.no_grad():
@@ -88,7 +96,7 @@ def _forward(method, monkeypatch=None, no_stream: bool = False, family: str = "t
     return out, handle, streamed
 
 
-@pytest.mark.parametrize("family", ["tiny-wan", "tiny-hunyuan-video"])
+@pytest.mark.parametrize("family", ["tiny-wan", "tiny-hunyuan-video", "tiny-cogvideox"])
 @pytest.mark.parametrize("no_stream", [False, True], ids=["once-per-forward", "per-layer"])
 def test_token_order_equals_the_raster_reference(monkeypatch, no_stream: bool, family: str) -> None:
     ours, handle, streamed = _forward(WindowInOrder(), monkeypatch, no_stream, family)

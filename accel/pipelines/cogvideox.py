@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, latent_grid, project_qkv
+from accel.pipelines.context import TokenStream, permute_hidden_and_tables
 from accel.pipelines.family import FamilyFacts, Geometry, Limits
 
 
@@ -81,6 +84,21 @@ class CogVideoXAdapter(FamilyAdapter):
     def grid(self, transformer, args, kwargs):
         p = transformer.config.patch_size
         return latent_grid(args, kwargs, (transformer.config.patch_size_t or 1, p, p), dims="BFCHW")
+
+    def token_stream(self, transformer: torch.nn.Module) -> TokenStream | None:
+        """CogVideoX transformers: the blocks carry the video tokens as ``hidden_states`` (the text apart, as
+        ``encoder_hidden_states``; positional embeddings are added before the first block) and the (S, D) rotary
+        tables are per-token inputs of every block, so a method's token order is applied once per forward."""
+        blocks = list(getattr(transformer, "transformer_blocks", ()))
+        if (type(transformer).__name__ != "CogVideoXTransformer3DModel" or not blocks
+                or any(type(b).__name__ != "CogVideoXBlock" for b in blocks)):
+            return None
+        return TokenStream(blocks, _permute_cogvideox_block_inputs)
+
+
+# blocks take (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
+_permute_cogvideox_block_inputs = functools.partial(permute_hidden_and_tables, table_arg=3,
+                                                    table_names=("image_rotary_emb",))
 
 
 ADAPTER = CogVideoXAdapter()

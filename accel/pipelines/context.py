@@ -53,6 +53,33 @@ def permute_tokens(t: torch.Tensor, perm: torch.Tensor, dim: int, video: slice) 
     return out
 
 
+def permute_hidden_and_tables(args: tuple, kwargs: dict, permute: Callable[[torch.Tensor, int], torch.Tensor],
+                              first: bool, *, table_arg: int, table_names: tuple[str, ...]) -> tuple[tuple, dict]:
+    """`TokenStream.permute_inputs` for blocks whose first input is the video ``hidden_states`` (B, S, C), the text
+    riding apart, and whose rotary tables are a tuple of (S, D) tensors (token dim 0), passed at position
+    ``table_arg`` or under one of ``table_names`` (HunyuanVideo, CogVideoX)."""
+    args, kwargs = list(args), dict(kwargs)
+    hidden = args[0] if args else kwargs["hidden_states"]
+    seq = hidden.shape[1]
+    if first:
+        if args:
+            args[0] = permute(hidden, 1)
+        else:
+            kwargs["hidden_states"] = permute(hidden, 1)
+
+    def tables(rotary: Any) -> Any:
+        if isinstance(rotary, (tuple, list)):
+            return tuple(permute(r, 0) if isinstance(r, torch.Tensor) and r.shape[0] == seq else r for r in rotary)
+        return rotary
+
+    if len(args) > table_arg:
+        args[table_arg] = tables(args[table_arg])
+    for name in table_names:
+        if name in kwargs:
+            kwargs[name] = tables(kwargs[name])
+    return tuple(args), kwargs
+
+
 def install_token_stream(stream: TokenStream, state: TransformerState) -> list[Any]:
     """Forward hooks that permute the video tokens before the first block and restore them after the last.
 

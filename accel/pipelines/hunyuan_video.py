@@ -6,6 +6,8 @@ The token refiner's attention is text-only and stays untouched.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
@@ -18,7 +20,7 @@ from accel.pipelines.adapter import (
     project_added_qkv,
     project_qkv,
 )
-from accel.pipelines.context import TokenStream
+from accel.pipelines.context import TokenStream, permute_hidden_and_tables
 from accel.pipelines.family import FamilyFacts
 
 
@@ -123,33 +125,10 @@ class HunyuanVideoAdapter(FamilyAdapter):
 
 
 _PLAIN_BLOCKS = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock")
-_ROTARY_ARG = 4  # (hidden_states, encoder_hidden_states, temb, attention_mask, rotary tables, ...)
-_ROTARY_NAMES = ("freqs_cis", "image_rotary_emb")  # the dual- and the single-stream block's name for it
-
-
-def _permute_hunyuan_block_inputs(args: tuple, kwargs: dict, permute, first: bool) -> tuple[tuple, dict]:
-    """Reorder a HunyuanVideo block call's per-token inputs (see `accel.pipelines.context.TokenStream`): the
-    video hidden states on the first block, the rotary tables (token dim 0) on every block."""
-    args, kwargs = list(args), dict(kwargs)
-    hidden = args[0] if args else kwargs["hidden_states"]
-    seq = hidden.shape[1]
-    if first:
-        if args:
-            args[0] = permute(hidden, 1)
-        else:
-            kwargs["hidden_states"] = permute(hidden, 1)
-
-    def tables(rotary):
-        if isinstance(rotary, (tuple, list)):
-            return tuple(permute(r, 0) if r.shape[0] == seq else r for r in rotary)
-        return rotary
-
-    if len(args) > _ROTARY_ARG:
-        args[_ROTARY_ARG] = tables(args[_ROTARY_ARG])
-    for name in _ROTARY_NAMES:
-        if name in kwargs:
-            kwargs[name] = tables(kwargs[name])
-    return tuple(args), kwargs
+# blocks take (hidden_states, encoder_hidden_states, temb, attention_mask, rotary tables, ...); the dual- and the
+# single-stream block name the tables differently
+_permute_hunyuan_block_inputs = functools.partial(permute_hidden_and_tables, table_arg=4,
+                                                  table_names=("freqs_cis", "image_rotary_emb"))
 
 
 ADAPTER = HunyuanVideoAdapter()
