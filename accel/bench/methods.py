@@ -160,6 +160,7 @@ class CaseSetup:
     ordered: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     plan_s: float
     perm: torch.Tensor | None  # video position -> raster index (None: the method keeps raster order)
+    inverse: torch.Tensor | None  # raster index -> video position (the stream's inverse, cached per geometry)
     index: torch.Tensor | None  # the same over the joint sequence
     inv_index: torch.Tensor | None
 
@@ -194,9 +195,8 @@ class CaseSetup:
 
         vs = self.layout.video_slice
         hidden, *tables = tensors
-        inverse = torch.argsort(self.perm)
         into = [permute_tokens(t, self.perm, 1, vs) for t in (hidden, *tables)]
-        return into, permute_tokens(into[0], inverse, 1, vs)
+        return into, permute_tokens(into[0], self.inverse, 1, vs)
 
 
 def prepare_case(case: MethodCase, dtype: torch.dtype, generator: torch.Generator) -> CaseSetup:
@@ -219,7 +219,7 @@ def prepare_case(case: MethodCase, dtype: torch.dtype, generator: torch.Generato
         torch.cuda.synchronize()
     plan_s = time.perf_counter() - start
     perm = method.token_order(layout, dev)
-    index = inv_index = None
+    inverse = index = inv_index = None
     if perm is not None:
         vs, _ = split_joint(layout)
         inverse = torch.argsort(perm)
@@ -227,7 +227,7 @@ def prepare_case(case: MethodCase, dtype: torch.dtype, generator: torch.Generato
         index = torch.cat([head, perm + vs.start, tail])
         inv_index = torch.cat([head, inverse + vs.start, tail])
     ordered = tuple(t.index_select(1, index) for t in (q, k, v)) if perm is not None else (q, k, v)
-    return CaseSetup(method, layout, plan, AttentionCall(), q, k, v, ordered, plan_s, perm, index, inv_index)
+    return CaseSetup(method, layout, plan, AttentionCall(), q, k, v, ordered, plan_s, perm, inverse, index, inv_index)
 
 
 def run_case(case: MethodCase, dtype: torch.dtype, bwd: bool, flex: bool, log) -> dict[str, Any]:
