@@ -70,6 +70,14 @@ def _inputs(family: str, pipe) -> dict:
         return dict(hidden_states=torch.randn(2, frames, cfg.in_channels, h, w), timestep=torch.tensor([500, 500]),
                     encoder_hidden_states=torch.randn(2, 6, cfg.text_embed_dim), image_rotary_emb=tables,
                     return_dict=False)
+    if family.startswith("tiny-ltx"):  # patchified (B, S, C); "-per-token": a timestep per token (I2V's)
+        frames, h, w = 3, 8, 8
+        timestep = (torch.randint(0, 1000, (2, frames * h * w)).float() if family.endswith("per-token")
+                    else torch.tensor([500.0, 500.0]))
+        return dict(hidden_states=torch.randn(2, frames * h * w, cfg.in_channels),
+                    encoder_hidden_states=torch.randn(2, 6, cfg.caption_channels), timestep=timestep,
+                    encoder_attention_mask=torch.ones(2, 6), num_frames=frames, height=h, width=w,
+                    rope_interpolation_scale=(1.0, 1.0, 1.0), return_dict=False)
     if family == "tiny-wan":
         return dict(hidden_states=torch.randn(2, cfg.in_channels, 3, 8, 8), timestep=torch.tensor([500, 500]),
                     encoder_hidden_states=torch.randn(2, 8, cfg.text_dim), return_dict=False)
@@ -81,7 +89,7 @@ def _inputs(family: str, pipe) -> dict:
 
 
 def _forward(method, monkeypatch=None, no_stream: bool = False, family: str = "tiny-wan"):
-    pipe = build_tiny(family)
+    pipe = build_tiny(family.removesuffix("-per-token"))
     tr = pipe.transformer
     if no_stream:
         monkeypatch.setattr(type(adapter_for(tr)), "token_stream", lambda self, t: None,
@@ -96,7 +104,8 @@ def _forward(method, monkeypatch=None, no_stream: bool = False, family: str = "t
     return out, handle, streamed
 
 
-@pytest.mark.parametrize("family", ["tiny-wan", "tiny-hunyuan-video", "tiny-cogvideox"])
+@pytest.mark.parametrize("family", ["tiny-wan", "tiny-hunyuan-video", "tiny-cogvideox", "tiny-ltx",
+                                    "tiny-ltx-per-token"])
 @pytest.mark.parametrize("no_stream", [False, True], ids=["once-per-forward", "per-layer"])
 def test_token_order_equals_the_raster_reference(monkeypatch, no_stream: bool, family: str) -> None:
     ours, handle, streamed = _forward(WindowInOrder(), monkeypatch, no_stream, family)

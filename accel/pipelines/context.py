@@ -80,6 +80,34 @@ def permute_hidden_and_tables(args: tuple, kwargs: dict, permute: Callable[[torc
     return tuple(args), kwargs
 
 
+def permute_named_inputs(args: tuple, kwargs: dict, permute: Callable[[torch.Tensor, int], torch.Tensor],
+                         first: bool, *, names: tuple[str, ...], per_token: dict[str, int]) -> tuple[tuple, dict]:
+    """`TokenStream.permute_inputs` for blocks that take ``hidden_states`` (B, S, C) and per-token side inputs with
+    the token dim 1 (Wan, LTX). ``names``: the block's parameters in order (positional arguments are matched to
+    them); ``per_token``: name -> the fewest dims its tensor (or each tensor of its tuple) must have to be
+    per-token: e.g. a timestep embedding is per-token only as (B, S, ...), not as (B, 6, C), even when S is 6."""
+    values = dict(zip(names, args, strict=False))
+    values.update(kwargs)
+    hidden = values["hidden_states"]
+    seq = hidden.shape[1]
+    if first:
+        values["hidden_states"] = permute(hidden, 1)
+
+    def side(t: Any, ndim: int) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= max(ndim, 2) and t.shape[1] == seq:
+            return permute(t, 1)
+        return t
+
+    for name, ndim in per_token.items():
+        value = values.get(name)
+        if isinstance(value, (tuple, list)):
+            values[name] = tuple(side(t, ndim) for t in value)
+        elif value is not None:
+            values[name] = side(value, ndim)
+    positional = tuple(values.pop(name) for name in names[: len(args)])
+    return positional, values
+
+
 def install_token_stream(stream: TokenStream, state: TransformerState) -> list[Any]:
     """Forward hooks that permute the video tokens before the first block and restore them after the last.
 
@@ -434,5 +462,6 @@ def replace_first_tensor(output: Any, value: torch.Tensor) -> Any:
 
 
 __all__ = ["Branch", "ForwardContext", "ForwardContextHook", "StepTracker", "TokenStream", "TransformerState",
-           "first_tensor", "install_context_hook", "install_token_stream", "map_batch", "permute_tokens",
+           "first_tensor", "install_context_hook", "install_token_stream", "map_batch", "permute_named_inputs",
+           "permute_tokens",
            "remove_context_hook", "replace_first_tensor"]

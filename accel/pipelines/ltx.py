@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
 from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, forward_arg, project_qkv
+from accel.pipelines.context import TokenStream, permute_named_inputs
 from accel.pipelines.family import FamilyFacts
 
 
@@ -73,6 +76,23 @@ class LTXAdapter(FamilyAdapter):
         if latents is not None and latents.shape[1] != grid[0] * grid[1] * grid[2]:
             return None
         return grid
+
+    def token_stream(self, transformer: torch.nn.Module) -> TokenStream | None:
+        """LTX-Video transformers: the blocks carry video tokens only (text through cross-attention), and the
+        (B, S, D) rotary tables and, with per-token timesteps (image-to-video conditioning), the (B, S, 6C)
+        timestep embeddings are per-token inputs of every block, so a method's token order is applied once per
+        forward."""
+        blocks = list(getattr(transformer, "transformer_blocks", ()))
+        if (type(transformer).__name__ != "LTXVideoTransformer3DModel" or not blocks
+                or any(type(b).__name__ != "LTXVideoTransformerBlock" for b in blocks)):
+            return None
+        return TokenStream(blocks, _permute_ltx_block_inputs)
+
+
+_permute_ltx_block_inputs = functools.partial(
+    permute_named_inputs,
+    names=("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "encoder_attention_mask"),
+    per_token={"temb": 3, "image_rotary_emb": 3})
 
 
 ADAPTER = LTXAdapter()

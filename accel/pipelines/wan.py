@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from accel.pipelines.adapter import (
@@ -11,7 +13,7 @@ from accel.pipelines.adapter import (
     latent_grid,
     project_qkv,
 )
-from accel.pipelines.context import TokenStream
+from accel.pipelines.context import TokenStream, permute_named_inputs
 from accel.pipelines.family import FamilyFacts, Geometry, Limits
 
 
@@ -103,27 +105,11 @@ class WanAdapter(FamilyAdapter):
         return TokenStream(list(transformer.blocks), _permute_wan_block_inputs)
 
 
-_WAN_BLOCK_ARGS = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
-
-
-def _permute_wan_block_inputs(args: tuple, kwargs: dict, permute, first: bool) -> tuple[tuple, dict]:
-    """Reorder a `WanTransformerBlock` call's per-token inputs (see `accel.pipelines.context.TokenStream`)."""
-    values = dict(zip(_WAN_BLOCK_ARGS, args, strict=False))
-    values.update(kwargs)
-    hidden = values["hidden_states"]
-    seq = hidden.shape[1]
-    if first:
-        values["hidden_states"] = permute(hidden, 1)
-    temb = values.get("temb")
-    if isinstance(temb, torch.Tensor) and temb.dim() == 4 and temb.shape[1] == seq:
-        values["temb"] = permute(temb, 1)
-    rotary = values.get("rotary_emb")
-    if isinstance(rotary, (tuple, list)):
-        values["rotary_emb"] = tuple(permute(r, 1) if r.shape[1] == seq else r for r in rotary)
-    elif isinstance(rotary, torch.Tensor) and rotary.dim() >= 2 and rotary.shape[1] == seq:
-        values["rotary_emb"] = permute(rotary, 1)
-    positional = tuple(values.pop(name) for name in _WAN_BLOCK_ARGS[: len(args)])
-    return positional, values
+# `WanTransformerBlock`'s per-token inputs: rotary tables (B, S, 1, D) and Wan 2.2 TI2V's per-token timestep
+# embeddings (B, S, 6, C); its usual (B, 6, C) is not per-token
+_permute_wan_block_inputs = functools.partial(
+    permute_named_inputs, names=("hidden_states", "encoder_hidden_states", "temb", "rotary_emb"),
+    per_token={"temb": 4, "rotary_emb": 2})
 
 
 ADAPTER = WanAdapter()
