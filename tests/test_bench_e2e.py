@@ -191,3 +191,17 @@ def test_a_method_spec_replaces_the_radial_preset() -> None:
     row["method_name"] = "neighborhood"
     assert [r["label"] for r in table_rows(row)][2] == "neighborhood"
     assert e2e.sparse_attention_ms({"radial_ms": 3.0}) == 3.0 and e2e.sparse_attention_ms({"sparse_ms": 2.0}) == 2.0
+
+
+def test_the_json_says_whether_the_token_order_runs_once_per_forward() -> None:
+    """`token_stream` in the e2e JSON: a family with a token stream and a method with a token order (pyramid on
+    Wan) reorders once per forward; a method without one (radial) does not."""
+    import accel
+    from accel.geometry import TokenLayout
+    from accel.pipelines.tiny import build_tiny
+
+    model = build_tiny("tiny-wan").transformer
+    layout = TokenLayout(1, 3, 8, 8)
+    assert e2e._has_token_stream(model, accel.Pyramid(), layout)
+    assert not e2e._has_token_stream(model, radial_preset("wan2.1-1.3b")[0], layout)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # unpatched again

@@ -158,6 +158,18 @@ def _time_forward(model: torch.nn.Module, inputs: dict, method, schedule, sdpa_b
         accel.unpatch(model)
 
 
+def _has_token_stream(model: torch.nn.Module, method, layout) -> bool:
+    """Whether ``model`` patched with ``method`` reorders its tokens once per forward (a family token stream and
+    a method with a token order at this layout), not around each layer."""
+    import accel
+
+    handle = accel.patch(model, method)
+    try:
+        return bool(handle.stream_hooks) and method.token_order(layout, torch.device("cpu")) is not None
+    finally:
+        accel.unpatch(model)
+
+
 COMPILE_WARMUP = 2  # untimed calls of a compiled model: the first compiles, the second catches a recompile
 
 
@@ -298,6 +310,8 @@ def run_config(cfg: E2EConfig, compile: bool = False, spec: str | None = None) -
     timings = []
     for depth in _depths(cfg):
         model = _build(cfg, depth)
+        if "token_stream" not in out:  # whether the method's token order is applied once per forward
+            out["token_stream"] = _has_token_stream(model, method, layout)
         torch.cuda.reset_peak_memory_stats()
         dense_ms = _time_forward(model, inputs, Dense(), None)
         sparse_ms = _time_forward(model, inputs, method, all_sparse)
