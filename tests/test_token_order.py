@@ -125,3 +125,38 @@ def test_a_wrong_token_order_is_refused() -> None:
 
     with pytest.raises(ValueError, match="permutation"):
         _forward(Broken())
+
+
+def _tiny_vace(vace_layers: list[int]):
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    return WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64, vace_layers=vace_layers, vace_in_channels=8).eval()
+
+
+def _vace_forward(method, vace_layers: list[int]):
+    tr = _tiny_vace(vace_layers)
+    torch.manual_seed(3)
+    inputs = dict(hidden_states=torch.randn(2, 16, 3, 8, 8), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(2, 8, 32), control_hidden_states=torch.randn(2, 8, 3, 8, 8),
+                  control_hidden_states_scale=torch.tensor([0.7, 1.3]), return_dict=False)
+    handle = accel.patch(tr, method)
+    streamed = bool(handle.stream_hooks)
+    with torch.no_grad():
+        out = tr(**inputs)[0]
+    accel.unpatch(tr)
+    return out, handle, streamed
+
+
+@pytest.mark.parametrize("vace_layers", [[0, 1], [0, 2]], ids=["stream", "hint-after-last-block"])
+def test_wan_vace_token_order_equals_the_raster_reference(vace_layers: list[int]) -> None:
+    """Wan VACE: the hint blocks and the main blocks form one stream (hints come out in the method's order and
+    are added there); with a hint after the last main block the model reorders per layer instead."""
+    ours, handle, streamed = _vace_forward(WindowInOrder(), vace_layers)
+    reference, _, _ = _vace_forward(WindowRaster(), vace_layers)
+    assert float((ours - reference).abs().max()) < 1e-5
+    assert handle.stats.sparse_calls > 0
+    assert streamed == (vace_layers == [0, 1])

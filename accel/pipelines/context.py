@@ -35,11 +35,14 @@ class TokenStream:
             tensor and its token dim) to a block's per-token inputs: hidden states on the first block only,
             per-token side inputs (rotary tables, per-token timestep embeddings) on every block.
         video_slice: (seq_len) -> slice of the video tokens inside ``hidden_states``.
+        entries: blocks after the first that also take raster-order inputs from outside the stream (``first`` is
+            true for them too), e.g. Wan VACE's first main block after its hint blocks.
     """
 
     blocks: list[torch.nn.Module]
     permute_inputs: Callable[[tuple, dict, Callable[[torch.Tensor, int], torch.Tensor], bool], tuple[tuple, dict]]
     video_slice: Callable[[int], slice] = lambda seq: slice(0, seq)
+    entries: tuple[torch.nn.Module, ...] = ()
 
 
 def permute_tokens(t: torch.Tensor, perm: torch.Tensor, dim: int, video: slice) -> torch.Tensor:
@@ -109,7 +112,8 @@ def permute_named_inputs(args: tuple, kwargs: dict, permute: Callable[[torch.Ten
 
 
 def install_token_stream(stream: TokenStream, state: TransformerState) -> list[Any]:
-    """Forward hooks that permute the video tokens before the first block and restore them after the last.
+    """Forward hooks that permute the video tokens before the first block (and each entry) and restore them after
+    the last.
 
     The permutation (`ForwardContext.token_order`) is set per forward by the context hook; with none set the
     hooks do nothing. Returns the hook handles (removed by `accel.unpatch`).
@@ -128,7 +132,7 @@ def install_token_stream(stream: TokenStream, state: TransformerState) -> list[A
                 ctx._permuted[key] = (t, permute_tokens(t, perm, dim, stream.video_slice(t.shape[dim])))
             return ctx._permuted[key][1]
 
-        return stream.permute_inputs(args, kwargs, permute, block is first)
+        return stream.permute_inputs(args, kwargs, permute, block is first or any(block is e for e in stream.entries))
 
     def post(block: torch.nn.Module, args: tuple, kwargs: dict, output: Any):
         ctx = state.context

@@ -98,18 +98,41 @@ class WanAdapter(FamilyAdapter):
 
     def token_stream(self, transformer: torch.nn.Module) -> TokenStream | None:
         """Plain Wan transformers: the blocks carry video tokens only; rotary tables (and Wan 2.2 TI2V's
-        per-token timestep embeddings) are per-token inputs of every block. VACE and Animate add raster-order
-        hints between blocks, so they reorder per layer instead."""
-        if type(transformer).__name__ != "WanTransformer3DModel" or not len(getattr(transformer, "blocks", ())):
+        per-token timestep embeddings) are per-token inputs of every block. Wan VACE: its hint blocks run first
+        on the same tokens (hidden and control states in, per-token hints out) and the hints are added after
+        main blocks, so the stream is the hint blocks then the main blocks, with the first of each taking
+        raster-order inputs; unless a hint follows the last main block (the stream restores raster order there),
+        when it reorders per layer. Animate adds face features between blocks: per layer."""
+        name = type(transformer).__name__
+        blocks = list(getattr(transformer, "blocks", ()))
+        if not blocks:
             return None
-        return TokenStream(list(transformer.blocks), _permute_wan_block_inputs)
+        if name == "WanTransformer3DModel":
+            return TokenStream(blocks, _permute_wan_block_inputs)
+        if name == "WanVACETransformer3DModel":
+            hints = list(getattr(transformer, "vace_blocks", ()))
+            if not hints or len(blocks) - 1 in transformer.config.vace_layers:
+                return None
+            return TokenStream([*hints, *blocks], _permute_wan_vace_block_inputs, entries=(blocks[0],))
+        return None
 
 
+_WAN_PER_TOKEN = {"temb": 4, "rotary_emb": 2}
 # `WanTransformerBlock`'s per-token inputs: rotary tables (B, S, 1, D) and Wan 2.2 TI2V's per-token timestep
 # embeddings (B, S, 6, C); its usual (B, 6, C) is not per-token
 _permute_wan_block_inputs = functools.partial(
     permute_named_inputs, names=("hidden_states", "encoder_hidden_states", "temb", "rotary_emb"),
-    per_token={"temb": 4, "rotary_emb": 2})
+    per_token=_WAN_PER_TOKEN)
+_VACE_BLOCK_ARGS = ("hidden_states", "encoder_hidden_states", "control_hidden_states", "temb", "rotary_emb")
+
+
+def _permute_wan_vace_block_inputs(args: tuple, kwargs: dict, permute, first: bool) -> tuple[tuple, dict]:
+    """Wan VACE's stream: a hint block (`WanVACETransformerBlock`, five inputs) takes the control states beside
+    the hidden states, which the first one adds to them; main blocks as plain Wan's."""
+    if len(args) + len(kwargs) < 5 and "control_hidden_states" not in kwargs:
+        return _permute_wan_block_inputs(args, kwargs, permute, first)
+    per_token = dict(_WAN_PER_TOKEN, control_hidden_states=3) if first else _WAN_PER_TOKEN
+    return permute_named_inputs(args, kwargs, permute, first, names=_VACE_BLOCK_ARGS, per_token=per_token)
 
 
 ADAPTER = WanAdapter()
