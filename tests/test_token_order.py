@@ -160,3 +160,19 @@ def test_wan_vace_token_order_equals_the_raster_reference(vace_layers: list[int]
     assert float((ours - reference).abs().max()) < 1e-5
     assert handle.stats.sparse_calls > 0
     assert streamed == (vace_layers == [0, 1])
+
+
+def test_permute_named_inputs_keeps_every_argument() -> None:
+    """Positional arguments past the named ones pass through; per-token inputs are permuted along their token dim
+    only when they have S there and enough dims."""
+    from accel.pipelines.context import permute_named_inputs
+
+    perm = torch.tensor([2, 0, 1])
+    hidden, table, temb, extra = torch.randn(1, 3, 4), torch.randn(3, 5), torch.randn(1, 6, 4), object()
+    args, kwargs = permute_named_inputs((hidden, (table, table), temb, extra), {"flag": 1},
+                                        lambda t, d: t.index_select(d, perm), True,
+                                        names=("hidden_states", "tables", "temb"),
+                                        per_token={"tables": (0, 2), "temb": (1, 4)})
+    assert len(args) == 4 and args[3] is extra and kwargs == {"flag": 1}
+    assert torch.equal(args[0], hidden[:, perm]) and torch.equal(args[1][0], table[perm])
+    assert args[2] is temb  # (B, 6, C): not per-token

@@ -8,7 +8,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from accel.pipelines.adapter import AccelProcessor, FamilyAdapter, latent_grid, project_qkv
-from accel.pipelines.context import TokenStream, permute_hidden_and_tables
+from accel.pipelines.context import TokenStream, permute_named_inputs
 from accel.pipelines.family import FamilyFacts, Geometry, Limits
 
 
@@ -96,9 +96,10 @@ class CogVideoXAdapter(FamilyAdapter):
         return TokenStream(blocks, _permute_cogvideox_block_inputs)
 
 
-# blocks take (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
-_permute_cogvideox_block_inputs = functools.partial(permute_hidden_and_tables, table_arg=3,
-                                                    table_names=("image_rotary_emb",))
+# blocks take (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs); (S, D) tables
+_permute_cogvideox_block_inputs = functools.partial(
+    permute_named_inputs, names=("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb"),
+    per_token={"image_rotary_emb": (0, 2)})
 
 
 ADAPTER = CogVideoXAdapter()

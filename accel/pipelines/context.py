@@ -56,39 +56,17 @@ def permute_tokens(t: torch.Tensor, perm: torch.Tensor, dim: int, video: slice) 
     return out
 
 
-def permute_hidden_and_tables(args: tuple, kwargs: dict, permute: Callable[[torch.Tensor, int], torch.Tensor],
-                              first: bool, *, table_arg: int, table_names: tuple[str, ...]) -> tuple[tuple, dict]:
-    """`TokenStream.permute_inputs` for blocks whose first input is the video ``hidden_states`` (B, S, C), the text
-    riding apart, and whose rotary tables are a tuple of (S, D) tensors (token dim 0), passed at position
-    ``table_arg`` or under one of ``table_names`` (HunyuanVideo, CogVideoX)."""
-    args, kwargs = list(args), dict(kwargs)
-    hidden = args[0] if args else kwargs["hidden_states"]
-    seq = hidden.shape[1]
-    if first:
-        if args:
-            args[0] = permute(hidden, 1)
-        else:
-            kwargs["hidden_states"] = permute(hidden, 1)
-
-    def tables(rotary: Any) -> Any:
-        if isinstance(rotary, (tuple, list)):
-            return tuple(permute(r, 0) if isinstance(r, torch.Tensor) and r.shape[0] == seq else r for r in rotary)
-        return rotary
-
-    if len(args) > table_arg:
-        args[table_arg] = tables(args[table_arg])
-    for name in table_names:
-        if name in kwargs:
-            kwargs[name] = tables(kwargs[name])
-    return tuple(args), kwargs
-
-
 def permute_named_inputs(args: tuple, kwargs: dict, permute: Callable[[torch.Tensor, int], torch.Tensor],
-                         first: bool, *, names: tuple[str, ...], per_token: dict[str, int]) -> tuple[tuple, dict]:
-    """`TokenStream.permute_inputs` for blocks that take ``hidden_states`` (B, S, C) and per-token side inputs with
-    the token dim 1 (Wan, LTX). ``names``: the block's parameters in order (positional arguments are matched to
-    them); ``per_token``: name -> the fewest dims its tensor (or each tensor of its tuple) must have to be
-    per-token: e.g. a timestep embedding is per-token only as (B, S, ...), not as (B, 6, C), even when S is 6."""
+                         first: bool, *, names: tuple[str, ...],
+                         per_token: dict[str, tuple[int, int]]) -> tuple[tuple, dict]:
+    """`TokenStream.permute_inputs` for blocks whose input ``hidden_states`` (B, S, C) carries the video tokens
+    (the text, if any, rides apart) and whose per-token side inputs are named in ``per_token``.
+
+    ``names``: the block's leading parameters in order (positional arguments are matched to them; any beyond pass
+    through); ``per_token``: name -> (token dim, fewest dims) of its tensor or of each tensor of its tuple, which is
+    per-token only when it has that many dims and S along that dim: e.g. Wan's timestep embedding is per-token as
+    (B, S, 6, C), not as (B, 6, C) even when S is 6; HunyuanVideo's rotary tables are (S, D), token dim 0.
+    """
     values = dict(zip(names, args, strict=False))
     values.update(kwargs)
     hidden = values["hidden_states"]
@@ -96,18 +74,18 @@ def permute_named_inputs(args: tuple, kwargs: dict, permute: Callable[[torch.Ten
     if first:
         values["hidden_states"] = permute(hidden, 1)
 
-    def side(t: Any, ndim: int) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() >= max(ndim, 2) and t.shape[1] == seq:
-            return permute(t, 1)
+    def side(t: Any, dim: int, ndim: int) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= max(ndim, dim + 1) and t.shape[dim] == seq:
+            return permute(t, dim)
         return t
 
-    for name, ndim in per_token.items():
+    for name, (dim, ndim) in per_token.items():
         value = values.get(name)
         if isinstance(value, (tuple, list)):
-            values[name] = tuple(side(t, ndim) for t in value)
+            values[name] = tuple(side(t, dim, ndim) for t in value)
         elif value is not None:
-            values[name] = side(value, ndim)
-    positional = tuple(values.pop(name) for name in names[: len(args)])
+            values[name] = side(value, dim, ndim)
+    positional = tuple(values.pop(name) for name in names[: len(args)]) + tuple(args[len(names):])
     return positional, values
 
 

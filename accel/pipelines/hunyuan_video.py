@@ -20,7 +20,7 @@ from accel.pipelines.adapter import (
     project_added_qkv,
     project_qkv,
 )
-from accel.pipelines.context import TokenStream, permute_hidden_and_tables
+from accel.pipelines.context import TokenStream, permute_named_inputs
 from accel.pipelines.family import FamilyFacts
 
 
@@ -125,10 +125,12 @@ class HunyuanVideoAdapter(FamilyAdapter):
 
 
 _PLAIN_BLOCKS = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock")
-# blocks take (hidden_states, encoder_hidden_states, temb, attention_mask, rotary tables, ...); the dual- and the
-# single-stream block name the tables differently
-_permute_hunyuan_block_inputs = functools.partial(permute_hidden_and_tables, table_arg=4,
-                                                  table_names=("freqs_cis", "image_rotary_emb"))
+# blocks take (hidden_states, encoder_hidden_states, temb, attention_mask, rotary tables, ...), the (S, D) tables
+# named freqs_cis by the dual-stream block and image_rotary_emb by the single-stream one
+_TABLES = (0, 2)
+_permute_hunyuan_block_inputs = functools.partial(
+    permute_named_inputs, names=("hidden_states", "encoder_hidden_states", "temb", "attention_mask", "rotary_tables"),
+    per_token={"rotary_tables": _TABLES, "freqs_cis": _TABLES, "image_rotary_emb": _TABLES})
 
 
 ADAPTER = HunyuanVideoAdapter()

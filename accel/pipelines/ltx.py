@@ -92,7 +92,7 @@ class LTXAdapter(FamilyAdapter):
 _permute_ltx_block_inputs = functools.partial(
     permute_named_inputs,
     names=("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "encoder_attention_mask"),
-    per_token={"temb": 3, "image_rotary_emb": 3})
+    per_token={"temb": (1, 3), "image_rotary_emb": (1, 3)})
 
 
 ADAPTER = LTXAdapter()

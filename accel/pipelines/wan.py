@@ -117,7 +117,7 @@ class WanAdapter(FamilyAdapter):
         return None
 
 
-_WAN_PER_TOKEN = {"temb": 4, "rotary_emb": 2}
+_WAN_PER_TOKEN = {"temb": (1, 4), "rotary_emb": (1, 2)}
 # `WanTransformerBlock`'s per-token inputs: rotary tables (B, S, 1, D) and Wan 2.2 TI2V's per-token timestep
 # embeddings (B, S, 6, C); its usual (B, 6, C) is not per-token
 _permute_wan_block_inputs = functools.partial(
@@ -131,7 +131,7 @@ def _permute_wan_vace_block_inputs(args: tuple, kwargs: dict, permute, first: bo
     the hidden states, which the first one adds to them; main blocks as plain Wan's."""
     if len(args) + len(kwargs) < 5 and "control_hidden_states" not in kwargs:
         return _permute_wan_block_inputs(args, kwargs, permute, first)
-    per_token = dict(_WAN_PER_TOKEN, control_hidden_states=3) if first else _WAN_PER_TOKEN
+    per_token = dict(_WAN_PER_TOKEN, control_hidden_states=(1, 3)) if first else _WAN_PER_TOKEN
     return permute_named_inputs(args, kwargs, permute, first, names=_VACE_BLOCK_ARGS, per_token=per_token)
 
 
