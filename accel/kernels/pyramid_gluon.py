@@ -128,24 +128,38 @@ if HAVE_GLUON:
         return gl.load(idx + e, mask=(j < 8) & (t < c8) & (t < n_tiles), other=0)
 
     @gluon.jit
+    def _lg2(x):
+        """log2 on the SFU (``lg2.approx``, one instruction per value): `gl.log2` lowers to libdevice's
+        polynomial, about 11 FFMAs a value, which made a tile's column bias cost 3-4x its whole softmax."""
+        return gl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
     def _tile_column_bias(t, lg, first, hi, last_kb, c8, NV, T, emask, cols, BS: gl.constexpr,
                           LOG_BS: gl.constexpr, HAS_TEXT: gl.constexpr, HAS_TEXT_MASK: gl.constexpr):
         """Per-column logit bias (log2 units, -inf = hidden) of a tile that is not plain. Video tiles of level
         p = 2**lg: column c is pooled row c % (b/p) of entry first + c // (b/p), the mean of tokens
         [kb*b + r*p, +p) cut at NV (`pyramid._pooled_lanes`); entries past the level's end are hidden. Only the
         partial last KV block has groups of fewer than p tokens, and a level lists its blocks in ascending
-        order, so only the level's last entry (block ``last_kb``) needs its block index: no gather."""
-        e = first + (cols >> (LOG_BS - lg))
-        full = 1 << lg
-        tok = last_kb * BS + ((cols & ((BS >> lg) - 1)) << lg)
-        cnt = gl.where(e == hi - 1, gl.minimum(NV - tok, full), full)
-        bias = gl.where((e < hi) & (cnt > 0), gl.log2(gl.maximum(cnt, 1).to(gl.float32)), float("-inf"))
-        if HAS_TEXT:
+        order, so only the level's last entry (block ``last_kb``) needs its block index: no gather. Most such
+        tiles are a level's short last tile: one compare a column; the token counts only where the partial
+        block sits in the tile (measured: a per-column formula for every such tile cost 25% of the kernel,
+        benchmarks/NOTES.md, pyramid item 46)."""
+        LOG_PER = LOG_BS - lg  # pooled rows per entry: 2**LOG_PER
+        n_valid = (hi - first) << LOG_PER  # columns of listed entries
+        if HAS_TEXT and t >= c8:
             tcol = (t - c8) * BS + cols
             tvalid = tcol < T
             if HAS_TEXT_MASK:
                 tvalid = tvalid & (gl.load(emask + tcol, mask=tvalid, other=0) != 0)
-            bias = gl.where(t >= c8, gl.where(tvalid, 0.0, float("-inf")), bias)
+            bias = gl.where(tvalid, 0.0, float("-inf"))
+        elif (last_kb * BS + BS > NV) & (hi - first <= (1 << lg)):  # the level's partial last block is here
+            full = 1 << lg
+            tok = last_kb * BS + ((cols & ((1 << LOG_PER) - 1)) << lg)
+            cnt = gl.where(cols >= n_valid - (1 << LOG_PER), gl.minimum(NV - tok, full), full)
+            bias = gl.where((cols < n_valid) & (cnt > 0), _lg2(gl.maximum(cnt, 1).to(gl.float32)), float("-inf"))
+        else:
+            bias = gl.where(cols < n_valid, lg.to(gl.float32), float("-inf"))
         return bias
 
     @gluon.jit
