@@ -62,6 +62,16 @@ def _step(acc, l_i, m_i, q, kT, v, valid, bias, qk_scale, DOT_PRECISION: tl.cons
 
 
 @triton.jit
+def _log2_count(cnt):
+    """log2 of a pooled group's token count (1..8; anything below 1 gives 0, for lanes marked invalid), exactly,
+    by a select chain: `tl.math.log2` lowers to libdevice's polynomial, which in the Gluon forward cost more per
+    tile than the softmax (benchmarks/NOTES.md, pyramid item 46)."""
+    return tl.where(cnt >= 8, 3.0, tl.where(cnt >= 7, 2.807354922057604, tl.where(
+        cnt >= 6, 2.584962500721156, tl.where(cnt >= 5, 2.321928094887362, tl.where(
+            cnt >= 4, 2.0, tl.where(cnt >= 3, 1.584962500721156, tl.where(cnt >= 2, 1.0, 0.0)))))))
+
+
+@triton.jit
 def _pooled_lanes(kb, sub, NV, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr):
     """Lanes ``sub * ROWS + arange(ROWS)`` of KV block ``kb`` at level P: (row in the level, valid, log2 bias,
     lane inside the block).
@@ -73,7 +83,7 @@ def _pooled_lanes(kb, sub, NV, P: tl.constexpr, BS: tl.constexpr, ROWS: tl.const
     first = kb * BS + offs_r * P
     cnt = tl.minimum(NV - first, P)
     lane_ok = offs_r < BS // P
-    bias = tl.math.log2(tl.maximum(cnt, 1).to(tl.float32))
+    bias = _log2_count(cnt)
     return kb * (BS // P) + offs_r, lane_ok & (cnt > 0), bias, lane_ok
 
 
@@ -105,7 +115,7 @@ def _packed_lanes(Idx, it, hi, NV, P: tl.constexpr, BS: tl.constexpr, W: tl.cons
     kb = tl.load(Idx + j, mask=listed, other=0)
     offs_r = lanes % PER
     cnt = tl.minimum(NV - (kb * BS + offs_r * P), P)
-    bias = tl.math.log2(tl.maximum(cnt, 1).to(tl.float32))
+    bias = _log2_count(cnt)
     return kb * PER + offs_r, listed & (cnt > 0), bias
 
 
