@@ -152,6 +152,14 @@ def test_main_assembles_json_table_and_plot(tmp_path, monkeypatch, capsys, commi
     data = json.loads((tmp_path / "plain/e2e.json").read_text())
     assert not any("compiled" in row for row in data["configs"])
     assert "torch.compile" not in capsys.readouterr().out
+    # a config without a radial preset (LTX) is left out of the default list and refused by name without --method
+    calls.clear()
+    assert e2e.main(["--out", "default"]) == 0
+    assert [c for c, _ in calls] == [n for n, c in CONFIGS.items() if c.preset is not None]
+    assert "ltx-704p-257f" not in [c for c, _ in calls]
+    calls.clear()
+    assert e2e.main(["--configs", "ltx-704p-257f", "--out", "ltx"]) == 2
+    assert "no radial preset" in capsys.readouterr().err and not calls
     committed_results_unchanged()
 
 
@@ -205,3 +213,46 @@ def test_the_json_says_whether_the_token_order_runs_once_per_forward() -> None:
     assert e2e._has_token_stream(model, accel.Pyramid(), layout)
     assert not e2e._has_token_stream(model, radial_preset("wan2.1-1.3b")[0], layout)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # unpatched again
+
+
+def test_every_config_s_latents_match_its_token_layout() -> None:
+    """The inputs `accel bench e2e` builds hold as many tokens as the layout the methods plan for."""
+    from accel.pipelines.models import layout_for_model
+
+    for cfg in CONFIGS.values():
+        layout = layout_for_model(cfg.family, cfg.frames, cfg.height, cfg.width)
+        f, h, w = e2e.latent_grid(cfg)
+        patch = cfg.model["patch_size"]
+        p_t, p_h, p_w = patch if isinstance(patch, tuple) else (cfg.model.get("patch_size_t", 1), patch, patch)
+        assert layout.grid == (f // p_t, h // p_h, w // p_w), cfg.name
+    assert layout_for_model("ltx", 257, 704, 1216).video_tokens == 33 * 22 * 38
+
+
+def test_ltx_runs_through_the_e2e_inputs_and_needs_a_method(capsys) -> None:
+    """A shrunk LTX config (the e2e's own input builder, on the CPU): its forward takes the inputs, patched with
+    pyramid it reorders once per forward (its token stream), and without --method it is refused, naming why."""
+    import dataclasses
+
+    import torch
+
+    import accel
+    from accel.methods.dense import Dense
+    from accel.pipelines.models import layout_for_model
+
+    full = CONFIGS["ltx-704p-257f"]
+    cfg = dataclasses.replace(full, frames=9, height=64, width=96, text_tokens=5, model=dict(
+        full.model, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16))
+    model = e2e._build(cfg, {"num_layers": 1}, device="cpu")
+    inputs = e2e._inputs(cfg, device="cpu")
+    layout = layout_for_model(cfg.family, cfg.frames, cfg.height, cfg.width)
+    assert inputs["hidden_states"].shape == (1, layout.video_tokens, 128)
+    accel.patch(model, Dense())
+    try:
+        with torch.inference_mode():
+            out = model(**inputs)[0]
+    finally:
+        accel.unpatch(model)
+    assert out.shape == inputs["hidden_states"].shape and bool(torch.isfinite(out).all())
+    assert e2e._has_token_stream(model, accel.Pyramid(block_size=32), layout)
+    with pytest.raises(ValueError, match="no radial preset ships for ltx"):
+        e2e.method_and_schedule(full)

@@ -52,17 +52,23 @@ HUNYUAN = dict(
     num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
     guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
 )
+# LTX-Video 2B (0.9.x; diffusers' defaults for LTXVideoTransformer3DModel): 32 heads of 64, 28 layers, no patching
+# of its 128-channel latents (the VAE compresses 32x in space and 8x in time)
+LTX_2B = dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=64,
+    cross_attention_dim=2048, num_layers=28, caption_channels=4096, qk_norm="rms_norm_across_heads",
+)
 
 
 @dataclass(frozen=True)
 class E2EConfig:
     name: str
-    family: str  # "wan" | "hunyuan_video"
+    family: str  # "wan" | "hunyuan_video" | "ltx"
     model: dict
     frames: int
     height: int
     width: int
-    preset: str
+    preset: str | None  # its radial preset; None: none ships, so the config runs only with --method
     forwards_per_step: int  # 2 with classifier-free guidance as two passes (Wan), 1 with embedded guidance
     text_tokens: int
     reference_speedup: float | None = None  # what the reference system reported on this shape, if anything
@@ -83,6 +89,8 @@ CONFIGS: dict[str, E2EConfig] = {
         E2EConfig("hunyuan-768p-117f", "hunyuan_video", HUNYUAN, 117, 768, 1280, "hunyuan-video", 1, 256,
                   reference_speedup=1.9),
         E2EConfig("hunyuan-720p-129f", "hunyuan_video", HUNYUAN, 129, 720, 1280, "hunyuan-video", 1, 256),
+        # LTX-Video's longest documented clip (1216x704, 257 frames; 128 text tokens; guidance as two passes)
+        E2EConfig("ltx-704p-257f", "ltx", LTX_2B, 257, 704, 1216, None, 2, 128),
     )
 }
 
@@ -103,41 +111,56 @@ def _median_ms(fn, warmup: int = 1, reps: int = 3) -> float:
     return times[len(times) // 2]
 
 
-def _build(cfg: E2EConfig, depth: dict[str, int]) -> torch.nn.Module:
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+def _build(cfg: E2EConfig, depth: dict[str, int], device: str = "cuda") -> torch.nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, WanTransformer3DModel
 
-    cls = WanTransformer3DModel if cfg.family == "wan" else HunyuanVideoTransformer3DModel
+    cls = {"wan": WanTransformer3DModel, "hunyuan_video": HunyuanVideoTransformer3DModel,
+           "ltx": LTXVideoTransformer3DModel}[cfg.family]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # create weights in bf16 directly (a 14B model in fp32 would not fit)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = cls(**{**cfg.model, **depth})
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)
 
 
-def _inputs(cfg: E2EConfig) -> dict[str, Any]:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    latent_frames = (cfg.frames - 1) // 4 + 1
-    shape = (1, 16, latent_frames, cfg.height // 8, cfg.width // 8)
+def latent_grid(cfg: E2EConfig) -> tuple[int, int, int]:
+    """(frames, height, width) of the config's VAE latents (Wan, HunyuanVideo: 4x in time, 8x in space; LTX: 8x
+    and 32x)."""
+    t, s = (8, 32) if cfg.family == "ltx" else (4, 8)
+    return (cfg.frames - 1) // t + 1, cfg.height // s, cfg.width // s
+
+
+def _inputs(cfg: E2EConfig, device: str = "cuda") -> dict[str, Any]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    grid = latent_grid(cfg)
+    text_dim = cfg.model.get("caption_channels", 4096)
     kw: dict[str, Any] = dict(
-        hidden_states=torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen),
-        timestep=torch.tensor([500], device="cuda"),
+        timestep=torch.tensor([500], device=device),
         encoder_hidden_states=torch.randn(
-            1, cfg.text_tokens, 4096, device="cuda", dtype=torch.bfloat16, generator=gen
+            1, cfg.text_tokens, text_dim, device=device, dtype=torch.bfloat16, generator=gen
         ),
         return_dict=False,
     )
+    if cfg.family == "ltx":  # packed latents (B, F*H*W, C) and their grid, as LTXPipeline passes them
+        channels = cfg.model["in_channels"]
+        kw["hidden_states"] = torch.randn(1, math.prod(grid), channels, device=device, dtype=torch.bfloat16,
+                                          generator=gen)
+        kw["encoder_attention_mask"] = torch.ones(1, cfg.text_tokens, device=device, dtype=torch.long)
+        kw.update(num_frames=grid[0], height=grid[1], width=grid[2], rope_interpolation_scale=(8 / 25, 32, 32))
+        return kw
+    kw["hidden_states"] = torch.randn((1, 16, *grid), device=device, dtype=torch.bfloat16, generator=gen)
     if cfg.family == "hunyuan_video":
-        kw["encoder_attention_mask"] = torch.ones(1, cfg.text_tokens, device="cuda", dtype=torch.bool)
-        kw["pooled_projections"] = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
-        kw["guidance"] = torch.tensor([6000.0], device="cuda", dtype=torch.bfloat16)
+        kw["encoder_attention_mask"] = torch.ones(1, cfg.text_tokens, device=device, dtype=torch.bool)
+        kw["pooled_projections"] = torch.randn(1, 768, device=device, dtype=torch.bfloat16, generator=gen)
+        kw["guidance"] = torch.tensor([6000.0], device=device, dtype=torch.bfloat16)
     return kw
 
 
 def _depths(cfg: E2EConfig) -> list[dict[str, int]]:
-    if cfg.family == "wan":
+    if cfg.family != "hunyuan_video":  # one stack of blocks
         return [{"num_layers": 2}, {"num_layers": 4}]
     return [{"num_layers": 2, "num_single_layers": 2}, {"num_layers": 4, "num_single_layers": 2},
             {"num_layers": 2, "num_single_layers": 4}]
@@ -206,7 +229,7 @@ def _time_compiled_forward(model: torch.nn.Module, inputs: dict, method, schedul
         torch._dynamo.reset()
 
 
-def _attention_only(cfg: E2EConfig, method, layout, heads: int) -> dict[str, float]:
+def _attention_only(cfg: E2EConfig, method, layout, heads: int, head_dim: int = 128) -> dict[str, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from accel.methods.base import AttentionCall
@@ -214,7 +237,8 @@ def _attention_only(cfg: E2EConfig, method, layout, heads: int) -> dict[str, flo
 
     S = layout.total_tokens
     gen = torch.Generator(device="cuda").manual_seed(1)
-    q, k, v = (torch.randn(1, S, heads, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, S, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
     v_ = v
     plan = method.build_plan(layout, heads, q.device)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.inference_mode():
@@ -279,6 +303,9 @@ def method_and_schedule(cfg: E2EConfig, spec: str | None = None):
     from accel.presets import radial_preset
 
     if spec is None:
+        if cfg.preset is None:
+            raise ValueError(f"config {cfg.name}: no radial preset ships for {cfg.family}; pass a method "
+                             "(--method SPEC)")
         return radial_preset(cfg.preset)
     from accel.methods.registry import parse_method_spec
     from accel.schedule import Schedule
@@ -305,7 +332,7 @@ def run_config(cfg: E2EConfig, compile: bool = False, spec: str | None = None) -
         "method": repr(method), "method_name": method.name, "schedule": repr(schedule),
         "reference_speedup": cfg.reference_speedup if spec is None else None,
     }
-    out["attention"] = _attention_only(cfg, method, layout, heads)
+    out["attention"] = _attention_only(cfg, method, layout, heads, cfg.model["attention_head_dim"])
     inputs = _inputs(cfg)
     timings = []
     for depth in _depths(cfg):
@@ -444,7 +471,7 @@ def format_table(results: dict[str, Any]) -> str:
 def _extrapolate(cfg: E2EConfig, timings: list[dict], schedule) -> dict[str, Any]:
     """Per-layer costs from the reduced depths, then the full-depth forwards and the 50-step total."""
     dense_layers = _dense_layers(schedule)
-    if cfg.family == "wan":
+    if cfg.family != "hunyuan_video":  # one stack of blocks
         (a, b) = timings
         per = {kind: (b[f"{kind}_ms"] - a[f"{kind}_ms"]) / 2 for kind in ("dense", "sparse", "dense_fa")}
         overhead = a["dense_ms"] - 2 * per["dense"]
@@ -549,7 +576,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names: " + ", ".join(CONFIGS))
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated names (default: every config with a radial preset, or with --method "
+                             "every config): " + ", ".join(CONFIGS))
     parser.add_argument("--out", default="outputs/bench",
                         help="output folder for e2e.json / e2e.png (default: %(default)s, relative to the current "
                              "directory; the committed results are updated only with --out benchmarks/results)")
@@ -566,7 +595,14 @@ def main(argv: list[str] | None = None) -> int:
         print("accel bench e2e needs a CUDA GPU; none is visible (timings on a CPU mean nothing here).",
               file=sys.stderr)
         return 3
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    if args.configs is None:
+        names = [n for n, c in CONFIGS.items() if args.method is not None or c.preset is not None]
+    else:
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    without = [n for n in names if n in CONFIGS and CONFIGS[n].preset is None and args.method is None]
+    if without:
+        print(f"configs {without} have no radial preset: pass --method SPEC", file=sys.stderr)
+        return 2
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         print(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
