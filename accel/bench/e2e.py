@@ -14,6 +14,7 @@ For each configuration this measures, on one GPU and in one run:
   are reset before each compiled variant; the first calls (compilation) are excluded from the timings and
   reported separately as `compile_s` (per measured depth).
 
+Configs without a shipped radial preset (LTX) run only with a method and are left out of the default list.
 Any registered method instead of the radial presets: `--method SPEC` (e.g. `--method
 neighborhood:kernel_size=10x16x26,dense_steps=12` or `--method preset:psa-wan2.1-1.3b`), with `--tag` naming
 the files. Flex uses the method's mask (`flex_mask_mod`) where it has one; dynamic methods report the density
