@@ -228,7 +228,7 @@ def test_every_config_s_latents_match_its_token_layout() -> None:
     assert layout_for_model("ltx", 257, 704, 1216).video_tokens == 33 * 22 * 38
 
 
-def test_ltx_runs_through_the_e2e_inputs_and_needs_a_method(capsys) -> None:
+def test_ltx_runs_through_the_e2e_inputs_and_needs_a_method() -> None:
     """A shrunk LTX config (the e2e's own input builder, on the CPU): its forward takes the inputs, patched with
     pyramid it reorders once per forward (its token stream), and without --method it is refused, naming why."""
     import dataclasses
